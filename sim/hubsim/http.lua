@@ -1,0 +1,503 @@
+-- hubsim.http: the simulator's HTTP face under nginx + lua-nginx-module.
+-- Owns routing of /communication-preferences/{2026-03,v4}/..., HubSpot's
+-- checks (token, scopes, parameters, bodies, batch size), the per-token
+-- rolling rate limit and its headers, latency, queued faults, the request
+-- log and the /__sim/ admin paths. Runs in one nginx worker, so plain Lua
+-- tables hold all state.
+local cjson = require "cjson.safe"
+local state = require "hubsim.state"
+
+local M = {}
+
+local EMPTY = "\0empty-array\0" -- encoded as [] (Debian's cjson has no empty_array)
+local function arr(t) if #t == 0 then return EMPTY end return t end
+local function encode(v)
+  return (cjson.encode(v):gsub('"\\u0000empty%-array\\u0000"', "[]"))
+end
+
+local config, tokens, faults, log, windows
+
+local function parse_rate(s)
+  if not s or s == "" then return { max = 100, interval = 10000 } end
+  if s == "off" or s == "0" then return nil end
+  local n, ms = s:match("^(%d+)/(%d+)$")
+  assert(n, "SIM_RATE must look like 100/10000 (requests/milliseconds) or off")
+  return { max = tonumber(n), interval = tonumber(ms) }
+end
+
+local function defaults()
+  return {
+    rate = parse_rate(os.getenv("SIM_RATE")),
+    latency = tonumber(os.getenv("SIM_LATENCY") or "0") or 0,
+    jitter = tonumber(os.getenv("SIM_JITTER") or "") ,
+    max_batch = tonumber(os.getenv("SIM_MAX_BATCH") or "100") or 100,
+    log_max = tonumber(os.getenv("SIM_LOG_MAX") or "50000") or 50000,
+    daily = tonumber(os.getenv("SIM_DAILY") or "250000"),
+  }
+end
+
+local ALL_SCOPES = {
+  "communication_preferences.read", "communication_preferences.write",
+  "communication_preferences.read_write",
+  "communication_preferences.statuses.batch.read", "communication_preferences.statuses.batch.write",
+}
+local READ_SCOPES = { "communication_preferences.read", "communication_preferences.statuses.batch.read" }
+
+local function scope_set(list)
+  local s = {}
+  for _, v in ipairs(list) do s[v] = true end
+  return s
+end
+
+-- Tokens: the two defaults plus "token scope,scope" lines of SIM_TOKENS_FILE.
+local function load_tokens()
+  local t = { ["sim-token"] = scope_set(ALL_SCOPES), ["sim-read-only"] = scope_set(READ_SCOPES) }
+  local path = os.getenv("SIM_TOKENS_FILE")
+  if path and path ~= "" then
+    for line in assert(io.open(path)):lines() do
+      local tok, scopes = line:match("^%s*([^%s#]+)%s+(%S+)")
+      if tok then
+        local list = {}
+        for sc in scopes:gmatch("[^,]+") do list[#list + 1] = sc end
+        t[tok] = scope_set(list)
+      end
+    end
+  end
+  return t
+end
+
+function M.init()
+  config = defaults()
+  tokens = load_tokens()
+  faults, log, windows = {}, { n = 0, first = 1 }, {}
+  math.randomseed(os.time() + (ngx and ngx.worker.pid() or 0))
+end
+
+local function uuid()
+  local r = math.random
+  return string.format("%08x-%04x-4%03x-%04x-%012x", r(0, 0x7fffffff), r(0, 0xffff),
+    r(0, 0xfff), 0x8000 + r(0, 0x3fff), r(0, 0xffffffff) * 0x10000 + r(0, 0xffff))
+end
+
+local function send(status, body, headers)
+  ngx.status = status
+  ngx.header["Content-Type"] = "application/json;charset=utf-8"
+  for k, v in pairs(headers or {}) do ngx.header[k] = v end
+  if body ~= nil then ngx.print(type(body) == "string" and body or encode(body)) end
+  return ngx.exit(status)
+end
+
+local function hs_error(status, category, message, extra)
+  local body = { status = "error", category = category, message = message, correlationId = uuid() }
+  for k, v in pairs(extra or {}) do body[k] = v end
+  return send(status, body)
+end
+
+local function validation(message, field)
+  return hs_error(400, "VALIDATION_ERROR", message, field and {
+    errors = { { message = message, ["in"] = field, code = "INVALID" } },
+  } or nil)
+end
+
+-- Percent-decoding of one raw path segment: %XX only, '+' stays '+'.
+local function unescape(seg)
+  return (seg:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+------------------------------------------------------------------ log, faults
+
+local function mask_headers(h)
+  local out = {}
+  for k, v in pairs(h) do
+    if k:lower() == "authorization" then
+      v = type(v) == "string" and v:gsub("^(%S+)%s.*$", "%1 ****") or "****"
+    end
+    out[k] = v
+  end
+  return out
+end
+
+local function record(method, raw_path, query, body)
+  log.n = log.n + 1
+  log[log.n] = { method = method, path = raw_path, query = query, body = body,
+    headers = mask_headers(ngx.req.get_headers(100)), time = ngx.now() }
+  if log.n - log.first + 1 > config.log_max then
+    log[log.first] = nil
+    log.first = log.first + 1
+  end
+end
+
+local function take_fault(method, path)
+  for i, f in ipairs(faults) do
+    if (not f.method or f.method == method) and (not f.match or path:find(f.match)) then
+      f.count = (f.count or 1) - 1
+      if f.count <= 0 then table.remove(faults, i) end
+      return f
+    end
+  end
+end
+
+local HTML = "<html><head><title>502 Bad Gateway</title></head><body><center>"
+  .. "<h1>502 Bad Gateway</h1></center><hr><center>cloudflare</center></body></html>\n"
+local FULL = '{"status":"COMPLETE","results":[],"startedAt":"2026-01-01T00:00:00.000Z",'
+  .. '"completedAt":"2026-01-01T00:00:00.001Z","padding":"' .. string.rep("x", 2000) .. '"}'
+
+-- Raw HTTP/1.1 on the request socket: headers promising more than is sent.
+local function raw_partial(extra_wait)
+  local sock = assert(ngx.req.socket(true))
+  sock:send("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    .. #FULL .. "\r\n\r\n" .. FULL:sub(1, 100))
+  if extra_wait then ngx.sleep(extra_wait) end
+  return ngx.exit(ngx.OK) -- nginx closes the connection mid-body
+end
+
+local function play_fault(f)
+  local kind = f.kind
+  if kind == "status" then
+    return hs_error(f.status or 500, "INTERNAL_ERROR", "Simulated server error")
+  elseif kind == "html" then
+    ngx.status = f.status or 502
+    ngx.header["Content-Type"] = "text/html"
+    ngx.print(HTML)
+    return ngx.exit(ngx.status)
+  elseif kind == "429" then
+    ngx.header["Retry-After"] = tostring(f.retry_after or 1)
+    return hs_error(429, "RATE_LIMITS", "You have reached your secondly limit.",
+      { errorType = "RATE_LIMIT", policyName = f.policy or "SECONDLY", groupName = "sim" })
+  elseif kind == "reset" then
+    return raw_partial(nil)
+  elseif kind == "hang" then
+    return raw_partial(f.seconds or 30)
+  elseif kind == "truncated" then
+    return send(200, FULL:sub(1, 120))
+  elseif kind == "malformed" then
+    return send(200, '{"status":"COMPLETE",,"results":[}')
+  elseif kind == "content_type" then
+    ngx.status = 200
+    ngx.header["Content-Type"] = "text/html"
+    ngx.print("<html><body>Please log in to continue</body></html>")
+    return ngx.exit(200)
+  end
+  return hs_error(500, "INTERNAL_ERROR", "unknown simulated fault " .. tostring(kind))
+end
+
+------------------------------------------------------------------ rate limit
+
+-- A rolling window per token: timestamps (ms) of the requests it counted.
+local function rate_check(token)
+  local rate = config.rate
+  if not rate then return true end
+  local now = ngx.now() * 1000
+  local w = windows[token]
+  if not w then w = { first = 1, last = 0, daily = 0 }; windows[token] = w end
+  while w.first <= w.last and w[w.first] <= now - rate.interval do
+    w[w.first] = nil
+    w.first = w.first + 1
+  end
+  local used = w.last - w.first + 1
+  local ok = used < rate.max
+  if ok then
+    w.last = w.last + 1
+    w[w.last] = now
+    w.daily = w.daily + 1
+    used = used + 1
+  end
+  ngx.header["X-HubSpot-RateLimit-Max"] = tostring(rate.max)
+  ngx.header["X-HubSpot-RateLimit-Remaining"] = tostring(rate.max - used)
+  ngx.header["X-HubSpot-RateLimit-Interval-Milliseconds"] = tostring(rate.interval)
+  if config.daily then
+    ngx.header["X-HubSpot-RateLimit-Daily"] = tostring(config.daily)
+    ngx.header["X-HubSpot-RateLimit-Daily-Remaining"] = tostring(math.max(0, config.daily - w.daily))
+  end
+  return ok
+end
+
+------------------------------------------------------------------ operations
+
+local SC = {
+  read = { { "communication_preferences.read_write" }, { "communication_preferences.read" } },
+  write = { { "communication_preferences.read_write" }, { "communication_preferences.write" } },
+  links = { { "communication_preferences.read", "communication_preferences.write" },
+    { "communication_preferences.read_write" } },
+  batch_read = { { "communication_preferences.statuses.batch.read" } },
+  batch_write = { { "communication_preferences.statuses.batch.write" } },
+}
+
+local function envelope(results, extra)
+  local t = state.now_iso()
+  local e = { status = "COMPLETE", results = arr(results), startedAt = t, completedAt = t }
+  for k, v in pairs(extra or {}) do e[k] = v end
+  return e
+end
+
+local function item_error(id)
+  return { status = "error", category = "VALIDATION_ERROR",
+    message = "Invalid subscriber id: " .. tostring(id),
+    context = { subscriberIdString = { tostring(id) } }, errors = EMPTY, links = {},
+    subCategory = { reason = "INVALID_EMAIL" } }
+end
+
+-- Runs per_id for every valid input; invalid ones become per-item errors.
+local function batch(ids, per_id, partial_status)
+  local results, errors = {}, {}
+  for _, id in ipairs(ids) do
+    if state.valid_id(id) then results[#results + 1] = per_id(id)
+    else errors[#errors + 1] = item_error(id) end
+  end
+  if #errors == 0 then return 200, envelope(results) end
+  return partial_status, envelope(results, { errors = errors, numErrors = #errors })
+end
+
+local function is_int(v) return type(v) == "number" and v == math.floor(v) end
+
+local ROUTES = {
+  { "GET", "^definitions$", SC.read, function(q)
+      return 200, envelope(state.definitions(q.bu, q.includeTranslations == "true"))
+    end, channel = false },
+  { "POST", "^links/generate$", SC.links, function(q, body)
+      if type(body.subscriberIdString) ~= "string" then
+        return validation("subscriberIdString is required", "subscriberIdString")
+      end
+      local base = "https://sim.hubspot.local/hs/manage-preferences/"
+      local token = ngx.encode_base64(body.subscriberIdString):gsub("[+/=]", "")
+      local r = { subscriberIdString = body.subscriberIdString,
+        managePreferencesUrl = base .. "unsubscribe?bu=" .. q.bu .. "&t=" .. token,
+        unsubscribeAllUrl = base .. "unsubscribe-all?bu=" .. q.bu .. "&t=" .. token }
+      if body.subscriptionId then
+        r.unsubscribeSingleUrl = base .. "unsubscribe?sub=" .. tostring(body.subscriptionId) .. "&t=" .. token
+      end
+      return 200, r
+    end, body = "object" },
+  { "POST", "^statuses/batch/read$", SC.batch_read, function(q, body)
+      return batch(body.inputs, function(id)
+        return { subscriberIdString = id, statuses = arr(state.statuses(id, q.bu)) }
+      end, 207)
+    end, body = "inputs" },
+  { "POST", "^statuses/batch/write$", SC.batch_write, function(_, body)
+      local results, errors = {}, {}
+      for _, req in ipairs(body.inputs) do
+        local ok = type(req) == "table" and state.valid_id(req.subscriberIdString)
+          and req.channel == "EMAIL" and is_int(req.subscriptionId)
+          and (req.statusState == "SUBSCRIBED" or req.statusState == "UNSUBSCRIBED" or req.statusState == "NOT_SPECIFIED")
+        local r, msg
+        if ok then r, msg = state.set_status(req.subscriberIdString, req) end
+        if r then results[#results + 1] = r
+        else
+          local e = item_error(type(req) == "table" and req.subscriberIdString or "?")
+          if msg then e.message = msg end
+          errors[#errors + 1] = e
+        end
+      end
+      return 200, envelope(results, #errors > 0 and { errors = errors, numErrors = #errors } or nil)
+    end, body = "inputs", channel = false },
+  { "POST", "^statuses/batch/unsubscribe%-all$", SC.batch_write, function(q, body)
+      return batch(body.inputs, function(id)
+        return { subscriberIdString = id, statuses = arr((state.unsubscribe_all(id, q.bu, q.verbose))) }
+      end, 200)
+    end, body = "inputs", verbose = true },
+  { "POST", "^statuses/batch/unsubscribe%-all/read$", SC.batch_read, function(q, body)
+      return batch(body.inputs, function(id)
+        return { subscriberIdString = id, wideStatuses = arr(state.wide_statuses(id, q.bu, true)) }
+      end, 207)
+    end, body = "inputs" },
+  { "GET", "^statuses/([^/]+)/unsubscribe%-all$", SC.read, function(q, _, id)
+      return 200, envelope(state.wide_statuses(id, q.bu, q.verbose))
+    end, id = true, verbose = true },
+  { "POST", "^statuses/([^/]+)/unsubscribe%-all$", SC.write, function(q, _, id)
+      local statuses = state.unsubscribe_all(id, q.bu, q.verbose)
+      if not q.verbose then return 200, "" end -- HubSpot sends no body then
+      return 200, envelope(statuses)
+    end, id = true, verbose = true },
+  { "GET", "^statuses/([^/]+)$", SC.read, function(q, _, id)
+      return 200, envelope(state.statuses(id, q.bu))
+    end, id = true },
+  { "POST", "^statuses/([^/]+)$", SC.write, function(_, body, id)
+      if body.channel ~= "EMAIL" then return validation("channel must be EMAIL", "channel") end
+      if not is_int(body.subscriptionId) then
+        return validation("subscriptionId must be an integer", "subscriptionId")
+      end
+      local s = body.statusState
+      if s ~= "SUBSCRIBED" and s ~= "UNSUBSCRIBED" and s ~= "NOT_SPECIFIED" then
+        return validation("statusState must be SUBSCRIBED, UNSUBSCRIBED or NOT_SPECIFIED", "statusState")
+      end
+      local r, msg = state.set_status(id, body)
+      if not r then return validation(msg, "subscriptionId") end
+      return 200, envelope({ r })
+    end, id = true, body = "object", channel = false },
+}
+
+local function has_scope(granted, alternatives)
+  for _, set in ipairs(alternatives) do
+    local all = true
+    for _, sc in ipairs(set) do if not granted[sc] then all = false end end
+    if all then return true end
+  end
+  return false
+end
+
+local function missing_scopes(alternatives)
+  local names = {}
+  for _, set in ipairs(alternatives) do names[#names + 1] = table.concat(set, "+") end
+  return hs_error(403, "MISSING_SCOPES",
+    "This app hasn't been granted all required scopes to make this call. "
+      .. "Read more about required scopes here: https://developers.hubspot.com/scopes.",
+    { context = { requiredGranularScopes = names },
+      errors = { { message = "One or more of the following scopes are required.",
+        context = { requiredGranularScopes = names } } },
+      links = { scopes = "https://developers.hubspot.com/scopes" } })
+end
+
+-- Query checks shared by every operation; returns the parsed query or sends 400.
+local function check_query(route, args)
+  local q = { bu = 0, verbose = false, includeTranslations = args.includeTranslations }
+  for k, v in pairs(args) do
+    if type(v) == "table" then return nil, validation("parameter " .. k .. " given more than once", k) end
+  end
+  if route.channel ~= false then
+    if args.channel == nil then return nil, validation("channel is required and must be EMAIL", "channel") end
+    if args.channel ~= "EMAIL" then
+      return nil, validation("Unable to process channel: " .. tostring(args.channel) .. "; must be EMAIL", "channel")
+    end
+  end
+  if args.businessUnitId ~= nil then
+    local s = args.businessUnitId
+    if type(s) ~= "string" or not s:match("^%-?%d+$") then
+      return nil, validation("businessUnitId must be an integer, got " .. tostring(s), "businessUnitId")
+    end
+    q.bu = tonumber(s)
+    if not state.BUSINESS_UNITS[q.bu] then
+      return nil, validation("Business unit " .. s .. " does not exist", "businessUnitId")
+    end
+  end
+  if route.verbose and args.verbose ~= nil then
+    if args.verbose ~= "true" and args.verbose ~= "false" then
+      return nil, validation("verbose must be true or false", "verbose")
+    end
+    q.verbose = args.verbose == "true"
+  end
+  return q
+end
+
+local function check_body(route, raw)
+  if not route.body then return {} end
+  local body = raw and cjson.decode(raw)
+  if type(body) ~= "table" then return nil, validation("Invalid input JSON on line 1", "body") end
+  if route.body == "inputs" then
+    if type(body.inputs) ~= "table" or #body.inputs == 0 then
+      return nil, validation("inputs is required and must be a non-empty array", "inputs")
+    end
+    if #body.inputs > config.max_batch then
+      return nil, validation(string.format("Too many inputs: %d, the maximum is %d",
+        #body.inputs, config.max_batch), "inputs")
+    end
+  end
+  return body
+end
+
+local function read_body()
+  ngx.req.read_body()
+  local raw = ngx.req.get_body_data()
+  if not raw then
+    local f = ngx.req.get_body_file()
+    if f then local h = io.open(f, "rb"); raw = h:read("*a"); h:close() end
+  end
+  return raw
+end
+
+local function latency()
+  local ms = config.latency
+  if ms <= 0 then return end
+  local j = config.jitter or ms / 5
+  ngx.sleep(math.max(0, ms + (math.random() * 2 - 1) * j) / 1000)
+end
+
+function M.api()
+  local method = ngx.req.get_method()
+  local raw_uri = ngx.var.request_uri
+  local raw_path, query = raw_uri:match("^([^?]*)%??(.*)$")
+  local raw_body = read_body()
+  record(method, raw_path, query, raw_body)
+
+  local f = take_fault(method, raw_path)
+  if f then latency(); return play_fault(f) end
+
+  local auth = ngx.var.http_authorization
+  local token = auth and auth:match("^Bearer%s+(%S+)$")
+  local granted = token and tokens[token]
+  if not granted then
+    return hs_error(401, "INVALID_AUTHENTICATION",
+      "Authentication credentials not found. This API supports OAuth 2.0 authentication.")
+  end
+  if not rate_check(token) then
+    local msg = "You have reached your ten_secondly_rolling limit."
+    return hs_error(429, "RATE_LIMITS", msg, { errorType = "RATE_LIMIT",
+      policyName = config.rate.interval == 1000 and "SECONDLY" or "TEN_SECONDLY_ROLLING", groupName = "sim" })
+  end
+  latency()
+
+  local rest = raw_path:match("^/communication%-preferences/[^/]+/(.*)$")
+  for _, route in ipairs(ROUTES) do
+    local cap = { rest:match(route[2]) }
+    if cap[1] then
+      if route[1] ~= method then
+        return hs_error(405, "VALIDATION_ERROR", "Method " .. method .. " not allowed here")
+      end
+      if not has_scope(granted, route[3]) then return missing_scopes(route[3]) end
+      local q = check_query(route, ngx.req.get_uri_args(100))
+      if not q then return end
+      local body = check_body(route, raw_body)
+      if not body then return end
+      local id
+      if route.id then
+        id = unescape(cap[1])
+        if not state.valid_id(id) then
+          return validation("Invalid subscriber id: " .. id, "subscriberIdString")
+        end
+      end
+      local status, out = route[4](q, body, id)
+      if status then return send(status, out) end
+      return
+    end
+  end
+  return hs_error(404, "OBJECT_NOT_FOUND", "No operation at " .. raw_path)
+end
+
+------------------------------------------------------------------ admin
+
+local function admin_config(body)
+  for k, v in pairs(body) do
+    if k == "rate" then config.rate = parse_rate(v)
+    elseif config[k] ~= nil or k == "jitter" then config[k] = tonumber(v)
+    else return send(400, { message = "unknown config key " .. k }) end
+  end
+  return send(200, { rate = config.rate or "off", latency = config.latency, max_batch = config.max_batch })
+end
+
+function M.admin()
+  local method, what = ngx.req.get_method(), ngx.var.uri:match("^/__sim/(.*)$")
+  local body = cjson.decode(read_body() or "{}") or {}
+  if what == "health" then return send(200, { ok = true })
+  elseif what == "log" and method == "GET" then
+    local out = {}
+    for i = log.first, log.n do out[#out + 1] = log[i] end
+    return send(200, { requests = arr(out) })
+  elseif what == "faults" and method == "POST" then
+    for _, f in ipairs(body.faults or { body }) do faults[#faults + 1] = f end
+    return send(200, { queued = #faults })
+  elseif what == "faults" and method == "GET" then
+    return send(200, { faults = arr(faults) })
+  elseif what == "reset" and method == "POST" then
+    state.reset()
+    local keep_config = body.keep_config
+    faults, log, windows = {}, { n = 0, first = 1 }, {}
+    if not keep_config then config = defaults() end
+    return send(200, { ok = true })
+  elseif what == "config" and method == "POST" then
+    return admin_config(body)
+  elseif what == "state" then
+    return send(200, { subscribers = state.dump() })
+  end
+  return send(404, { message = "unknown admin path" })
+end
+
+return M
