@@ -435,13 +435,14 @@ function M.api()
   end
   latency()
 
-  local rest = raw_path:match("^/communication%-preferences/[^/]+/(.*)$")
+  local rest = raw_path:match("^/communication%-preferences/2026%-03/(.*)$")
+    or raw_path:match("^/communication%-preferences/v4/(.*)$")
+  if not rest then return hs_error(404, "OBJECT_NOT_FOUND", "No API version at " .. raw_path) end
+  local path_known = false
   for _, route in ipairs(ROUTES) do
     local cap = { rest:match(route[2]) }
-    if cap[1] then
-      if route[1] ~= method then
-        return hs_error(405, "VALIDATION_ERROR", "Method " .. method .. " not allowed here")
-      end
+    path_known = path_known or cap[1] ~= nil
+    if cap[1] and route[1] == method then
       if not has_scope(granted, route[3]) then return missing_scopes(route[3]) end
       local q = check_query(route, ngx.req.get_uri_args(100))
       if not q then return end
@@ -459,6 +460,7 @@ function M.api()
       return
     end
   end
+  if path_known then return hs_error(405, "VALIDATION_ERROR", "Method " .. method .. " not allowed here") end
   return hs_error(404, "OBJECT_NOT_FOUND", "No operation at " .. raw_path)
 end
 

@@ -1,0 +1,16 @@
+/* codec.h: request encoding (encode.c) and response decoding (decode.c).
+ * Neither uses curl, so a non-blocking transport can reuse both. */
+#ifndef COMMPREFS_CODEC_H
+#define COMMPREFS_CODEC_H
+
+#include "compat.h"
+
+/* encode.c */
+int cp_escape(lua_State *L);      /* core.escape(s): one percent-encoded path segment */
+int cp_has_control(lua_State *L); /* core.has_control(s): true if s has a control byte */
+int cp_encode(lua_State *L);      /* core.encode(v): JSON text (private cjson instance) */
+
+/* decode.c */
+int cp_decode(lua_State *L);      /* core.decode(text): normalized value, or nil, message */
+
+#endif

@@ -1,0 +1,93 @@
+/* ratelimit.c: owns client-side pacing under a rolling-window rate limit.
+ * It keeps the send times of the last `max` requests: a new request may go
+ * when fewer than `max` were sent in the last interval (plus a margin for
+ * the trip to the server), exactly the rule HubSpot's rolling window applies. */
+#include <stdlib.h>
+#include "ratelimit.h"
+
+#define RL_MAX_CAP 100000
+
+static double margin_ms(const cp_ratelimit *rl) {
+  return 25.0 + rl->interval_ms / 100.0;
+}
+
+static int rl_resize(cp_ratelimit *rl, int cap) {
+  double *ring;
+  int i;
+  if (cap > RL_MAX_CAP) cap = RL_MAX_CAP;
+  if (cap <= rl->cap) return 0;
+  ring = malloc(sizeof(double) * (size_t)cap);
+  if (!ring) return -1;
+  for (i = 0; i < rl->count; i++) ring[i] = rl->sent[(rl->head + i) % rl->cap];
+  free(rl->sent);
+  rl->sent = ring;
+  rl->cap = cap;
+  rl->head = 0;
+  return 0;
+}
+
+int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms) {
+  rl->sent = NULL;
+  rl->cap = rl->head = rl->count = 0;
+  rl->blocked_until = 0;
+  rl->max = max > 0 ? max : 0;
+  rl->interval_ms = interval_ms > 0 ? interval_ms : 10000;
+  rl->manual = max > 0;
+  return rl_resize(rl, rl->max > 0 ? rl->max : 256);
+}
+
+void cp_rl_free(cp_ratelimit *rl) {
+  free(rl->sent);
+  rl->sent = NULL;
+  rl->cap = rl->count = 0;
+}
+
+static void rl_expire(cp_ratelimit *rl, double now) {
+  double horizon = now - rl->interval_ms - margin_ms(rl);
+  while (rl->count > 0 && rl->sent[rl->head] <= horizon) {
+    rl->head = (rl->head + 1) % rl->cap;
+    rl->count--;
+  }
+}
+
+double cp_rl_wait(cp_ratelimit *rl, double now) {
+  double wait = rl->blocked_until > now ? rl->blocked_until - now : 0;
+  rl_expire(rl, now);
+  if (rl->max > 0 && rl->count >= rl->max) {
+    /* the oldest of the last `max` sends must leave the window first */
+    double oldest = rl->sent[(rl->head + rl->count - rl->max) % rl->cap];
+    double w = oldest + rl->interval_ms + margin_ms(rl) - now;
+    if (w > wait) wait = w;
+  }
+  return wait > 0 ? wait : 0;
+}
+
+void cp_rl_record(cp_ratelimit *rl, double now) {
+  if (rl->count == rl->cap) { /* full ring: forget the oldest */
+    rl->head = (rl->head + 1) % rl->cap;
+    rl->count--;
+  }
+  rl->sent[(rl->head + rl->count) % rl->cap] = now;
+  rl->count++;
+}
+
+void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms) {
+  if (rl->manual || max <= 0 || interval_ms <= 0) return;
+  if (rl_resize(rl, (int)(max > RL_MAX_CAP ? RL_MAX_CAP : max)) != 0) return;
+  rl->max = (int)(max > rl->cap ? rl->cap : max);
+  rl->interval_ms = interval_ms;
+}
+
+void cp_rl_throttled(cp_ratelimit *rl, double now, double retry_after_ms) {
+  double until;
+  if (retry_after_ms > 0) {
+    until = now + retry_after_ms;
+  } else {
+    /* no Retry-After: wait for a slot of the window we now know is full */
+    if (rl->max == 0 || rl->count < rl->max) {
+      if (!rl->manual && rl->count > 0) rl->max = rl->count;
+    }
+    until = now + (rl->max > 0 ? cp_rl_wait(rl, now) : 1000.0);
+  }
+  if (until > rl->blocked_until) rl->blocked_until = until;
+}

@@ -1,0 +1,25 @@
+/* ratelimit.h: client-side pacing under a rolling-window rate limit
+ * (HubSpot's "N requests per interval"). No curl, no Lua. */
+#ifndef COMMPREFS_RATELIMIT_H
+#define COMMPREFS_RATELIMIT_H
+
+typedef struct {
+  int max;            /* requests per window; 0 = not known yet */
+  long interval_ms;   /* window length */
+  int manual;         /* set by the user: headers do not change it */
+  double *sent;       /* ring of send times (ms), capacity cap */
+  int cap, head, count;
+  double blocked_until; /* after a 429: no sends before this time */
+} cp_ratelimit;
+
+int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms);
+void cp_rl_free(cp_ratelimit *rl);
+/* Milliseconds to wait before the next send is allowed (0 = now). */
+double cp_rl_wait(cp_ratelimit *rl, double now);
+void cp_rl_record(cp_ratelimit *rl, double now);
+/* Learn the window from X-HubSpot-RateLimit-Max / -Interval-Milliseconds. */
+void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms);
+/* A 429 arrived: hold every send for retry_after_ms (or until a window slot frees). */
+void cp_rl_throttled(cp_ratelimit *rl, double now, double retry_after_ms);
+
+#endif

@@ -1,0 +1,424 @@
+-- commprefs: a client for HubSpot's Communication Preferences API 2026-03
+-- (and v4). Owns the public Lua API of ../shared/design/API.md: argument
+-- checks (which raise before anything is sent), building each operation's
+-- request, turning transport results into envelopes or Error values,
+-- splitting long batches and merging their envelopes. HTTP, JSON and
+-- pacing live in the C core (commprefs.core).
+local core = require "commprefs.core"
+local Error = require "commprefs.error"
+local pretty = require "commprefs.pretty"
+
+local M = { Error = Error, pretty = pretty, _VERSION = core._VERSION, core = core }
+
+local Client = {}
+Client.__index = Client
+Client.__name = "commprefs.client"
+
+local math_type = math.type or function(x)
+  if type(x) ~= "number" then return nil end
+  return x == math.floor(x) and x > -2^53 and x < 2^53 and "integer" or "float"
+end
+
+------------------------------------------------------------------ checks
+
+local function raise(fname, msg)
+  error("commprefs." .. fname .. ": " .. msg, 3)
+end
+
+local function check_text(fname, name, v, allow_empty)
+  if type(v) ~= "string" then
+    raise(fname, string.format("bad argument '%s' (string expected, got %s)", name, type(v)))
+  end
+  if v == "" and not allow_empty then raise(fname, string.format("bad argument '%s' (empty string)", name)) end
+  if core.has_control(v) then
+    raise(fname, string.format("bad argument '%s' (contains control characters)", name))
+  end
+  return v
+end
+
+local function is_integer(v)
+  return math_type(v) == "integer" or (type(v) == "number" and v == math.floor(v) and v > -2^53 and v < 2^53)
+end
+
+local function check_integer(fname, name, v)
+  if not is_integer(v) then
+    raise(fname, string.format("bad argument '%s' (integer expected, got %s)", name,
+      type(v) == "number" and tostring(v) or type(v)))
+  end
+  return v
+end
+
+local function check_opts(fname, opts, allowed)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then raise(fname, "bad argument 'opts' (table expected, got " .. type(opts) .. ")") end
+  for k, v in pairs(opts) do
+    if not allowed[k] then raise(fname, "unknown option '" .. tostring(k) .. "'") end
+    if k == "business_unit_id" then check_integer(fname, "opts.business_unit_id", v)
+    elseif (k == "verbose" or k == "include_translations") and type(v) ~= "boolean" then
+      raise(fname, "bad argument 'opts." .. k .. "' (boolean expected, got " .. type(v) .. ")")
+    end
+  end
+  return opts
+end
+
+local function check_ids(fname, ids)
+  if type(ids) ~= "table" then raise(fname, "bad argument 'ids' (table expected, got " .. type(ids) .. ")") end
+  local n = #ids
+  for k in pairs(ids) do
+    if not is_integer(k) or k < 1 or k > n then raise(fname, "bad argument 'ids' (array expected)") end
+  end
+  local out, seen = {}, {}
+  for i = 1, n do
+    local id = check_text(fname, "ids[" .. i .. "]", ids[i])
+    if not seen[id] then seen[id] = true; out[#out + 1] = id end
+  end
+  return out
+end
+
+local ENUMS = {
+  statusState = { SUBSCRIBED = true, UNSUBSCRIBED = true, NOT_SPECIFIED = true },
+  legalBasis = { CONSENT_WITH_NOTICE = true, LEGITIMATE_INTEREST_CLIENT = true,
+    LEGITIMATE_INTEREST_OTHER = true, LEGITIMATE_INTEREST_PQL = true, NON_GDPR = true,
+    PERFORMANCE_OF_CONTRACT = true, PROCESS_AND_STORE = true },
+}
+
+-- A status change request (PublicStatusRequest / PartialPublicStatusRequest).
+local function check_status_request(fname, name, r, with_id)
+  if type(r) ~= "table" then raise(fname, "bad argument '" .. name .. "' (table expected, got " .. type(r) .. ")") end
+  local out = { channel = "EMAIL" }
+  for k, v in pairs(r) do
+    if k == "subscriptionId" then out[k] = check_integer(fname, name .. ".subscriptionId", v)
+    elseif k == "statusState" or k == "legalBasis" then
+      if not ENUMS[k][v] then raise(fname, "bad argument '" .. name .. "." .. k .. "' (" .. tostring(v) .. " is not allowed)") end
+      out[k] = v
+    elseif k == "legalBasisExplanation" then out[k] = check_text(fname, name .. "." .. k, v, true)
+    elseif k == "channel" then
+      if v ~= "EMAIL" then raise(fname, "bad argument '" .. name .. ".channel' (only EMAIL)") end
+    elseif k == "subscriberIdString" and with_id then out[k] = check_text(fname, name .. "." .. k, v)
+    else raise(fname, "bad argument '" .. name .. "' (unknown field '" .. tostring(k) .. "')") end
+  end
+  if out.subscriptionId == nil then raise(fname, "bad argument '" .. name .. "' (subscriptionId is required)") end
+  if out.statusState == nil then raise(fname, "bad argument '" .. name .. "' (statusState is required)") end
+  if with_id and out.subscriberIdString == nil then
+    raise(fname, "bad argument '" .. name .. "' (subscriberIdString is required)")
+  end
+  return out
+end
+
+------------------------------------------------------------------ client
+
+local NEW_OPTIONS = {
+  token = "string", base_url = "string", api_version = "string", timeout = "number",
+  connect_timeout = "number", max_retries = "number", business_unit_id = "number",
+  user_agent = "string", ca_file = "string", verify_tls = "boolean", batch_size = "number",
+  max_concurrency = "number", rate_limit = "table", backoff_base = "number",
+  backoff_max = "number", max_retry_after = "number",
+}
+
+local function strip_userinfo(url)
+  return (url:gsub("^(%a[%w+.-]*://)[^/@]*@", "%1"))
+end
+
+function M.new(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then raise("new", "bad argument 'opts' (table expected, got " .. type(opts) .. ")") end
+  for k, v in pairs(opts) do
+    if not NEW_OPTIONS[k] then raise("new", "unknown option '" .. tostring(k) .. "'") end
+    if type(v) ~= NEW_OPTIONS[k] then
+      raise("new", string.format("bad option '%s' (%s expected, got %s)", k, NEW_OPTIONS[k], type(v)))
+    end
+  end
+  local token = opts.token or os.getenv("HUBSPOT_ACCESS_TOKEN")
+  if token == nil then raise("new", "no token: pass token or set HUBSPOT_ACCESS_TOKEN") end
+  check_text("new", "token", token)
+  if token:find("%s") then raise("new", "bad option 'token' (contains spaces)") end
+  local base_url = check_text("new", "base_url", opts.base_url or "https://api.hubapi.com")
+  if not base_url:match("^https?://[^/]") then raise("new", "bad option 'base_url' (http:// or https:// URL expected)") end
+  base_url = strip_userinfo(base_url:gsub("/+$", ""))
+  local version = opts.api_version or "2026-03"
+  if version ~= "v4" and not version:match("^%d%d%d%d%-%d%d$") then
+    raise("new", "bad option 'api_version' (\"2026-03\" or \"v4\" expected, got " .. version .. ")")
+  end
+  if opts.business_unit_id ~= nil then check_integer("new", "business_unit_id", opts.business_unit_id) end
+  local batch_size = opts.batch_size or 100
+  if not is_integer(batch_size) or batch_size < 1 then raise("new", "bad option 'batch_size' (positive integer expected)") end
+  for _, k in ipairs { "max_retries", "max_concurrency" } do
+    if opts[k] ~= nil and (not is_integer(opts[k]) or opts[k] < (k == "max_retries" and 0 or 1)) then
+      raise("new", "bad option '" .. k .. "' (" .. (k == "max_retries" and "non-negative" or "positive") .. " integer expected)")
+    end
+  end
+  for _, k in ipairs { "timeout", "connect_timeout", "backoff_base", "backoff_max", "max_retry_after" } do
+    if opts[k] ~= nil and not (opts[k] > 0 or (opts[k] == 0 and k ~= "timeout" and k ~= "connect_timeout")) then
+      raise("new", "bad option '" .. k .. "' (positive number of seconds expected)")
+    end
+  end
+  if opts.ca_file then check_text("new", "ca_file", opts.ca_file) end
+  if opts.user_agent then check_text("new", "user_agent", opts.user_agent) end
+  local rl = opts.rate_limit
+  if rl and (not is_integer(rl.max) or rl.max < 1 or type(rl.interval) ~= "number" or rl.interval <= 0) then
+    raise("new", "bad option 'rate_limit' ({max = requests, interval = seconds} expected)")
+  end
+  local ok, handle = pcall(core.new, {
+    token = token, user_agent = opts.user_agent, ca_file = opts.ca_file, verify_tls = opts.verify_tls,
+    timeout = opts.timeout, connect_timeout = opts.connect_timeout, max_retries = opts.max_retries,
+    max_concurrency = opts.max_concurrency, backoff_base = opts.backoff_base,
+    backoff_max = opts.backoff_max, max_retry_after = opts.max_retry_after,
+    rate_max = rl and rl.max, rate_interval = rl and rl.interval,
+  })
+  if not ok then raise("new", tostring(handle):gsub("^.-commprefs%.core%.new: ", "")) end
+  return setmetatable({
+    base_url = base_url, api_version = version, business_unit_id = opts.business_unit_id,
+    batch_size = batch_size, max_concurrency = opts.max_concurrency or 1,
+    _core = handle, _prefix = base_url .. "/communication-preferences/" .. version .. "/",
+  }, Client)
+end
+
+function Client:__tostring()
+  return string.format("commprefs.client: %s (api %s)", self.base_url, self.api_version)
+end
+
+function Client:close()
+  self._core:close()
+end
+Client.__close = Client.close
+Client.__gc = Client.close
+
+function Client:stats()
+  return self._core:stats()
+end
+
+------------------------------------------------------------------ requests
+
+local function query(self, opts, channel, verbose, translations)
+  local q = {}
+  if channel then q[1] = "channel=EMAIL" end
+  local bu = opts.business_unit_id
+  if bu == nil then bu = self.business_unit_id end
+  if bu ~= nil then q[#q + 1] = string.format("businessUnitId=%d", bu) end
+  if verbose and opts.verbose ~= nil then q[#q + 1] = "verbose=" .. tostring(opts.verbose) end
+  if translations and opts.include_translations ~= nil then
+    q[#q + 1] = "includeTranslations=" .. tostring(opts.include_translations)
+  end
+  return #q > 0 and "?" .. table.concat(q, "&") or ""
+end
+
+local function snippet(body)
+  local s = body:sub(1, 120):gsub("[%c]", " ")
+  return #body > 120 and s .. "..." or s
+end
+
+local function is_json(ctype)
+  return ctype == nil or ctype:lower():find("json", 1, true) ~= nil
+end
+
+-- Turns one transport result into the decoded envelope, or nil, Error.
+local function outcome(req, res)
+  local base = { method = req.method, url = strip_userinfo(req.url), attempts = res.attempts,
+    status = res.status, retry_after = res.retry_after }
+  if res.kind then
+    base.kind, base.message = res.kind, res.message
+    return nil, Error.new(base)
+  end
+  local body, status = res.body, res.status
+  if status >= 200 and status < 300 then
+    if body == "" then return {} end
+    if not is_json(res.content_type) then
+      base.kind = "decode"
+      base.message = string.format("expected JSON, got %s (HTTP %d): %s", tostring(res.content_type), status, snippet(body))
+      return nil, Error.new(base)
+    end
+    local v, err = core.decode(body)
+    if type(v) ~= "table" then
+      base.kind = "decode"
+      base.message = string.format("invalid JSON (HTTP %d): %s: %s", status, tostring(err or "not an object"), snippet(body))
+      return nil, Error.new(base)
+    end
+    return v
+  end
+  base.kind = "http"
+  local v = is_json(res.content_type) and body ~= "" and core.decode(body)
+  if type(v) == "table" then
+    base.category = v.category or v.errorType
+    base.message = v.message
+    base.correlation_id = v.correlationId
+    base.sub_category = v.subCategory
+    base.context = v.context
+    base.errors = v.errors
+    base.policy_name = v.policyName
+  else
+    base.message = string.format("HTTP %d with a %s body: %s", status, tostring(res.content_type), snippet(body))
+  end
+  base.message = base.message or ("HTTP " .. status)
+  base.daily_limit = res.daily_limit
+  return nil, Error.new(base)
+end
+
+function Client:_request(method, path, q, body)
+  local req = { method = method, url = self._prefix .. path .. q, body = body }
+  local res = self._core:perform({ req })[1]
+  return outcome(req, res)
+end
+
+------------------------------------------------------------------ batches
+
+local function now_iso()
+  return os.date("!%Y-%m-%dT%H:%M:%SZ")
+end
+
+local function empty_envelope()
+  local t = now_iso()
+  return { status = "COMPLETE", results = {}, startedAt = t, completedAt = t }
+end
+
+-- Folds envelope e into the merged envelope m.
+local function merge(m, e)
+  for _, r in ipairs(e.results or {}) do m.results[#m.results + 1] = r end
+  if e.errors then
+    m.errors = m.errors or {}
+    for _, x in ipairs(e.errors) do m.errors[#m.errors + 1] = x end
+  end
+  if e.numErrors then m.numErrors = (m.numErrors or 0) + e.numErrors end
+  for _, k in ipairs { "startedAt", "requestedAt" } do
+    if e[k] and (not m[k] or e[k] < m[k]) then m[k] = e[k] end
+  end
+  if e.completedAt and (not m.completedAt or e.completedAt > m.completedAt) then m.completedAt = e.completedAt end
+  if e.status and e.status ~= "COMPLETE" then m.status = e.status end
+  if e.links then
+    m.links = m.links or {}
+    for k, v in pairs(e.links) do m.links[k] = v end
+  end
+end
+
+M._merge = merge
+M._outcome = outcome
+
+-- Splits items into requests of at most batch_size, runs them (concurrently
+-- up to max_concurrency) and merges the envelopes. On any failed request:
+-- nil, err with err.partial (what succeeded) and err.failed_inputs.
+function Client:_batch(path, q, items)
+  if #items == 0 then return empty_envelope() end
+  local reqs, chunks, size = {}, {}, self.batch_size
+  for first = 1, #items, size do
+    local chunk = {}
+    for i = first, math.min(first + size - 1, #items) do chunk[#chunk + 1] = items[i] end
+    chunks[#chunks + 1] = chunk
+    reqs[#reqs + 1] = { method = "POST", url = self._prefix .. path .. q, body = core.encode({ inputs = chunk }) }
+  end
+  local results = self._core:perform(reqs)
+  local merged = { status = "COMPLETE", results = {} }
+  local first_err, failed = nil, {}
+  for i, req in ipairs(reqs) do
+    local env, err = outcome(req, results[i])
+    if env then merge(merged, env)
+    else
+      first_err = first_err or err
+      for _, item in ipairs(chunks[i]) do failed[#failed + 1] = item end
+    end
+  end
+  if first_err then
+    first_err.partial = merged
+    first_err.failed_inputs = failed
+    if #reqs > 1 then
+      first_err.message = string.format("%s (%d of %d requests failed; err.failed_inputs lists %d inputs not processed)",
+        first_err.message, #failed > 0 and math.ceil(#failed / size) or 0, #reqs, #failed)
+    end
+    return nil, first_err
+  end
+  return merged
+end
+
+------------------------------------------------------------------ operations
+
+local O_BU = { business_unit_id = true }
+local O_BU_VERBOSE = { business_unit_id = true, verbose = true }
+local O_DEFS = { business_unit_id = true, include_translations = true }
+
+local function segment(fname, id)
+  return core.escape(check_text(fname, "id", id))
+end
+
+function Client:get_unsubscribe_all_status(id, opts)
+  local seg = segment("get_unsubscribe_all_status", id)
+  opts = check_opts("get_unsubscribe_all_status", opts, O_BU_VERBOSE)
+  return self:_request("GET", "statuses/" .. seg .. "/unsubscribe-all", query(self, opts, true, true))
+end
+
+function Client:unsubscribe_all(id, opts)
+  local seg = segment("unsubscribe_all", id)
+  opts = check_opts("unsubscribe_all", opts, O_BU_VERBOSE)
+  return self:_request("POST", "statuses/" .. seg .. "/unsubscribe-all", query(self, opts, true, true), "")
+end
+
+function Client:batch_unsubscribe_all(ids, opts)
+  ids = check_ids("batch_unsubscribe_all", ids)
+  opts = check_opts("batch_unsubscribe_all", opts, O_BU_VERBOSE)
+  return self:_batch("statuses/batch/unsubscribe-all", query(self, opts, true, true), ids)
+end
+
+function Client:batch_get_unsubscribe_all_status(ids, opts)
+  ids = check_ids("batch_get_unsubscribe_all_status", ids)
+  opts = check_opts("batch_get_unsubscribe_all_status", opts, O_BU)
+  return self:_batch("statuses/batch/unsubscribe-all/read", query(self, opts, true), ids)
+end
+
+function Client:get_status(id, opts)
+  local seg = segment("get_status", id)
+  opts = check_opts("get_status", opts, O_BU)
+  return self:_request("GET", "statuses/" .. seg, query(self, opts, true))
+end
+
+function Client:update_status(id, request, opts)
+  local seg = segment("update_status", id)
+  local body = check_status_request("update_status", "request", request, false)
+  check_opts("update_status", opts, {})
+  return self:_request("POST", "statuses/" .. seg, "", core.encode(body))
+end
+
+function Client:batch_get_status(ids, opts)
+  ids = check_ids("batch_get_status", ids)
+  opts = check_opts("batch_get_status", opts, O_BU)
+  return self:_batch("statuses/batch/read", query(self, opts, true), ids)
+end
+
+function Client:batch_update_status(inputs, opts)
+  if type(inputs) ~= "table" then raise("batch_update_status", "bad argument 'inputs' (table expected, got " .. type(inputs) .. ")") end
+  local items = {}
+  for i = 1, #inputs do
+    items[i] = check_status_request("batch_update_status", "inputs[" .. i .. "]", inputs[i], true)
+  end
+  check_opts("batch_update_status", opts, {})
+  return self:_batch("statuses/batch/write", "", items)
+end
+
+function Client:get_definitions(opts)
+  opts = check_opts("get_definitions", opts, O_DEFS)
+  return self:_request("GET", "definitions", query(self, opts, false, false, true))
+end
+
+function Client:generate_links(request, opts)
+  if type(request) ~= "table" then raise("generate_links", "bad argument 'request' (table expected, got " .. type(request) .. ")") end
+  local body = { subscriberIdString = check_text("generate_links", "request.subscriberIdString", request.subscriberIdString) }
+  for k, v in pairs(request) do
+    if k == "subscriptionId" then body[k] = check_integer("generate_links", "request.subscriptionId", v)
+    elseif k == "language" then body[k] = check_text("generate_links", "request.language", v)
+    elseif k ~= "subscriberIdString" then raise("generate_links", "bad argument 'request' (unknown field '" .. tostring(k) .. "')") end
+  end
+  opts = check_opts("generate_links", opts, O_BU)
+  return self:_request("POST", "links/generate", query(self, opts, true), core.encode(body))
+end
+
+------------------------------------------------------------------ helpers
+
+function Client:is_unsubscribed_from_all(id, opts)
+  check_text("is_unsubscribed_from_all", "id", id)
+  opts = check_opts("is_unsubscribed_from_all", opts, O_BU)
+  local env, err = self:get_unsubscribe_all_status(id, opts)
+  if not env then return nil, err end
+  for _, r in ipairs(env.results or {}) do
+    if r.status == "UNSUBSCRIBED" then return true end
+  end
+  return false
+end
+
+M.Client = Client
+return M
