@@ -120,7 +120,8 @@ end
 local function record(method, raw_path, query, body)
   log.n = log.n + 1
   log[log.n] = { method = method, path = raw_path, query = query, body = body,
-    headers = mask_headers(ngx.req.get_headers(100)), time = ngx.now() }
+    headers = mask_headers(ngx.req.get_headers(100)), time = ngx.now(),
+    port = tonumber(ngx.var.remote_port), http = ngx.var.server_protocol }
   if log.n - log.first + 1 > config.log_max then
     log[log.first] = nil
     log.first = log.first + 1
@@ -297,7 +298,7 @@ local ROUTES = {
     end, body = "inputs", verbose = true },
   { "POST", "^statuses/batch/unsubscribe%-all/read$", SC.batch_read, function(q, body)
       return batch(body.inputs, function(id)
-        return { subscriberIdString = id, wideStatuses = arr(state.wide_statuses(id, q.bu, true)) }
+        return { subscriberIdString = id, wideStatuses = arr(state.wide_statuses(id, q.bu, false)) }
       end, 207)
     end, body = "inputs" },
   { "GET", "^statuses/([^/]+)/unsubscribe%-all$", SC.read, function(q, _, id)

@@ -1,0 +1,86 @@
+-- support.sim: the test suite's handle on the local HubSpot simulator:
+-- starts it on free loopback ports (stopped when the test process ends, even
+-- if killed), and speaks its /__sim/ admin API (faults, log, state, config).
+local socket = require "socket"
+local http = require "socket.http"
+local ltn12 = require "ltn12"
+local cjson = require "cjson"
+
+local M = { vm = jit and "luajit" or "lua5.4" }
+
+local function free_port()
+  local s = assert(socket.bind("127.0.0.1", 0))
+  local _, port = s:getsockname()
+  s:close()
+  return tonumber(port)
+end
+
+local function my_pid()
+  local f = io.popen("echo $PPID")
+  local pid = f:read("*l")
+  f:close()
+  return pid
+end
+
+function M.start(env)
+  if M.url and not env then return M end
+  local port, tls = free_port(), free_port()
+  local vars = ""
+  for k, v in pairs(env or {}) do vars = vars .. k .. "=" .. v .. " " end
+  local cmd = string.format("%sSIM_PORT=%d SIM_TLS_PORT=%d sim/run --daemon --watch %s 2>&1",
+    vars, port, tls, my_pid())
+  local f = io.popen(cmd)
+  local out = f:read("*a")
+  f:close()
+  local pid = out:match("pid=(%d+)")
+  assert(pid, "the simulator did not start:\n" .. out)
+  local inst = {
+    url = "http://127.0.0.1:" .. port, tls_url = "https://127.0.0.1:" .. tls,
+    ca_file = out:match("ca_file=(%S+)"), pid = pid, port = port,
+  }
+  if env then return setmetatable(inst, { __index = M }) end
+  for k, v in pairs(inst) do M[k] = v end
+  return M
+end
+
+function M.stop(inst)
+  os.execute("kill " .. inst.pid .. " 2>/dev/null")
+end
+
+-- One admin call: returns the decoded JSON answer.
+function M.admin(method, path, body, inst)
+  local out = {}
+  local src = body and cjson.encode(body) or nil
+  local _, code = http.request {
+    url = (inst or M).url .. "/__sim/" .. path, method = method,
+    source = src and ltn12.source.string(src) or nil,
+    headers = src and { ["content-length"] = #src, ["content-type"] = "application/json" } or nil,
+    sink = ltn12.sink.table(out),
+  }
+  assert(code == 200, "admin " .. path .. " answered " .. tostring(code) .. ": " .. table.concat(out))
+  return cjson.decode(table.concat(out))
+end
+
+function M.reset(config)
+  M.admin("POST", "reset", {})
+  if config then M.admin("POST", "config", config) end
+end
+function M.fault(f) return M.admin("POST", "faults", f) end
+function M.log() return M.admin("GET", "log").requests end
+function M.state() return M.admin("GET", "state").subscribers end
+
+-- A raw HTTP exchange with the API (not through commprefs): status, body, headers.
+function M.raw(method, path, opts)
+  opts = opts or {}
+  local out = {}
+  local headers = { authorization = opts.token ~= false and ("Bearer " .. (opts.token or "sim-token")) or nil }
+  local src = opts.body
+  if src then headers["content-length"] = #src; headers["content-type"] = "application/json" end
+  local _, code, h = http.request {
+    url = M.url .. path, method = method, headers = headers,
+    source = src and ltn12.source.string(src) or nil, sink = ltn12.sink.table(out),
+  }
+  return code, table.concat(out), h
+end
+
+return M
