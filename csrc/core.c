@@ -6,6 +6,8 @@
 #include "codec.h"
 #include "transport.h"
 
+void cp_register_journal(lua_State *L); /* journal.c */
+
 #define CLIENT_MT "commprefs.core.client"
 #define VERSION "0.1.0"
 
@@ -152,6 +154,7 @@ int luaopen_commprefs_core(lua_State *L) {
   }
   register_client(L);
   luaL_newlib(L, plain);
+  cp_register_journal(L);
   push_private_cjson(L);               /* module, cjson */
   lua_getfield(L, -1, "encode");
   lua_pushcclosure(L, cp_encode, 1);

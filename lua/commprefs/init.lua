@@ -420,5 +420,18 @@ function Client:is_unsubscribed_from_all(id, opts)
   return false
 end
 
+------------------------------------------------------------------ bulk jobs
+
+-- client:bulk_unsubscribe_all(source, opts) / client:bulk_get_unsubscribe_all_status(source, opts):
+-- see commprefs.bulk. Returns the summary table.
+function Client:bulk_unsubscribe_all(source, opts)
+  return require("commprefs.bulk").run(self, "bulk_unsubscribe_all", "unsubscribe_all", source, opts)
+end
+
+function Client:bulk_get_unsubscribe_all_status(source, opts)
+  return require("commprefs.bulk").run(self, "bulk_get_unsubscribe_all_status", "get_unsubscribe_all_status", source, opts)
+end
+
+Client.Client_outcome = outcome
 M.Client = Client
 return M

@@ -1,0 +1,206 @@
+-- commprefs.bulk: long-running jobs over many ids at HubSpot's rate limit.
+-- Owns client:bulk_unsubscribe_all and client:bulk_get_unsubscribe_all_status:
+-- ids are pulled from a list or an iterator only as batches are needed
+-- (memory bounded by batch_size x max_concurrency), sent through the core's
+-- concurrent, rate-limited transport, and every id ends with exactly one
+-- outcome: reported to on_result, counted in the summary and, with
+-- opts.journal, appended durably before the job moves on. Rerunning with the
+-- same journal skips every id whose outcome is final.
+local core = require "commprefs.core"
+local Error = require "commprefs.error"
+
+local M = {}
+
+local function now() return os.time() end
+
+-- Operation descriptions: the batch path and how one result becomes an outcome.
+local OPS = {
+  unsubscribe_all = {
+    path = "statuses/batch/unsubscribe-all",
+    classify = function(r)
+      for _, s in ipairs(r.statuses or {}) do
+        if s.setStatusSuccessReason == "UNSUBSCRIBE_FROM_ALL_OCCURRED" then return "changed" end
+      end
+      return "unchanged"
+    end,
+    counts = { "changed", "unchanged" },
+    verbose = true,
+  },
+  get_unsubscribe_all_status = {
+    path = "statuses/batch/unsubscribe-all/read",
+    classify = function(r)
+      for _, s in ipairs(r.wideStatuses or {}) do
+        if s.status == "UNSUBSCRIBED" then return "unsubscribed" end
+      end
+      return "subscribed"
+    end,
+    counts = { "unsubscribed", "subscribed" },
+  },
+}
+M.OPS = OPS
+
+local ALLOWED = { business_unit_id = true, on_result = true, on_progress = true, journal = true,
+  batch_size = true, total = true, max_failures_kept = true, verbose = true }
+
+local function check(fname, source, opts)
+  local function raise(msg) error("commprefs." .. fname .. ": " .. msg, 4) end
+  if type(source) ~= "table" and type(source) ~= "function" then
+    raise("bad argument 'source' (table or iterator function expected, got " .. type(source) .. ")")
+  end
+  if opts ~= nil and type(opts) ~= "table" then raise("bad argument 'opts' (table expected)") end
+  opts = opts or {}
+  for k, v in pairs(opts) do
+    if not ALLOWED[k] then raise("unknown option '" .. tostring(k) .. "'") end
+    if (k == "on_result" or k == "on_progress") and type(v) ~= "function" then
+      raise("bad option '" .. k .. "' (function expected)")
+    end
+    if k == "journal" and type(v) ~= "string" then raise("bad option 'journal' (path expected)") end
+    if (k == "batch_size" or k == "business_unit_id" or k == "total" or k == "max_failures_kept")
+      and (type(v) ~= "number" or v ~= math.floor(v)) then
+      raise("bad option '" .. k .. "' (integer expected)")
+    end
+    if k == "verbose" and type(v) ~= "boolean" then raise("bad option 'verbose' (boolean expected)") end
+  end
+  if fname == "bulk_get_unsubscribe_all_status" and opts.verbose ~= nil then raise("unknown option 'verbose'") end
+  if type(source) == "table" then
+    for i = 1, #source do
+      local id = source[i]
+      if type(id) ~= "string" or id == "" or core.has_control(id) then
+        raise(string.format("bad argument 'source[%d]' (non-empty string without control characters expected)", i))
+      end
+    end
+  end
+  return opts
+end
+
+-- Reads a journal: the set of ids whose outcome is final for this operation.
+local function read_journal(path, opname, bu)
+  local done, n = {}, 0
+  local f = io.open(path, "rb")
+  if not f then return done, 0 end
+  for line in f:lines() do
+    local rec = core.decode(line)
+    if type(rec) == "table" and rec.op == opname and rec.bu == bu and type(rec.id) == "string"
+      and rec.outcome ~= "failed" and not done[rec.id] then
+      done[rec.id] = true
+      n = n + 1
+    end
+  end
+  f:close()
+  return done, n
+end
+
+local function iterator(source)
+  if type(source) == "function" then return source end
+  local i = 0
+  return function()
+    i = i + 1
+    return source[i]
+  end
+end
+
+function M.run(client, fname, opname, source, opts)
+  opts = check(fname, source, opts)
+  local op = OPS[opname]
+  local bu = opts.business_unit_id or client.business_unit_id or 0
+  local size = opts.batch_size or client.batch_size
+  local q = "?channel=EMAIL&businessUnitId=" .. string.format("%d", bu)
+  if op.verbose and opts.verbose ~= nil then q = q .. "&verbose=" .. tostring(opts.verbose) end
+  local url = client._prefix .. op.path .. q
+  local keep = opts.max_failures_kept or 1000
+
+  local summary = { done = 0, failed = 0, skipped = 0, failures = {}, started = now() }
+  for _, k in ipairs(op.counts) do summary[k] = 0 end
+  local total = opts.total or (type(source) == "table" and #source or nil)
+
+  local done_ids, journal = {}, nil
+  if opts.journal then
+    done_ids, summary.skipped = read_journal(opts.journal, opname, bu)
+    local err
+    journal, err = core.journal(opts.journal)
+    if not journal then return nil, Error.new { kind = "journal", message = err } end
+  end
+
+  -- The generator: the next batch request, or nil when the source is dry.
+  local next_id, chunks, seq, dry = iterator(source), {}, 0, false
+  local function generate()
+    if dry then return nil end
+    local chunk, seen = {}, {}
+    while #chunk < size do
+      local id = next_id()
+      if id == nil then dry = true; break end
+      if type(id) ~= "string" or id == "" or core.has_control(id) then
+        error("commprefs." .. fname .. ": the source gave a bad id (" .. type(id) .. ")", 0)
+      end
+      if done_ids[id] then
+        if total then total = total - 1 end
+      elseif not seen[id] then
+        seen[id] = true
+        chunk[#chunk + 1] = id
+      end
+    end
+    if #chunk == 0 then return nil end
+    seq = seq + 1
+    chunks[seq] = chunk
+    return { method = "POST", url = url, body = core.encode({ inputs = chunk }) }
+  end
+
+  local lines = {}
+  local function record(id, outcome, detail)
+    summary.done = summary.done + 1
+    summary[outcome] = summary[outcome] + 1
+    local err
+    if outcome == "failed" then
+      err = detail
+      if #summary.failures < keep then summary.failures[#summary.failures + 1] = { id = id, error = err } end
+    end
+    if journal then
+      lines[#lines + 1] = core.encode({ id = id, op = opname, bu = bu, outcome = outcome, t = now(),
+        error = err and tostring(err) or nil })
+    end
+    if opts.on_result then opts.on_result(id, { status = outcome, error = err, result = outcome ~= "failed" and detail or nil }) end
+  end
+
+  local function on_done(i, res)
+    local chunk = chunks[i]
+    chunks[i] = nil
+    local req = { method = "POST", url = url }
+    local env, err = client.Client_outcome(req, res)
+    local by_id = {}
+    if env then
+      for _, r in ipairs(env.results or {}) do
+        if r.subscriberIdString then by_id[r.subscriberIdString] = { ok = r } end
+      end
+      for _, e in ipairs(env.errors or {}) do
+        local ctx = type(e.context) == "table" and e.context.subscriberIdString
+        for _, id in ipairs(type(ctx) == "table" and ctx or {}) do
+          by_id[id] = by_id[id] or { err = Error.new { kind = "item", category = e.category, message = e.message } }
+        end
+      end
+    end
+    for _, id in ipairs(chunk) do
+      local hit = by_id[id]
+      if hit and hit.ok then record(id, op.classify(hit.ok), hit.ok)
+      elseif hit then record(id, "failed", hit.err)
+      else
+        record(id, "failed", err or Error.new { kind = "decode", message = "the response did not mention this id" })
+      end
+    end
+    if journal and #lines > 0 then
+      local ok, werr = journal:append(table.concat(lines, "\n") .. "\n")
+      if not ok then error("commprefs." .. fname .. ": " .. werr, 0) end -- never move on unrecorded
+      lines = {}
+    end
+    if opts.on_progress then opts.on_progress(summary.done, total) end
+  end
+
+  local ok, perr = pcall(client._core.perform, client._core, generate, on_done)
+  if journal then journal:close() end
+  if not ok then error(perr, 0) end
+  summary.elapsed = now() - summary.started
+  summary.started = nil
+  summary.total = summary.done
+  return summary
+end
+
+return M
