@@ -1,8 +1,9 @@
 /* core.c: owns the module commprefs.core: luaopen, the client userdata
  * (config, __gc, __close, __tostring, close, stats) and the registration of
  * the codec functions with their private lua-cjson instance. */
+#define _POSIX_C_SOURCE 200809L
 #include <string.h>
-#include <math.h>
+#include <time.h>
 #include "codec.h"
 #include "transport.h"
 
@@ -107,6 +108,14 @@ static int client_stats(lua_State *L) {
   return 1;
 }
 
+/* core.now() -> wall-clock seconds with sub-millisecond precision */
+static int core_now(lua_State *L) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  lua_pushnumber(L, ts.tv_sec + ts.tv_nsec / 1e9);
+  return 1;
+}
+
 static const luaL_Reg client_methods[] = {
   {"perform", client_perform}, {"close", client_close}, {"stats", client_stats}, {NULL, NULL}};
 
@@ -146,7 +155,7 @@ static void push_private_cjson(lua_State *L) {
 
 int luaopen_commprefs_core(lua_State *L) {
   static const luaL_Reg plain[] = {
-    {"new", core_new}, {"escape", cp_escape}, {"has_control", cp_has_control}, {NULL, NULL}};
+    {"new", core_new}, {"now", core_now}, {"escape", cp_escape}, {"has_control", cp_has_control}, {NULL, NULL}};
   static int curl_ready = 0; /* curl_global_init once per process */
   if (!curl_ready) {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return luaL_error(L, "curl_global_init failed");

@@ -11,7 +11,7 @@ local Error = require "commprefs.error"
 
 local M = {}
 
-local function now() return os.time() end
+local now = core.now
 
 -- Operation descriptions: the batch path and how one result becomes an outcome.
 local OPS = {

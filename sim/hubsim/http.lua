@@ -130,7 +130,8 @@ end
 
 local function take_fault(method, path)
   for i, f in ipairs(faults) do
-    if (not f.method or f.method == method) and (not f.match or path:find(f.match)) then
+    if (not f.method or f.method == method) and (not f.match or path:find(f.match))
+      and (not f.p or math.random() < f.p) then
       f.count = (f.count or 1) - 1
       if f.count <= 0 then table.remove(faults, i) end
       return f
