@@ -1,6 +1,6 @@
 # commprefs: build, install, test, benchmark. `make help` lists the targets.
 LUA ?= lua5.4
-ifeq ($(LUA),luajit)
+ifneq ($(filter luajit lua5.1,$(LUA)),)
   LUA_PC ?= luajit
   LUA_V ?= 5.1
   BUSTED_LUA ?= luajit
@@ -10,9 +10,10 @@ else
   BUSTED_LUA ?= lua5.4
 endif
 PREFIX ?= /usr/local
-LIBDIR ?= $(PREFIX)/lib/x86_64-linux-gnu/lua/$(LUA_V)
+LIBDIR ?= $(PREFIX)/lib/lua/$(LUA_V)
 LUADIR ?= $(PREFIX)/share/lua/$(LUA_V)
 BINDIR ?= $(PREFIX)/bin
+SHAREDIR ?= $(PREFIX)/share
 BUILD ?= build/$(LUA)
 CC ?= cc
 CFLAGS ?= -O2 -g
@@ -43,6 +44,9 @@ install: $(CORE)
 	install -m 755 $(CORE) $(DESTDIR)$(LIBDIR)/commprefs/core.so
 	install -m 644 lua/commprefs/*.lua $(DESTDIR)$(LUADIR)/commprefs/
 	install -m 755 bin/commprefs $(DESTDIR)$(BINDIR)/commprefs
+	install -d $(DESTDIR)$(SHAREDIR)/commprefs/sim/hubsim
+	install -m 755 sim/run $(DESTDIR)$(SHAREDIR)/commprefs/sim/run
+	install -m 644 sim/hubsim/*.lua $(DESTDIR)$(SHAREDIR)/commprefs/sim/hubsim/
 
 test: deps
 	$(MAKE) all

@@ -30,6 +30,7 @@ int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms) {
   rl->sent = NULL;
   rl->cap = rl->head = rl->count = 0;
   rl->blocked_until = 0;
+  rl->pending = 0;
   rl->max = max > 0 ? max : 0;
   rl->interval_ms = interval_ms > 0 ? interval_ms : 10000;
   rl->manual = max > 0;
@@ -53,9 +54,10 @@ static void rl_expire(cp_ratelimit *rl, double now) {
 double cp_rl_wait(cp_ratelimit *rl, double now) {
   double wait = rl->blocked_until > now ? rl->blocked_until - now : 0;
   rl_expire(rl, now);
-  if (rl->max > 0 && rl->count >= rl->max) {
-    /* the oldest of the last `max` sends must leave the window first */
-    double oldest = rl->sent[(rl->head + rl->count - rl->max) % rl->cap];
+  if (rl->max > 0 && rl->pending >= rl->max) return 1.0; /* wait for sends to land */
+  if (rl->max > 0 && rl->count + rl->pending >= rl->max) {
+    /* the oldest of the sends that must leave the window first */
+    double oldest = rl->sent[(rl->head + rl->count + rl->pending - rl->max) % rl->cap];
     double w = oldest + rl->interval_ms + margin_ms(rl) - now;
     if (w > wait) wait = w;
   }
@@ -69,6 +71,17 @@ void cp_rl_record(cp_ratelimit *rl, double now) {
   }
   rl->sent[(rl->head + rl->count) % rl->cap] = now;
   rl->count++;
+}
+
+void cp_rl_start(cp_ratelimit *rl) { rl->pending++; }
+
+void cp_rl_sent(cp_ratelimit *rl, double now) {
+  if (rl->pending > 0) rl->pending--;
+  cp_rl_record(rl, now);
+}
+
+void cp_rl_unsent(cp_ratelimit *rl) {
+  if (rl->pending > 0) rl->pending--;
 }
 
 void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms) {

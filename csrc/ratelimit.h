@@ -9,6 +9,7 @@ typedef struct {
   int manual;         /* set by the user: headers do not change it */
   double *sent;       /* ring of send times (ms), capacity cap */
   int cap, head, count;
+  int pending;        /* attempts started but not yet on the wire: they count too */
   double blocked_until; /* after a 429: no sends before this time */
 } cp_ratelimit;
 
@@ -17,6 +18,10 @@ void cp_rl_free(cp_ratelimit *rl);
 /* Milliseconds to wait before the next send is allowed (0 = now). */
 double cp_rl_wait(cp_ratelimit *rl, double now);
 void cp_rl_record(cp_ratelimit *rl, double now);
+/* An attempt is started (pending) / is sent now (recorded) / ended unsent. */
+void cp_rl_start(cp_ratelimit *rl);
+void cp_rl_sent(cp_ratelimit *rl, double now);
+void cp_rl_unsent(cp_ratelimit *rl);
 /* Learn the window from X-HubSpot-RateLimit-Max / -Interval-Milliseconds. */
 void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms);
 /* A 429 arrived: hold every send for retry_after_ms (or until a window slot frees). */

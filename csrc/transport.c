@@ -52,6 +52,17 @@ static size_t on_body(char *data, size_t size, size_t n, void *ud) {
   return add;
 }
 
+/* libcurl is about to send the request: that is when the rate window counts it. */
+static int on_prereq(void *ud, char *ip, char *local_ip, int port, int local_port) {
+  cp_slot *s = ud;
+  (void)ip; (void)local_ip; (void)port; (void)local_port;
+  if (!s->on_wire) {
+    s->on_wire = 1;
+    cp_rl_sent(&s->owner->rl, now_ms());
+  }
+  return CURL_PREREQFUNC_OK;
+}
+
 static char *dup_or_null(const char *s) {
   char *d;
   if (!s) return NULL;
@@ -63,7 +74,10 @@ static char *dup_or_null(const char *s) {
 static CURL *new_easy(cp_transport *t, cp_slot *s) {
   CURL *e = curl_easy_init();
   if (!e) return NULL;
+  s->owner = t;
   curl_easy_setopt(e, CURLOPT_PRIVATE, s);
+  curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, on_prereq);
+  curl_easy_setopt(e, CURLOPT_PREREQDATA, s);
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, s);
   curl_easy_setopt(e, CURLOPT_ERRORBUFFER, s->errbuf);
@@ -194,7 +208,8 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s) {
   } else {
     curl_easy_setopt(s->easy, CURLOPT_HTTPGET, 1L);
   }
-  cp_rl_record(&t->rl, now_ms());
+  s->on_wire = 0;
+  cp_rl_start(&t->rl);
   t->sent++;
   curl_multi_add_handle(t->multi, s->easy);
   s->state = SLOT_RUNNING;
@@ -287,7 +302,10 @@ typedef struct {
 static void cleanup_running(lua_State *L, cp_transport *t) {
   int i;
   for (i = 0; i < t->nslots; i++) {
-    if (t->slots[i].state == SLOT_RUNNING) curl_multi_remove_handle(t->multi, t->slots[i].easy);
+    if (t->slots[i].state == SLOT_RUNNING) {
+      curl_multi_remove_handle(t->multi, t->slots[i].easy);
+      if (!t->slots[i].on_wire) cp_rl_unsent(&t->rl);
+    }
     t->slots[i].state = SLOT_FREE;
   }
   (void)L;
@@ -352,6 +370,7 @@ static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc) {
   double ra;
   int retry;
   curl_multi_remove_handle(t->multi, s->easy);
+  if (!s->on_wire) cp_rl_unsent(&t->rl);
   s->attempts++;
   retry = push_result(L, t, s, rc, &ra);
   if (retry && s->attempts <= t->max_retries && ra <= t->max_retry_after_ms) {

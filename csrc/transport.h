@@ -6,18 +6,22 @@
 #include "compat.h"
 #include "ratelimit.h"
 
+struct cp_transport;
+
 typedef struct {
+  struct cp_transport *owner;
   CURL *easy;
   char *buf;               /* response body */
   size_t len, cap;
   int state;               /* SLOT_FREE, SLOT_WAITING, SLOT_RUNNING */
   lua_Integer index;       /* the request's number, given back to on_done */
   int attempts;
+  int on_wire;             /* this attempt's request has been sent */
   double not_before;       /* monotonic ms: earliest start of the next attempt */
   char errbuf[CURL_ERROR_SIZE];
 } cp_slot;
 
-typedef struct {
+typedef struct cp_transport {
   CURLM *multi;
   struct curl_slist *headers; /* holds the Authorization header: wiped on close */
   cp_slot *slots;

@@ -83,7 +83,9 @@ local function send(status, body, headers)
   ngx.status = status
   ngx.header["Content-Type"] = "application/json;charset=utf-8"
   for k, v in pairs(headers or {}) do ngx.header[k] = v end
-  if body ~= nil then ngx.print(type(body) == "string" and body or encode(body)) end
+  local text = body == nil and "" or type(body) == "string" and body or encode(body)
+  ngx.header["Content-Length"] = #text
+  ngx.print(text)
   return ngx.exit(status)
 end
 

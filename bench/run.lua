@@ -1,0 +1,196 @@
+-- bench/run.lua (make bench): speed and memory figures on loopback against
+-- the local simulator, each printed with its goal.
+--   1. CPU and wall per request, 20,000 keep-alive GETs: commprefs versus a
+--      plain luasocket + lua-cjson keep-alive client (goal: <= 0.5x CPU).
+--   2. Decoding a 1,000-result batch envelope: commprefs.core.decode versus
+--      cjson.decode alone (goal: <= 1.3x).
+--   3. 100,000 ids, rate limit R per window, 150 ms latency: wall time against
+--      the bound ceil(N / batch_size) / rate (goal: >= 0.95 of it, 0 lost), and
+--      a sequential loop of the same calls for comparison.
+--   4. Peak RSS of a bulk job streaming 100,000 versus 1,000,000 ids from a
+--      file (goal: within 1.2x).
+-- Environment: BENCH_GETS, BENCH_BULK_IDS, BENCH_RATE (e.g. 100/1000),
+-- BENCH_SEQ_IDS, BENCH_RSS_SMALL, BENCH_RSS_LARGE override the sizes.
+package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
+
+local commprefs = require "commprefs"
+local core = require "commprefs.core"
+local cjson = require "cjson"
+local socket = require "socket"
+local sim = require "support.sim"
+
+local function num(name, default) return tonumber(os.getenv(name) or "") or default end
+local GETS = num("BENCH_GETS", 20000)
+local BULK_IDS = num("BENCH_BULK_IDS", 100000)
+local SEQ_IDS = num("BENCH_SEQ_IDS", 5000)
+local RSS_SMALL, RSS_LARGE = num("BENCH_RSS_SMALL", 100000), num("BENCH_RSS_LARGE", 1000000)
+local RATE = os.getenv("BENCH_RATE") or "100/1000"
+local ONLY = os.getenv("BENCH_ONLY") -- e.g. "3" or "14"
+local function part(n) return not ONLY or ONLY:find(tostring(n), 1, true) ~= nil end
+
+local verdicts = {}
+local function verdict(name, ok, text)
+  verdicts[#verdicts + 1] = string.format("  %-4s %s: %s", ok and "MET" or "MISS", name, text)
+end
+
+local function timed(f)
+  collectgarbage()
+  local c0, w0 = os.clock(), socket.gettime()
+  local r = f()
+  return os.clock() - c0, socket.gettime() - w0, r
+end
+
+print(string.format("commprefs %s bench, %s, %s", core._VERSION, _VERSION, core.curl_version))
+sim.start()
+sim.reset({ rate = "off", latency = 0 })
+local host, port = sim.url:match("^http://([^:]+):(%d+)$")
+local PATH = "/communication-preferences/2026-03/statuses/bench%40example.com/unsubscribe-all?channel=EMAIL"
+
+------------------------------------------------------------ 1. GETs
+if part(1) then
+
+-- What a Lua user would write instead: luasocket keep-alive + cjson.
+local function luasocket_client()
+  local conn = assert(socket.connect(host, tonumber(port)))
+  conn:setoption("tcp-nodelay", true)
+  local req = "GET " .. PATH .. " HTTP/1.1\r\nHost: " .. host .. "\r\nAuthorization: Bearer sim-token\r\n"
+    .. "Accept: application/json\r\n\r\n"
+  return function()
+    assert(conn:send(req))
+    local status = assert(conn:receive("*l"))
+    local code = tonumber(status:match("^HTTP/1%.1 (%d+)"))
+    local len
+    while true do
+      local line = assert(conn:receive("*l"))
+      if line == "" then break end
+      local k, v = line:match("^([^:]+):%s*(.*)$")
+      if k and k:lower() == "content-length" then len = tonumber(v) end
+    end
+    local body = assert(conn:receive(len))
+    return code, cjson.decode(body)
+  end
+end
+
+local c = commprefs.new { token = "sim-token", base_url = sim.url }
+local get = luasocket_client()
+for _ = 1, 500 do assert(c:get_unsubscribe_all_status("bench@example.com")); get() end -- warm up
+
+local cp_cpu, cp_wall = timed(function()
+  for _ = 1, GETS do assert(c:get_unsubscribe_all_status("bench@example.com")) end
+end)
+local ls_cpu, ls_wall = timed(function()
+  for _ = 1, GETS do local code = get(); assert(code == 200) end
+end)
+print(string.format("\n1. %d keep-alive GETs on loopback (simulator latency 0)", GETS))
+print(string.format("   commprefs            CPU %6.1f us/req   wall %6.1f us/req", cp_cpu / GETS * 1e6, cp_wall / GETS * 1e6))
+print(string.format("   luasocket + cjson    CPU %6.1f us/req   wall %6.1f us/req", ls_cpu / GETS * 1e6, ls_wall / GETS * 1e6))
+local ratio = cp_cpu / ls_cpu
+print(string.format("   CPU ratio commprefs / luasocket = %.2f (goal <= 0.5)", ratio))
+verdict("GET CPU per request", ratio <= 0.5, string.format("%.2fx of luasocket + cjson", ratio))
+c:close()
+end
+
+------------------------------------------------------------ 2. decoding
+if part(2) then
+
+local results = {}
+for i = 1, 1000 do
+  local statuses = {}
+  for s = 1, 3 do
+    statuses[s] = { subscriberIdString = "user" .. i .. "@example.com", subscriptionId = 1000 + s,
+      channel = "EMAIL", status = "UNSUBSCRIBED", source = "Public API", businessUnitId = 0,
+      timestamp = "2026-11-23T08:00:00.000Z", setStatusSuccessReason = "UNSUBSCRIBE_FROM_ALL_OCCURRED",
+      legalBasis = cjson.null, subscriptionName = "Marketing Information" }
+  end
+  results[i] = { subscriberIdString = "user" .. i .. "@example.com", statuses = statuses }
+end
+local envelope = cjson.encode { status = "COMPLETE", results = results, numErrors = 0,
+  startedAt = "2026-11-23T08:00:00.000Z", completedAt = "2026-11-23T08:00:01.000Z" }
+local N = 200
+for _ = 1, 20 do cjson.decode(envelope); core.decode(envelope) end
+local plain = timed(function() for _ = 1, N do cjson.decode(envelope) end end)
+local ours = timed(function() for _ = 1, N do core.decode(envelope) end end)
+print(string.format("\n2. decoding a 1,000-result batch envelope (%d KB), %d times", #envelope // 1024, N))
+print(string.format("   cjson.decode             %7.2f ms each", plain / N * 1000))
+print(string.format("   commprefs.core.decode    %7.2f ms each (decode + integers + nulls)", ours / N * 1000))
+print(string.format("   ratio = %.2f (goal <= 1.3)", ours / plain))
+verdict("decode cost", ours / plain <= 1.3, string.format("%.2fx of cjson.decode", ours / plain))
+end
+
+------------------------------------------------------------ 3. bulk at the rate limit
+if part(3) then
+
+local rmax, rms = RATE:match("^(%d+)/(%d+)$")
+rmax, rms = tonumber(rmax), tonumber(rms)
+sim.reset({ rate = RATE, latency = 150, jitter = 30 })
+local ids = {}
+for i = 1, BULK_IDS do ids[i] = "bulk" .. i .. "@example.com" end
+local batch = 100
+local requests = math.ceil(BULK_IDS / batch)
+local bound = requests / (rmax / (rms / 1000))
+local concurrency = math.max(4, math.ceil(rmax / (rms / 1000) * 0.15 * 2))
+local bc = commprefs.new { token = "sim-token", base_url = sim.url, max_concurrency = concurrency }
+local _, wall, summary = timed(function() return bc:bulk_unsubscribe_all(ids) end)
+local state = sim.state()
+local lost = 0
+for _, id in ipairs(ids) do if not state[id] then lost = lost + 1 end end
+local st = bc:stats()
+print(string.format("\n3. %d ids, rate limit %d per %d ms, latency 150 ms (+-30), %d in flight", BULK_IDS, rmax, rms, concurrency))
+print(string.format("   bound ceil(N/%d)/rate = %d requests / %.0f per s = %.2f s", batch, requests, rmax / (rms / 1000), bound))
+print(string.format("   commprefs bulk        wall %.2f s = %.3f of the bound; %d done, %d failed, %d lost; %d requests, %d 429s, %d retries",
+  wall, bound / wall, summary.done, summary.failed, lost, st.sent, st.throttled, st.retries))
+verdict("bulk speed", bound / wall >= 0.95 and lost == 0 and summary.failed == 0,
+  string.format("%.3f of the bound, %d lost", bound / wall, lost))
+bc:close()
+
+sim.reset({ rate = RATE, latency = 150, jitter = 30 })
+local sc = commprefs.new { token = "sim-token", base_url = sim.url }
+local _, swall = timed(function()
+  for first = 1, SEQ_IDS, batch do
+    local chunk = {}
+    for i = first, math.min(first + batch - 1, SEQ_IDS) do chunk[#chunk + 1] = ids[i] end
+    assert(sc:batch_unsubscribe_all(chunk))
+  end
+end)
+local projected = swall / SEQ_IDS * BULK_IDS
+print(string.format("   sequential loop       %d ids in %.2f s (%.0f ids/s): %d ids would take %.0f s, %.1fx the bulk job",
+  SEQ_IDS, swall, SEQ_IDS / swall, BULK_IDS, projected, projected / wall))
+sc:close()
+end
+
+------------------------------------------------------------ 4. peak RSS
+if part(4) then
+
+sim.reset({ rate = "off", latency = 0 })
+local function rss_run(n)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  local buf = {}
+  for i = 1, n do
+    buf[#buf + 1] = "rss" .. i .. "@example.com"
+    if #buf == 10000 then f:write(table.concat(buf, "\n"), "\n"); buf = {} end
+  end
+  if #buf > 0 then f:write(table.concat(buf, "\n"), "\n") end
+  f:close()
+  local p = io.popen(string.format("lua5.4 bench/rss_job.lua %s %s", sim.url, path))
+  local out = p:read("*a")
+  p:close()
+  os.remove(path)
+  local done, kb = out:match("done=(%d+) failed=%d+ peak_kb=(%d+)")
+  if not kb then error("the RSS job failed:\n" .. out) end
+  return tonumber(done), tonumber(kb)
+end
+local d1, k1 = rss_run(RSS_SMALL)
+sim.reset({ rate = "off", latency = 0 })
+local d2, k2 = rss_run(RSS_LARGE)
+print(string.format("\n4. peak RSS of a bulk job streaming ids from a file (8 in flight, batches of 100)"))
+print(string.format("   %8d ids: %6.1f MB (%d done)", RSS_SMALL, k1 / 1024, d1))
+print(string.format("   %8d ids: %6.1f MB (%d done)", RSS_LARGE, k2 / 1024, d2))
+print(string.format("   ratio = %.2f (goal <= 1.2)", k2 / k1))
+verdict("memory bounded", k2 / k1 <= 1.2 and d1 == RSS_SMALL and d2 == RSS_LARGE, string.format("%.2fx", k2 / k1))
+end
+
+print("\ngoals:")
+for _, v in ipairs(verdicts) do print(v) end
+sim.stop(sim)
