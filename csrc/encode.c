@@ -1,7 +1,7 @@
 /* encode.c: owns request encoding. Path segments are percent-encoded so
  * that the server decodes exactly the caller's id (RFC 3986: everything but
  * unreserved characters is escaped, including '+', '/', '%' and non-ASCII
- * bytes). Bodies are JSON from a private lua-cjson instance (upvalue 1, its
+ * bytes; a segment that is exactly "." or ".." is escaped whole). Bodies are JSON from a private lua-cjson instance (upvalue 1, its
  * encode function), so a user's cjson settings never change what is sent. */
 #include <string.h>
 #include "codec.h"
@@ -16,9 +16,11 @@ int cp_escape(lua_State *L) {
   size_t len, i;
   const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
   luaL_Buffer b;
+  /* "." and ".." are dot-segments that a server would resolve: escape them */
+  int dots = (len == 1 || len == 2) && s[0] == '.' && s[len - 1] == '.';
   luaL_buffinit(L, &b);
   for (i = 0; i < len; i++) {
-    if (unreserved(s[i])) {
+    if (unreserved(s[i]) && !dots) {
       luaL_addchar(&b, (char)s[i]);
     } else {
       luaL_addchar(&b, '%');

@@ -23,7 +23,8 @@ typedef struct {
 
 typedef struct cp_transport {
   CURLM *multi;
-  struct curl_slist *headers; /* holds the Authorization header: wiped on close */
+  struct curl_slist *headers;      /* GET: Authorization, Accept (wiped on close) */
+  struct curl_slist *post_headers; /* POST: the same plus Content-Type (wiped on close) */
   cp_slot *slots;
   int nslots;
   cp_ratelimit rl;

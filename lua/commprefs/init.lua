@@ -190,6 +190,7 @@ end
 ------------------------------------------------------------------ requests
 
 local function query(self, opts, channel, verbose, translations)
+  if next(opts) == nil and self.business_unit_id == nil then return channel and "?channel=EMAIL" or "" end
   local q = {}
   if channel then q[1] = "channel=EMAIL" end
   local bu = opts.business_unit_id
@@ -211,29 +212,31 @@ local function is_json(ctype)
   return ctype == nil or ctype:lower():find("json", 1, true) ~= nil
 end
 
--- Turns one transport result into the decoded envelope, or nil, Error.
-local function outcome(req, res)
-  local base = { method = req.method, url = strip_userinfo(req.url), attempts = res.attempts,
+local function error_base(req, res)
+  return { method = req.method, url = strip_userinfo(req.url), attempts = res.attempts,
     status = res.status, retry_after = res.retry_after }
+end
+
+-- Turns one transport result into the decoded envelope, or nil, Error.
+-- The success path allocates nothing but the decoded envelope.
+local function outcome(req, res)
+  local status, body = res.status, res.body
+  if status and status >= 200 and status < 300 then
+    if body == "" then return {} end
+    local v, err
+    if is_json(res.content_type) then v, err = core.decode(body) end
+    if type(v) == "table" then return v end
+    local base = error_base(req, res)
+    base.kind = "decode"
+    base.message = is_json(res.content_type)
+      and string.format("invalid JSON (HTTP %d): %s: %s", status, tostring(err or "not an object"), snippet(body))
+      or string.format("expected JSON, got %s (HTTP %d): %s", tostring(res.content_type), status, snippet(body))
+    return nil, Error.new(base)
+  end
+  local base = error_base(req, res)
   if res.kind then
     base.kind, base.message = res.kind, res.message
     return nil, Error.new(base)
-  end
-  local body, status = res.body, res.status
-  if status >= 200 and status < 300 then
-    if body == "" then return {} end
-    if not is_json(res.content_type) then
-      base.kind = "decode"
-      base.message = string.format("expected JSON, got %s (HTTP %d): %s", tostring(res.content_type), status, snippet(body))
-      return nil, Error.new(base)
-    end
-    local v, err = core.decode(body)
-    if type(v) ~= "table" then
-      base.kind = "decode"
-      base.message = string.format("invalid JSON (HTTP %d): %s: %s", status, tostring(err or "not an object"), snippet(body))
-      return nil, Error.new(base)
-    end
-    return v
   end
   base.kind = "http"
   local v = is_json(res.content_type) and body ~= "" and core.decode(body)

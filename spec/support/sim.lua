@@ -27,7 +27,8 @@ function M.start(env)
   local port, tls = free_port(), free_port()
   local vars = ""
   for k, v in pairs(env or {}) do vars = vars .. k .. "=" .. v .. " " end
-  local cmd = string.format("%sSIM_PORT=%d SIM_TLS_PORT=%d sim/run --daemon --watch %s 2>&1",
+  -- env -u: a sanitizer run preloads libasan into this process only, not into the simulator
+  local cmd = string.format("env -u LD_PRELOAD -u ASAN_OPTIONS %sSIM_PORT=%d SIM_TLS_PORT=%d sim/run --daemon --watch %s 2>&1",
     vars, port, tls, my_pid())
   local f = io.popen(cmd)
   local out = f:read("*a")
