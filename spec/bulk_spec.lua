@@ -320,6 +320,36 @@ describe("the commprefs command", function()
     os.remove(tf)
   end)
 
+  it("sim runs the simulator in the foreground", function()
+    local port = require("socket").bind("127.0.0.1", 0)
+    local _, p = port:getsockname()
+    port:close()
+    local h = io.popen(string.format("sh -c 'echo $$; exec %s sim --port %s >/dev/null 2>&1' 2>/dev/null", CLI, p))
+    local pid = h:read("*l")
+    local code
+    for _ = 1, 100 do
+      local _, c = require("socket.http").request("http://127.0.0.1:" .. p .. "/__sim/health")
+      code = c
+      if code == 200 then break end
+      socket.sleep(0.05)
+    end
+    exec("kill " .. pid)
+    h:close()
+    assert.equal(200, code)
+  end)
+
+  it("draws a progress bar with rate and ETA on a terminal", function()
+    local input = tmpfile("ids")
+    write_lines(input, ids(300))
+    local out = tmpfile("tty")
+    local code = exec(string.format("HUBSPOT_ACCESS_TOKEN=sim-token script -qec '%s unsubscribe-all --file %s --base-url %s --batch-size 10' %s >/dev/null 2>&1",
+      CLI, input, sim.url, out))
+    local f = io.open(out); local text = f:read("*a"); f:close()
+    assert.equal(0, code)
+    assert.matches("%[#+%] 300/300 %d+ ids/s ETA %d+s", text)
+    os.remove(input); os.remove(out)
+  end)
+
   it("answers usage errors with 2 and --help with 0", function()
     for _, args in ipairs { "", "frobnicate", "status", "unsubscribe-all", "check", "status a@example.com --concurrency 0",
       "status a@example.com --bogus", "unsubscribe-all --rate fast a@example.com", "run" } do

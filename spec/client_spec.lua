@@ -142,6 +142,9 @@ describe("commprefs", function()
         assert.equal(id, env.results[1].subscriberIdString)
       end
       assert.equal(sim.log()[1].path, "/communication-preferences/2026-03/statuses/a%2Bb%40example.com/unsubscribe-all")
+      -- dot-segments are escaped whole, so no server resolves them away
+      assert.equal("%2E%2E", commprefs.core.escape(".."))
+      assert.equal("a.b%40x.com", commprefs.core.escape("a.b@x.com"))
       -- and in a batch body
       local env = assert(c:batch_get_unsubscribe_all_status(awkward))
       for i, id in ipairs(awkward) do assert.equal(id, env.results[i].subscriberIdString) end

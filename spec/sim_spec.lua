@@ -152,6 +152,27 @@ describe("simulator", function()
     end)
   end)
 
+  it("takes more tokens and their scopes from SIM_TOKENS_FILE", function()
+    local path = os.tmpname()
+    local f = assert(io.open(path, "w"))
+    f:write("# token scopes\nbatch-reader communication_preferences.statuses.batch.read\n")
+    f:close()
+    local other = sim.start { SIM_TOKENS_FILE = path }
+    local function call(token, method, p, body)
+      local out = {}
+      local ltn12 = require "ltn12"
+      local _, code = http.request { url = other.url .. P .. p, method = method,
+        headers = { authorization = "Bearer " .. token, ["content-length"] = body and #body or nil },
+        source = body and ltn12.source.string(body) or nil, sink = ltn12.sink.table(out) }
+      return code
+    end
+    assert.equal(200, call("batch-reader", "POST", "statuses/batch/read?channel=EMAIL", '{"inputs":["a@x.com"]}'))
+    assert.equal(403, call("batch-reader", "GET", "statuses/a%40x.com?channel=EMAIL"))
+    assert.equal(200, call("sim-token", "GET", "statuses/a%40x.com?channel=EMAIL"))
+    sim.stop(other)
+    os.remove(path)
+  end)
+
   describe("rate limit", function()
     it("sends the headers on every response and 429 past the limit", function()
       sim.admin("POST", "config", { rate = "3/1000" })

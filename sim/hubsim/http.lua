@@ -66,9 +66,16 @@ local function load_tokens()
   return t
 end
 
+-- In nginx's master (init_by_lua), before workers drop root: the tokens
+-- file may be readable by its owner only.
+function M.load()
+  tokens = load_tokens()
+end
+
+-- In the worker (init_worker_by_lua).
 function M.init()
   config = defaults()
-  tokens = load_tokens()
+  tokens = tokens or load_tokens()
   faults, log, windows = {}, { n = 0, first = 1 }, {}
   math.randomseed(os.time() + (ngx and ngx.worker.pid() or 0))
 end
