@@ -175,7 +175,9 @@ int luaopen_commprefs_core(lua_State *L) {
   lua_pop(L, 1);
   lua_pushliteral(L, VERSION);
   lua_setfield(L, -2, "_VERSION");
-  lua_pushstring(L, curl_version());
+  /* curl_version_info, not curl_version: the latter initialises libldap's SASL
+   * globals, which are lost when Lua unloads the module */
+  lua_pushfstring(L, "libcurl/%s", curl_version_info(CURLVERSION_NOW)->version);
   lua_setfield(L, -2, "curl_version");
   return 1;
 }

@@ -5,6 +5,7 @@
 #  2. the same specs with the core built with AddressSanitizer + UBSan
 #     (the Lua interpreter is not instrumented, so libasan is preloaded).
 # The simulator and the command line run in child processes, outside both.
+# busted runs in this process (no --lua, which would re-exec it outside valgrind).
 set -eu
 cd "$(dirname "$0")/.."
 SPECS="spec/client_spec.lua spec/bulk_spec.lua"
@@ -12,8 +13,8 @@ SPECS="spec/client_spec.lua spec/bulk_spec.lua"
 echo "== valgrind memcheck (Lua 5.4)"
 make -s all
 valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
-  --show-leak-kinds=definite --suppressions=scripts/valgrind.supp \
-  lua5.4 /usr/bin/busted --lua=lua5.4 -o TAP $SPECS > build/valgrind.tap 2> build/valgrind.log || {
+  --show-leak-kinds=definite --keep-debuginfo=yes --num-callers=30 \
+  lua5.4 /usr/bin/busted -o TAP $SPECS > build/valgrind.tap 2> build/valgrind.log || {
   status=$?
   tail -40 build/valgrind.log
   grep -E '^not ok' build/valgrind.tap || true
@@ -29,7 +30,7 @@ make -s all BUILD=build/asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-om
 ASAN_LIB=$(gcc -print-file-name=libasan.so)
 UBSAN_LIB=$(gcc -print-file-name=libubsan.so)
 LD_PRELOAD="$ASAN_LIB $UBSAN_LIB" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-  COMMPREFS_BUILD=build/asan lua5.4 /usr/bin/busted --lua=lua5.4 -o TAP $SPECS > build/asan.tap 2> build/asan.log || {
+  COMMPREFS_BUILD=build/asan lua5.4 /usr/bin/busted -o TAP $SPECS > build/asan.tap 2> build/asan.log || {
   tail -40 build/asan.log
   grep -E '^not ok' build/asan.tap || true
   echo "check-memory: sanitizer run failed"

@@ -181,22 +181,29 @@ describe("the commprefs command", function()
   before_each(function() sim.reset() end)
 
   it("resumes after kill -9 at 5 random points: every id journaled exactly once", function()
-    sim.admin("POST", "config", { latency = 10, jitter = 2, rate = "off" })
+    sim.admin("POST", "config", { latency = 20, jitter = 2, rate = "off" })
     local input, journal = tmpfile("ids"), tmpfile("journal")
     local list = ids(20000)
     write_lines(input, list)
     local args = string.format("unsubscribe-all --file %s --journal %s --concurrency 2 --quiet", input, journal)
+    local function journal_lines()
+      local f = io.open(journal)
+      local n = 0
+      if f then for _ in f:lines() do n = n + 1 end f:close() end
+      return n
+    end
     local before = 0
     for _ = 1, 5 do
       local p = io.popen(string.format("sh -c 'echo $$; HUBSPOT_ACCESS_TOKEN=sim-token exec %s %s --base-url %s >/dev/null 2>&1' 2>/dev/null",
         CLI, args, sim.url))
       local pid = p:read("*l")
-      socket.sleep(0.15 + math.random() * 0.25)
+      -- kill at a random point after this run has journaled something (machines differ in speed)
+      local deadline = socket.gettime() + 60
+      while journal_lines() <= before and socket.gettime() < deadline do socket.sleep(0.01) end
+      socket.sleep(math.random() * 0.15)
       assert.equal(0, exec("kill -9 " .. pid), "the job had already ended")
       p:close()
-      local f = io.open(journal)
-      local n = 0
-      if f then for _ in f:lines() do n = n + 1 end f:close() end
+      local n = journal_lines()
       assert.is_true(n > before and n < 20000, "journal lines after kill: " .. n)
       before = n
     end
