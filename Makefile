@@ -57,10 +57,13 @@ test: deps
 check-memory: deps
 	sh scripts/check-memory.sh
 
-bench: deps all
-	$(LUA) bench/run.lua
+# deps first, then a sub-make: pkg-config flags are read when make starts
+bench: deps
+	$(MAKE) all
+	lua5.4 bench/run.lua
 
-demo: deps all
+demo: deps
+	$(MAKE) all
 	sh scripts/demo.sh
 
 sim: deps

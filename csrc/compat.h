@@ -1,6 +1,7 @@
 /* compat.h: the few Lua 5.2+ API calls the core uses, for Lua 5.1 as
- * LuaJIT 2.1 (the VM of OpenResty) provides it. LuaJIT already has
- * luaL_setfuncs, luaL_setmetatable and luaL_newlib. */
+ * LuaJIT 2.1 (the VM of OpenResty) provides it (LuaJIT already has
+ * luaL_setfuncs, luaL_setmetatable and luaL_newlib), and the one helper
+ * every userdata class of the core shares. */
 #ifndef COMMPREFS_COMPAT_H
 #define COMMPREFS_COMPAT_H
 
@@ -16,5 +17,27 @@
 #else
 #define cp_newuserdata(L, sz) lua_newuserdata(L, (sz))
 #endif
+
+/* Creates metatable `name` once per Lua state: methods as __index, gc as
+ * __gc and __close (Lua 5.4 to-be-closed variables), and __tostring. */
+static inline void cp_register_class(lua_State *L, const char *name, const luaL_Reg *methods,
+                                     lua_CFunction gc, lua_CFunction tostring) {
+  if (!luaL_newmetatable(L, name)) { /* loaded before: keep it */
+    lua_pop(L, 1);
+    return;
+  }
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, gc);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushstring(L, name);
+  lua_setfield(L, -2, "__name");
+  lua_pop(L, 1);
+}
 
 #endif

@@ -119,22 +119,6 @@ static int core_now(lua_State *L) {
 static const luaL_Reg client_methods[] = {
   {"perform", client_perform}, {"close", client_close}, {"stats", client_stats}, {NULL, NULL}};
 
-static void register_client(lua_State *L) {
-  if (!luaL_newmetatable(L, CLIENT_MT)) { lua_pop(L, 1); return; } /* loaded before */
-  lua_newtable(L);
-  luaL_setfuncs(L, client_methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, client_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, client_gc);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, client_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pushliteral(L, "commprefs.core.client");
-  lua_setfield(L, -2, "__name");
-  lua_pop(L, 1);
-}
-
 /* A private lua-cjson instance: cjson.new(), strict about numbers. */
 static void push_private_cjson(lua_State *L) {
   lua_getglobal(L, "require");
@@ -161,7 +145,7 @@ int luaopen_commprefs_core(lua_State *L) {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return luaL_error(L, "curl_global_init failed");
     curl_ready = 1;
   }
-  register_client(L);
+  cp_register_class(L, CLIENT_MT, client_methods, client_gc, client_tostring);
   luaL_newlib(L, plain);
   cp_register_journal(L);
   push_private_cjson(L);               /* module, cjson */

@@ -93,15 +93,5 @@ void cp_register_journal(lua_State *L) {
   static const luaL_Reg methods[] = {{"append", journal_append}, {"close", journal_close}, {NULL, NULL}};
   lua_pushcfunction(L, journal_open);
   lua_setfield(L, -2, "journal");
-  if (!luaL_newmetatable(L, JOURNAL_MT)) { lua_pop(L, 1); return; }
-  lua_newtable(L);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, journal_close);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, journal_close);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, journal_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  cp_register_class(L, JOURNAL_MT, methods, journal_close, journal_tostring);
 }
