@@ -8,6 +8,7 @@
 -- same journal skips every id whose outcome is final.
 local core = require "commprefs.core"
 local Error = require "commprefs.error"
+local outcome = require("commprefs.response").outcome
 
 local M = {}
 
@@ -165,7 +166,7 @@ function M.run(client, fname, opname, source, opts)
     local chunk = chunks[i]
     chunks[i] = nil
     local req = { method = "POST", url = url }
-    local env, err = client.Client_outcome(req, res)
+    local env, err = outcome(req, res)
     local by_id = {}
     if env then
       for _, r in ipairs(env.results or {}) do

@@ -1,12 +1,14 @@
 -- commprefs: a client for HubSpot's Communication Preferences API 2026-03
 -- (and v4). Owns the public Lua API of ../shared/design/API.md: argument
 -- checks (which raise before anything is sent), building each operation's
--- request, turning transport results into envelopes or Error values,
--- splitting long batches and merging their envelopes. HTTP, JSON and
+-- request, splitting long batches and merging their envelopes. Results
+-- become envelopes or Errors in commprefs.response. HTTP, JSON and
 -- pacing live in the C core (commprefs.core).
 local core = require "commprefs.core"
 local Error = require "commprefs.error"
 local pretty = require "commprefs.pretty"
+local response = require "commprefs.response"
+local outcome, strip_userinfo = response.outcome, response.strip_userinfo
 
 local M = { Error = Error, pretty = pretty, _VERSION = core._VERSION, core = core }
 
@@ -115,10 +117,6 @@ local NEW_OPTIONS = {
   backoff_max = "number", max_retry_after = "number",
 }
 
-local function strip_userinfo(url)
-  return (url:gsub("^(%a[%w+.-]*://)[^/@]*@", "%1"))
-end
-
 function M.new(opts)
   opts = opts or {}
   if type(opts) ~= "table" then raise("new", "bad argument 'opts' (table expected, got " .. type(opts) .. ")") end
@@ -203,59 +201,6 @@ local function query(self, opts, channel, verbose, translations)
   return #q > 0 and "?" .. table.concat(q, "&") or ""
 end
 
-local function snippet(body)
-  local s = body:sub(1, 120):gsub("[%c]", " ")
-  return #body > 120 and s .. "..." or s
-end
-
-local function is_json(ctype)
-  return ctype == nil or ctype:lower():find("json", 1, true) ~= nil
-end
-
-local function error_base(req, res)
-  return { method = req.method, url = strip_userinfo(req.url), attempts = res.attempts,
-    status = res.status, retry_after = res.retry_after }
-end
-
--- Turns one transport result into the decoded envelope, or nil, Error.
--- The success path allocates nothing but the decoded envelope.
-local function outcome(req, res)
-  local status, body = res.status, res.body
-  if status and status >= 200 and status < 300 then
-    if body == "" then return {} end
-    local v, err
-    if is_json(res.content_type) then v, err = core.decode(body) end
-    if type(v) == "table" then return v end
-    local base = error_base(req, res)
-    base.kind = "decode"
-    base.message = is_json(res.content_type)
-      and string.format("invalid JSON (HTTP %d): %s: %s", status, tostring(err or "not an object"), snippet(body))
-      or string.format("expected JSON, got %s (HTTP %d): %s", tostring(res.content_type), status, snippet(body))
-    return nil, Error.new(base)
-  end
-  local base = error_base(req, res)
-  if res.kind then
-    base.kind, base.message = res.kind, res.message
-    return nil, Error.new(base)
-  end
-  base.kind = "http"
-  local v = is_json(res.content_type) and body ~= "" and core.decode(body)
-  if type(v) == "table" then
-    base.category = v.category or v.errorType
-    base.message = v.message
-    base.correlation_id = v.correlationId
-    base.sub_category = v.subCategory
-    base.context = v.context
-    base.errors = v.errors
-    base.policy_name = v.policyName
-  else
-    base.message = string.format("HTTP %d with a %s body: %s", status, tostring(res.content_type), snippet(body))
-  end
-  base.message = base.message or ("HTTP " .. status)
-  base.daily_limit = res.daily_limit
-  return nil, Error.new(base)
-end
-
 function Client:_request(method, path, q, body)
   local req = { method = method, url = self._prefix .. path .. q, body = body }
   local res = self._core:perform({ req })[1]
@@ -292,8 +237,6 @@ local function merge(m, e)
   end
 end
 
-M._merge = merge
-M._outcome = outcome
 
 -- Splits items into requests of at most batch_size, runs them (concurrently
 -- up to max_concurrency) and merges the envelopes. On any failed request:
@@ -435,6 +378,5 @@ function Client:bulk_get_unsubscribe_all_status(source, opts)
   return require("commprefs.bulk").run(self, "bulk_get_unsubscribe_all_status", "get_unsubscribe_all_status", source, opts)
 end
 
-Client.Client_outcome = outcome
 M.Client = Client
 return M
