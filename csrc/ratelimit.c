@@ -64,7 +64,7 @@ double cp_rl_wait(cp_ratelimit *rl, double now) {
   return wait > 0 ? wait : 0;
 }
 
-void cp_rl_record(cp_ratelimit *rl, double now) {
+static void rl_record(cp_ratelimit *rl, double now) {
   if (rl->count == rl->cap) { /* full ring: forget the oldest */
     rl->head = (rl->head + 1) % rl->cap;
     rl->count--;
@@ -77,7 +77,7 @@ void cp_rl_start(cp_ratelimit *rl) { rl->pending++; }
 
 void cp_rl_sent(cp_ratelimit *rl, double now) {
   if (rl->pending > 0) rl->pending--;
-  cp_rl_record(rl, now);
+  rl_record(rl, now);
 }
 
 void cp_rl_unsent(cp_ratelimit *rl) {

@@ -17,7 +17,6 @@ int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms);
 void cp_rl_free(cp_ratelimit *rl);
 /* Milliseconds to wait before the next send is allowed (0 = now). */
 double cp_rl_wait(cp_ratelimit *rl, double now);
-void cp_rl_record(cp_ratelimit *rl, double now);
 /* An attempt is started (pending) / is sent now (recorded) / ended unsent. */
 void cp_rl_start(cp_ratelimit *rl);
 void cp_rl_sent(cp_ratelimit *rl, double now);

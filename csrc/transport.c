@@ -304,7 +304,7 @@ typedef struct {
   lua_Integer next;    /* position of the next request in source */
 } source_state;
 
-static void cleanup_running(lua_State *L, cp_transport *t) {
+static void cleanup_running(cp_transport *t) {
   int i;
   for (i = 0; i < t->nslots; i++) {
     if (t->slots[i].state == SLOT_RUNNING) {
@@ -313,12 +313,11 @@ static void cleanup_running(lua_State *L, cp_transport *t) {
     }
     t->slots[i].state = SLOT_FREE;
   }
-  (void)L;
 }
 
 /* Raises the error at the top of the stack after putting the client back in order. */
 static int fail(lua_State *L, cp_transport *t) {
-  cleanup_running(L, t);
+  cleanup_running(t);
   t->active = 0;
   return lua_error(L);
 }
@@ -429,7 +428,7 @@ int cp_transport_perform(lua_State *L, cp_transport *t) {
   lua_settop(L, ARG_ON_DONE);
   lua_newtable(L); /* ST_RESULTS */
   lua_createtable(L, t->nslots, 0); /* ST_INFLIGHT */
-  cleanup_running(L, t); /* a previous call interrupted by an error */
+  cleanup_running(t); /* a previous call interrupted by an error */
   t->active = 1;
   for (;;) {
     CURLMsg *msg;

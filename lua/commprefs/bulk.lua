@@ -43,7 +43,7 @@ M.OPS = OPS
 local ALLOWED = { business_unit_id = true, on_result = true, on_progress = true, journal = true,
   batch_size = true, total = true, max_failures_kept = true, verbose = true }
 
-local function check(fname, source, opts)
+local function check(fname, op, source, opts)
   local function raise(msg) error("commprefs." .. fname .. ": " .. msg, 4) end
   if type(source) ~= "table" and type(source) ~= "function" then
     raise("bad argument 'source' (table or iterator function expected, got " .. type(source) .. ")")
@@ -51,7 +51,7 @@ local function check(fname, source, opts)
   if opts ~= nil and type(opts) ~= "table" then raise("bad argument 'opts' (table expected)") end
   opts = opts or {}
   for k, v in pairs(opts) do
-    if not ALLOWED[k] then raise("unknown option '" .. tostring(k) .. "'") end
+    if not ALLOWED[k] or (k == "verbose" and not op.verbose) then raise("unknown option '" .. tostring(k) .. "'") end
     if (k == "on_result" or k == "on_progress") and type(v) ~= "function" then
       raise("bad option '" .. k .. "' (function expected)")
     end
@@ -62,7 +62,6 @@ local function check(fname, source, opts)
     end
     if k == "verbose" and type(v) ~= "boolean" then raise("bad option 'verbose' (boolean expected)") end
   end
-  if fname == "bulk_get_unsubscribe_all_status" and opts.verbose ~= nil then raise("unknown option 'verbose'") end
   if type(source) == "table" then
     for i = 1, #source do
       local id = source[i]
@@ -101,8 +100,8 @@ local function iterator(source)
 end
 
 function M.run(client, fname, opname, source, opts)
-  opts = check(fname, source, opts)
   local op = OPS[opname]
+  opts = check(fname, op, source, opts)
   local bu = opts.business_unit_id or client.business_unit_id or 0
   local size = opts.batch_size or client.batch_size
   local q = "?channel=EMAIL&businessUnitId=" .. string.format("%d", bu)

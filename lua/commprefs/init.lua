@@ -6,7 +6,7 @@
 -- pacing live in the C core (commprefs.core).
 local core = require "commprefs.core"
 local Error = require "commprefs.error"
-local pretty = require "commprefs.pretty"
+local pretty = require("commprefs.pretty").value
 local response = require "commprefs.response"
 local outcome, strip_userinfo = response.outcome, response.strip_userinfo
 
@@ -50,8 +50,10 @@ local function check_integer(fname, name, v)
   return v
 end
 
+local NO_OPTS = setmetatable({}, { __newindex = function() error("commprefs: opts are read-only", 2) end })
+
 local function check_opts(fname, opts, allowed)
-  if opts == nil then return {} end
+  if opts == nil then return NO_OPTS end
   if type(opts) ~= "table" then raise(fname, "bad argument 'opts' (table expected, got " .. type(opts) .. ")") end
   for k, v in pairs(opts) do
     if not allowed[k] then raise(fname, "unknown option '" .. tostring(k) .. "'") end

@@ -60,11 +60,16 @@ local function rows_of(results)
   return rows
 end
 
-local function table_text(rows)
-  local cols, width = {}, {}
-  for _, c in ipairs(COLUMNS) do
-    for _, r in ipairs(rows) do
-      if r[c] ~= nil then cols[#cols + 1] = c; break end
+-- Rows as aligned columns: cols (default: the known columns present), a
+-- header, and a rule of dashes under it unless rule == false.
+local function table_text(rows, cols, rule)
+  local width = {}
+  if not cols then
+    cols = {}
+    for _, c in ipairs(COLUMNS) do
+      for _, r in ipairs(rows) do
+        if r[c] ~= nil then cols[#cols + 1] = c; break end
+      end
     end
   end
   for _, c in ipairs(cols) do
@@ -84,7 +89,7 @@ local function table_text(rows)
     lines[#lines + 1] = table.concat(cells, "  ")
   end
   line(function(c) return c end)
-  line(function(c) return string.rep("-", width[c]) end)
+  if rule ~= false then line(function(c) return string.rep("-", width[c]) end) end
   for _, r in ipairs(rows) do line(function(c) return r[c] == nil and "" or scalar(r[c]) end) end
   return table.concat(lines, "\n")
 end
@@ -122,4 +127,4 @@ local function pretty(v)
   return table.concat(out)
 end
 
-return pretty
+return { value = pretty, rows = table_text }
