@@ -343,6 +343,15 @@ describe("the commprefs command", function()
     exec("kill " .. pid)
     h:close()
     assert.equal(200, code)
+    -- and it stops with the command, not left behind
+    local after
+    for _ = 1, 60 do
+      local _, c = require("socket.http").request("http://127.0.0.1:" .. p .. "/__sim/health")
+      after = c
+      if c ~= 200 then break end
+      socket.sleep(0.1)
+    end
+    assert.is_not.equal(200, after)
   end)
 
   it("draws a progress bar with rate and ETA on a terminal", function()
