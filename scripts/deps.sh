@@ -6,7 +6,8 @@
 set -e
 PKGS="build-essential pkg-config lua5.4 liblua5.4-dev libcurl4-openssl-dev lua-cjson lua-busted
 lua-socket nginx libnginx-mod-http-lua luajit2 libluajit2-5.1-dev luarocks wrk openssl curl
-valgrind bsdutils"
+valgrind bsdutils libhttp-parser-dev libhiredis-dev redis-server clang libclang-rt-14-dev
+lua-resty-core lua-resty-lrucache"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
