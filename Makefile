@@ -25,7 +25,7 @@ OBJS = $(SRCS:csrc/%.c=$(BUILD)/%.o)
 CORE = $(BUILD)/commprefs/core.so
 SIM_PORT ?= 8089
 
-.PHONY: all deps install test check-memory bench demo sim clean help
+.PHONY: all deps install test check-memory bench demo sim clean help fuzz
 all: $(CORE)
 
 $(BUILD)/%.o: csrc/%.c csrc/*.h
@@ -45,7 +45,7 @@ install: $(CORE)
 	install -m 644 lua/commprefs/*.lua $(DESTDIR)$(LUADIR)/commprefs/
 	install -m 755 bin/commprefs $(DESTDIR)$(BINDIR)/commprefs
 	install -d $(DESTDIR)$(SHAREDIR)/commprefs/sim/hubsim
-	install -m 755 sim/run $(DESTDIR)$(SHAREDIR)/commprefs/sim/run
+	install -m 755 sim/run sim/daemon $(DESTDIR)$(SHAREDIR)/commprefs/sim/
 	install -m 644 sim/hubsim/*.lua $(DESTDIR)$(SHAREDIR)/commprefs/sim/hubsim/
 
 test: deps
@@ -69,8 +69,34 @@ demo: deps
 sim: deps
 	SIM_PORT=$(SIM_PORT) sim/run
 
+# libFuzzer + ASan/UBSan (Debian's clang 14): every fuzz/NAME_fuzz.c runs for
+# FUZZ_SECONDS on its seed corpus fuzz/corpus/NAME/; any crash fails. See fuzz/README.
+FUZZ_SECONDS ?= 60
+FUZZ_CC ?= clang-14
+FUZZ_BUILD ?= build/fuzz
+FUZZ_FLAGS = -std=c99 -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
+  -fno-sanitize-recover=all -DCOMMPREFS_ROOT='"$(CURDIR)"' -Icsrc $(shell pkg-config --cflags lua5.4)
+FUZZ_LIBS = $(shell pkg-config --libs lua5.4) $(PKG_LIBS) -lm -ldl
+FUZZERS = $(patsubst fuzz/%.c,$(FUZZ_BUILD)/%,$(wildcard fuzz/*_fuzz.c))
+
+$(FUZZ_BUILD)/%_fuzz: fuzz/%_fuzz.c fuzz/*.h csrc/*.c csrc/*.h
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) $< -o $@ $(FUZZ_LIBS)
+
+fuzz: deps
+	$(MAKE) $(FUZZERS)
+	@for f in $(FUZZERS); do name=$$(basename $$f _fuzz); \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$name fuzz/corpus/$$name; \
+	  echo "== fuzz $$name for $(FUZZ_SECONDS) s"; \
+	  ASAN_OPTIONS=detect_leaks=1 $$f -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	    -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/$$name- \
+	    $(FUZZ_BUILD)/corpus/$$name fuzz/corpus/$$name > $(FUZZ_BUILD)/$$name.log 2>&1 \
+	    || { tail -60 $(FUZZ_BUILD)/$$name.log; echo "fuzz: $$name found a crash (input saved as $(FUZZ_BUILD)/$$name-*)"; exit 1; }; \
+	  grep -E "^stat::number_of_executed_units|Done [0-9]+ runs" $(FUZZ_BUILD)/$$name.log | tail -2; \
+	done
+
 clean:
 	rm -rf build
 
 help:
-	@echo "make demo | test | bench | check-memory | sim | install PREFIX=... | LUA=luajit"
+	@echo "make demo | test | bench | check-memory | fuzz [FUZZ_SECONDS=60] | sim | install PREFIX=... | LUA=luajit"
