@@ -40,6 +40,34 @@ local OPS = {
 }
 M.OPS = OPS
 
+-- Calls record(id, outcome, detail) once for every id of chunk, given the
+-- transport result res of the batch request to url: outcome is one of
+-- op.counts or "failed" (detail: the per-id result, or the Error).
+-- Also used by commprefs.worker.
+function M.classify(op, url, res, chunk, record)
+  local env, err = outcome({ method = "POST", url = url }, res)
+  local by_id = {}
+  if env then
+    for _, r in ipairs(env.results or {}) do
+      if r.subscriberIdString then by_id[r.subscriberIdString] = { ok = r } end
+    end
+    for _, e in ipairs(env.errors or {}) do
+      local ctx = type(e.context) == "table" and e.context.subscriberIdString
+      for _, id in ipairs(type(ctx) == "table" and ctx or {}) do
+        by_id[id] = by_id[id] or { err = Error.new { kind = "item", category = e.category, message = e.message } }
+      end
+    end
+  end
+  for _, id in ipairs(chunk) do
+    local hit = by_id[id]
+    if hit and hit.ok then record(id, op.classify(hit.ok), hit.ok)
+    elseif hit then record(id, "failed", hit.err)
+    else
+      record(id, "failed", err or Error.new { kind = "decode", message = "the response did not mention this id" })
+    end
+  end
+end
+
 local ALLOWED = { business_unit_id = true, on_result = true, on_progress = true, journal = true,
   batch_size = true, total = true, max_failures_kept = true, verbose = true }
 
@@ -89,6 +117,7 @@ local function read_journal(path, opname, bu)
   f:close()
   return done, n
 end
+M.read_journal = read_journal -- for fuzz/journal_fuzz.c
 
 local function iterator(source)
   if type(source) == "function" then return source end
@@ -164,28 +193,7 @@ function M.run(client, fname, opname, source, opts)
   local function on_done(i, res)
     local chunk = chunks[i]
     chunks[i] = nil
-    local req = { method = "POST", url = url }
-    local env, err = outcome(req, res)
-    local by_id = {}
-    if env then
-      for _, r in ipairs(env.results or {}) do
-        if r.subscriberIdString then by_id[r.subscriberIdString] = { ok = r } end
-      end
-      for _, e in ipairs(env.errors or {}) do
-        local ctx = type(e.context) == "table" and e.context.subscriberIdString
-        for _, id in ipairs(type(ctx) == "table" and ctx or {}) do
-          by_id[id] = by_id[id] or { err = Error.new { kind = "item", category = e.category, message = e.message } }
-        end
-      end
-    end
-    for _, id in ipairs(chunk) do
-      local hit = by_id[id]
-      if hit and hit.ok then record(id, op.classify(hit.ok), hit.ok)
-      elseif hit then record(id, "failed", hit.err)
-      else
-        record(id, "failed", err or Error.new { kind = "decode", message = "the response did not mention this id" })
-      end
-    end
+    M.classify(op, url, res, chunk, record)
     if journal and #lines > 0 then
       local ok, werr = journal:append(table.concat(lines, "\n") .. "\n")
       if not ok then error("commprefs." .. fname .. ": " .. werr, 0) end -- never move on unrecorded
