@@ -8,6 +8,7 @@
 #include "transport.h"
 
 void cp_register_journal(lua_State *L); /* journal.c */
+void cp_register_http1(lua_State *L);   /* http1.c */
 
 #define CLIENT_MT "commprefs.core.client"
 #define VERSION "0.1.0"
@@ -148,6 +149,7 @@ int luaopen_commprefs_core(lua_State *L) {
   cp_register_class(L, CLIENT_MT, client_methods, client_gc, client_tostring);
   luaL_newlib(L, plain);
   cp_register_journal(L);
+  cp_register_http1(L);
   push_private_cjson(L);               /* module, cjson */
   lua_getfield(L, -1, "encode");
   lua_pushcclosure(L, cp_encode, 1);

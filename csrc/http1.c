@@ -1,0 +1,316 @@
+/* http1.c: owns the sans-I/O HTTP/1.x response reader of the cosocket
+ * transport (lua/commprefs/ngx/transport.lua), on Debian's http-parser.
+ * Lua feeds it the bytes a socket gave; it reports the status, the headers
+ * commprefs needs (content type, Retry-After, HubSpot's rate-limit headers,
+ * Location), the body with chunked encoding undone, completion, and whether
+ * the connection may be kept. It does no I/O and never yields.
+ *
+ *   core.http1_response{max_body = n} -> parser   (max_body 0/nil: no limit)
+ *   parser:feed(bytes) -> true (complete) | false (more needed) | nil, message, kind
+ *       feed("") tells it the peer closed the connection (EOF): a body that
+ *       runs to EOF completes, anything else incomplete is a "network" error.
+ *       kind is "network" (not a valid response, cut short) or "too_large".
+ *   parser:result() -> {status=, body=, content_type=, retry_after=, rate_max=,
+ *       rate_interval_ms=, daily_remaining=, location=, keepalive=} (each
+ *       header field only when present and valid; raises before completion)
+ *   parser:close() frees the body at once (also __gc, __close). */
+#define _POSIX_C_SOURCE 200809L
+#include <ctype.h>
+#include <stdio.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <curl/curl.h>
+#include "compat.h"
+#include "http1.h"
+
+#define HTTP1_MT "commprefs.core.http1"
+#define MAX_VALUE 4096 /* longer values of kept headers are cut: none is legitimately that long */
+
+static const char *const KEPT[H1_NHEADERS] = {
+  "content-type", "retry-after", "x-hubspot-ratelimit-max",
+  "x-hubspot-ratelimit-interval-milliseconds", "x-hubspot-ratelimit-daily-remaining", "location"};
+
+static int fail_with(cp_http1 *r, const char *kind, const char *msg) {
+  r->failed = 1;
+  r->error_kind = kind;
+  r->error = msg;
+  return -1;
+}
+
+static int grow(char **buf, size_t *cap, size_t need) {
+  size_t cap2 = *cap ? *cap : 256;
+  char *nb;
+  while (cap2 < need) {
+    if (cap2 > ((size_t)-1) / 2) return -1;
+    cap2 *= 2;
+  }
+  if (cap2 == *cap) return 0;
+  nb = realloc(*buf, cap2);
+  if (!nb) return -1;
+  *buf = nb;
+  *cap = cap2;
+  return 0;
+}
+
+/* Trims the trailing blanks of the kept value being read. */
+static void end_value(cp_http1 *r) {
+  int w = r->capturing;
+  if (w >= 0 && r->value[w]) {
+    while (r->value_len[w] > 0 && (r->value[w][r->value_len[w] - 1] == ' ' || r->value[w][r->value_len[w] - 1] == '\t'))
+      r->value_len[w]--;
+    r->value[w][r->value_len[w]] = '\0';
+  }
+  r->capturing = -1;
+}
+
+static int on_header_field(http_parser *p, const char *at, size_t len) {
+  cp_http1 *r = p->data;
+  if (r->last_was_value) {
+    end_value(r);
+    r->field_len = 0;
+    r->last_was_value = 0;
+  }
+  if (r->field_len + len < sizeof(r->field)) memcpy(r->field + r->field_len, at, len);
+  r->field_len += len; /* may exceed the buffer: then it is no name we keep */
+  return 0;
+}
+
+static int on_header_value(http_parser *p, const char *at, size_t len) {
+  cp_http1 *r = p->data;
+  if (!r->last_was_value) {
+    int i;
+    r->last_was_value = 1;
+    r->capturing = -1;
+    if (r->field_len < sizeof(r->field)) {
+      r->field[r->field_len] = '\0';
+      for (i = 0; i < H1_NHEADERS; i++)
+        if (strcasecmp(r->field, KEPT[i]) == 0) r->capturing = i;
+    }
+    if (r->capturing >= 0) r->value_len[r->capturing] = 0; /* a repeated header: the last one counts */
+  }
+  if (r->capturing >= 0) {
+    int w = r->capturing;
+    size_t n = r->value_len[w] + len > MAX_VALUE ? MAX_VALUE - r->value_len[w] : len;
+    if (!r->value[w] && !(r->value[w] = malloc(MAX_VALUE + 1)))
+      return fail_with(r, "network", "out of memory reading the response headers");
+    memcpy(r->value[w] + r->value_len[w], at, n);
+    r->value_len[w] += n;
+  }
+  return 0;
+}
+
+static int on_headers_complete(http_parser *p) {
+  cp_http1 *r = p->data;
+  end_value(r);
+  r->field_len = 0;
+  r->last_was_value = 0;
+  if (p->status_code / 100 == 1) return 0; /* informational: the real answer follows */
+  r->status = p->status_code;
+  if (r->max_body && p->content_length != ULLONG_MAX && p->content_length > r->max_body)
+    return fail_with(r, "too_large", "the response body is larger than max_response_size");
+  if (p->content_length != ULLONG_MAX && p->content_length > 0 && p->content_length <= (1u << 24)) {
+    if (grow(&r->body, &r->body_cap, (size_t)p->content_length + 1) != 0)
+      return fail_with(r, "network", "out of memory reading the response body");
+  }
+  return 0;
+}
+
+static int on_body(http_parser *p, const char *at, size_t len) {
+  cp_http1 *r = p->data;
+  if (r->max_body && len > r->max_body - r->body_len)
+    return fail_with(r, "too_large", "the response body is larger than max_response_size");
+  if (grow(&r->body, &r->body_cap, r->body_len + len + 1) != 0)
+    return fail_with(r, "network", "out of memory reading the response body");
+  memcpy(r->body + r->body_len, at, len);
+  r->body_len += len;
+  return 0;
+}
+
+static int on_message_complete(http_parser *p) {
+  cp_http1 *r = p->data;
+  int i;
+  if (r->status == 0) { /* the end of a 1xx: forget its headers */
+    for (i = 0; i < H1_NHEADERS; i++) r->value_len[i] = 0;
+    return 0;
+  }
+  r->done = 1;
+  http_parser_pause(p, 1); /* anything after this response is not ours */
+  return 0;
+}
+
+static const http_parser_settings SETTINGS = {
+  NULL, NULL, NULL, on_header_field, on_header_value, on_headers_complete, on_body,
+  on_message_complete, NULL, NULL};
+
+void cp_http1_init(cp_http1 *r, size_t max_body) {
+  memset(r, 0, sizeof(*r));
+  http_parser_init(&r->parser, HTTP_RESPONSE);
+  r->parser.data = r;
+  r->max_body = max_body;
+  r->capturing = -1;
+}
+
+int cp_http1_feed(cp_http1 *r, const char *data, size_t len) {
+  size_t n;
+  enum http_errno e;
+  if (r->failed) return H1_ERROR;
+  if (r->done) {
+    if (len > 0) r->trailing = 1;
+    return H1_DONE;
+  }
+  n = http_parser_execute(&r->parser, &SETTINGS, data, len);
+  if (r->failed) return H1_ERROR;
+  e = HTTP_PARSER_ERRNO(&r->parser);
+  if (r->done) {
+    if (n < len) r->trailing = 1;
+    return H1_DONE;
+  }
+  if (e != HPE_OK && len == 0) {
+    fail_with(r, "network", "the connection closed before the response was complete");
+    return H1_ERROR;
+  }
+  if (e != HPE_OK) {
+    snprintf(r->errbuf, sizeof(r->errbuf), "invalid HTTP response: %s", http_errno_description(e));
+    fail_with(r, "network", r->errbuf);
+    return H1_ERROR;
+  }
+  if (r->parser.upgrade) {
+    fail_with(r, "network", "the server switched protocols");
+    return H1_ERROR;
+  }
+  if (len == 0) {
+    fail_with(r, "network", "the connection closed before the response was complete");
+    return H1_ERROR;
+  }
+  return H1_MORE;
+}
+
+int cp_http1_keepalive(const cp_http1 *r) {
+  return r->done && !r->trailing && http_should_keep_alive(&r->parser);
+}
+
+static int all_digits(const char *s) {
+  if (!*s) return 0;
+  for (; *s; s++)
+    if (!isdigit((unsigned char)*s)) return 0;
+  return 1;
+}
+
+long cp_http1_header_long(const cp_http1 *r, int which) {
+  const char *v = r->value[which];
+  long n;
+  if (!v || r->value_len[which] == 0 || r->value_len[which] > 18 || !all_digits(v)) return -1;
+  n = strtol(v, NULL, 10);
+  return n;
+}
+
+long cp_http1_retry_after(const cp_http1 *r, long now) {
+  const char *v = r->value[H1_RETRY_AFTER];
+  time_t date;
+  if (!v || r->value_len[H1_RETRY_AFTER] == 0) return -1;
+  if (all_digits(v)) return r->value_len[H1_RETRY_AFTER] > 9 ? LONG_MAX / 2 : strtol(v, NULL, 10);
+  date = curl_getdate(v, NULL);
+  if (date == -1) return -1;
+  return date > now ? (long)(date - now) : 0;
+}
+
+void cp_http1_free(cp_http1 *r) {
+  int i;
+  free(r->body);
+  r->body = NULL;
+  r->body_len = r->body_cap = 0;
+  for (i = 0; i < H1_NHEADERS; i++) {
+    free(r->value[i]);
+    r->value[i] = NULL;
+    r->value_len[i] = 0;
+  }
+}
+
+/* ------------------------------------------------------------ Lua binding */
+
+static int l_new(lua_State *L) {
+  lua_Number max = 0;
+  cp_http1 *r;
+  if (!lua_isnoneornil(L, 1)) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_getfield(L, 1, "max_body");
+    if (!lua_isnil(L, -1)) {
+      if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 0))
+        return luaL_error(L, "commprefs.core.http1_response: max_body must be a non-negative number");
+      max = lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+  }
+  r = cp_newuserdata(L, sizeof(cp_http1));
+  cp_http1_init(r, max >= (lua_Number)((size_t)-1 / 2) ? 0 : (size_t)max);
+  luaL_setmetatable(L, HTTP1_MT);
+  return 1;
+}
+
+static int l_feed(lua_State *L) {
+  cp_http1 *r = luaL_checkudata(L, 1, HTTP1_MT);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  int rc = cp_http1_feed(r, s, len);
+  if (rc == H1_ERROR) {
+    lua_pushnil(L);
+    lua_pushstring(L, r->error);
+    lua_pushstring(L, r->error_kind);
+    return 3;
+  }
+  lua_pushboolean(L, rc == H1_DONE);
+  return 1;
+}
+
+static void set_long(lua_State *L, const char *key, long v) {
+  if (v < 0) return;
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_setfield(L, -2, key);
+}
+
+static void set_value(lua_State *L, const cp_http1 *r, const char *key, int which) {
+  if (!r->value[which]) return;
+  lua_pushlstring(L, r->value[which], r->value_len[which]);
+  lua_setfield(L, -2, key);
+}
+
+static int l_result(lua_State *L) {
+  cp_http1 *r = luaL_checkudata(L, 1, HTTP1_MT);
+  if (!r->done) return luaL_error(L, "commprefs: http1 parser:result() before the response is complete");
+  lua_createtable(L, 0, 10);
+  lua_pushinteger(L, r->status);
+  lua_setfield(L, -2, "status");
+  lua_pushlstring(L, r->body ? r->body : "", r->body_len);
+  lua_setfield(L, -2, "body");
+  set_value(L, r, "content_type", H1_CONTENT_TYPE);
+  set_value(L, r, "location", H1_LOCATION);
+  set_long(L, "retry_after", cp_http1_retry_after(r, (long)time(NULL)));
+  set_long(L, "rate_max", cp_http1_header_long(r, H1_RATE_MAX));
+  set_long(L, "rate_interval_ms", cp_http1_header_long(r, H1_RATE_INTERVAL));
+  set_long(L, "daily_remaining", cp_http1_header_long(r, H1_DAILY_REMAINING));
+  lua_pushboolean(L, cp_http1_keepalive(r));
+  lua_setfield(L, -2, "keepalive");
+  return 1;
+}
+
+static int l_close(lua_State *L) {
+  cp_http1_free(luaL_checkudata(L, 1, HTTP1_MT));
+  return 0;
+}
+
+static int l_tostring(lua_State *L) {
+  cp_http1 *r = luaL_checkudata(L, 1, HTTP1_MT);
+  lua_pushfstring(L, "commprefs.core.http1 (%s)", r->failed ? "failed" : r->done ? "complete" : "reading");
+  return 1;
+}
+
+void cp_register_http1(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"feed", l_feed}, {"result", l_result}, {"close", l_close}, {NULL, NULL}};
+  lua_pushcfunction(L, l_new);
+  lua_setfield(L, -2, "http1_response");
+  cp_register_class(L, HTTP1_MT, methods, l_close, l_tostring);
+}

@@ -1,0 +1,47 @@
+/* http1.h: a sans-I/O HTTP/1.x response reader on Debian's http-parser
+ * (see http1.c). Plain C so that the Lua binding and the fuzzer share it. */
+#ifndef COMMPREFS_HTTP1_H
+#define COMMPREFS_HTTP1_H
+
+#include <stddef.h>
+#include <http_parser.h>
+
+/* The response headers commprefs keeps (any other header is skipped). */
+enum { H1_CONTENT_TYPE, H1_RETRY_AFTER, H1_RATE_MAX, H1_RATE_INTERVAL, H1_DAILY_REMAINING,
+       H1_LOCATION, H1_NHEADERS };
+
+enum { H1_MORE = 0, H1_DONE = 1, H1_ERROR = -1 };
+
+typedef struct {
+  http_parser parser;
+  size_t max_body;            /* 0: no limit */
+  char *body;                 /* owned: the decoded body (chunked already undone) */
+  size_t body_len, body_cap;
+  char *value[H1_NHEADERS];   /* owned: the kept headers' values, NUL-terminated */
+  size_t value_len[H1_NHEADERS];
+  char field[48];             /* the header name being read (longer names are none we keep) */
+  size_t field_len;
+  int capturing;              /* H1_* of the value being read, or -1 */
+  int last_was_value;
+  int status;                 /* 0 until the final (non-1xx) headers are in */
+  int done, failed, trailing; /* trailing: bytes came after the response */
+  const char *error;          /* static text or errbuf when failed */
+  char errbuf[96];
+  const char *error_kind;     /* "network" or "too_large" */
+} cp_http1;
+
+void cp_http1_init(cp_http1 *r, size_t max_body);
+/* Feeds bytes received; len 0 means the peer closed (EOF). Returns H1_DONE
+ * once the response is complete, H1_MORE while more is needed, H1_ERROR
+ * (r->error, r->error_kind) when the bytes are not a valid response, the
+ * body exceeds max_body, or EOF came before the end. Sticky once DONE/ERROR. */
+int cp_http1_feed(cp_http1 *r, const char *data, size_t len);
+/* 1 when the connection may carry another request after this response. */
+int cp_http1_keepalive(const cp_http1 *r);
+/* Retry-After in seconds (delta-seconds or an HTTP date), or -1 when absent or invalid. */
+long cp_http1_retry_after(const cp_http1 *r, long now);
+/* A kept header as a non-negative integer, or -1 when absent or invalid. */
+long cp_http1_header_long(const cp_http1 *r, int which);
+void cp_http1_free(cp_http1 *r);
+
+#endif
