@@ -1,0 +1,124 @@
+-- support.redis: a real redis-server (Debian's) for the specs. start() runs one on
+-- a free loopback port in its own temporary directory with no persistence
+-- (--save "" --appendonly no); a watchdog shell stops it and removes the
+-- directory when the test process ends, even on kill -9. stop()/restart() keep
+-- the same port and password, for "Redis lost mid-job" tests. cli() runs
+-- redis-cli against an instance (the password is passed without a warning).
+--
+--   local redis = require "support.redis"
+--   local r = redis.start{ password = "s3cret" }  -- {url=, port=, pid=, dir=, password=}
+--   redis.cli(r, "SCRIPT", "FLUSH"); redis.stop(r); redis.restart(r)
+local socket = require "socket"
+
+local M = {}
+
+local function free_port()
+  local s = assert(socket.bind("127.0.0.1", 0))
+  local _, port = s:getsockname()
+  s:close()
+  return tonumber(port)
+end
+
+local function my_pid()
+  local f = io.popen("echo $PPID")
+  local pid = f:read("*l")
+  f:close()
+  return pid
+end
+
+local function shell_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function run(cmd)
+  local f = io.popen(cmd)
+  local out = f:read("*a")
+  f:close()
+  return out
+end
+
+-- Running (a zombie waiting for init to reap it counts as gone).
+local function alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local stat = f:read("*a")
+  f:close()
+  return stat:match("^%d+ %b() (%a)") ~= "Z"
+end
+
+-- redis-cli against inst: returns its output (trailing newline removed).
+function M.cli(inst, ...)
+  local args = {}
+  for i = 1, select("#", ...) do args[#args + 1] = shell_quote((select(i, ...))) end
+  local auth = inst.password and ("-a " .. shell_quote(inst.password) .. " --no-auth-warning ") or ""
+  local out = run(string.format("redis-cli -h 127.0.0.1 -p %d %s%s 2>&1", inst.port, auth,
+    table.concat(args, " ")))
+  return (out:gsub("\n$", ""))
+end
+
+local function wait_ready(inst)
+  for _ = 1, 200 do
+    if not alive(inst.pid) then break end
+    local out = M.cli(inst, "PING")
+    if out == "PONG" then return true end
+    socket.sleep(0.025)
+  end
+  local log = run("cat " .. shell_quote(inst.dir .. "/redis.log") .. " 2>&1")
+  error("support.redis: redis-server did not start on port " .. inst.port .. ":\n" .. log, 3)
+end
+
+-- Launches redis-server for inst (port, dir, password already set) and its watchdog.
+local function launch(inst)
+  inst.dir = run("mktemp -d \"${TMPDIR:-/tmp}/cpredis.XXXXXX\""):gsub("%s+$", "")
+  local pass = inst.password and (" --requirepass " .. shell_quote(inst.password)) or ""
+  -- env -u: a sanitizer run preloads libasan into this process only, not into redis-server
+  local cmd = string.format(
+    "env -u LD_PRELOAD -u ASAN_OPTIONS redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no" ..
+    " --dir %s --logfile %s --daemonize no --protected-mode no%s >/dev/null 2>&1 </dev/null & " ..
+    "pid=$!; echo pid=$pid; " ..
+    "( while kill -0 %s 2>/dev/null && kill -0 $pid 2>/dev/null; do sleep 0.5; done; " ..
+    "kill $pid 2>/dev/null; sleep 0.5; " ..
+    "rm -rf %s ) >/dev/null 2>&1 </dev/null &",
+    inst.port, shell_quote(inst.dir), shell_quote(inst.dir .. "/redis.log"), pass,
+    inst.watch, shell_quote(inst.dir))
+  local out = run(cmd)
+  inst.pid = assert(out:match("pid=(%d+)"), "support.redis: could not launch redis-server: " .. out)
+  wait_ready(inst)
+end
+
+local function url_of(inst)
+  local auth = inst.password and (":" .. inst.password .. "@") or ""
+  return "redis://" .. auth .. "127.0.0.1:" .. inst.port
+end
+
+-- start{password=} -> {url=, port=, pid=, dir=, password=}
+function M.start(opts)
+  opts = opts or {}
+  local inst = { port = opts.port or free_port(), password = opts.password, watch = my_pid() }
+  inst.url = url_of(inst)
+  launch(inst)
+  return inst
+end
+
+-- Stops the server and waits until it is gone (the port is free again); its
+-- watchdog removes its directory. Each launch gets a fresh directory.
+function M.stop(inst)
+  if not inst.pid then return end
+  local pid = inst.pid
+  inst.pid = nil
+  os.execute("kill " .. pid .. " 2>/dev/null")
+  for _ = 1, 400 do
+    if not alive(pid) then return end
+    socket.sleep(0.025)
+  end
+  os.execute("kill -9 " .. pid .. " 2>/dev/null")
+end
+
+-- Starts a stopped instance again on the same port (empty: no persistence).
+function M.restart(inst)
+  M.stop(inst)
+  launch(inst)
+  return inst
+end
+
+return M
