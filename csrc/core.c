@@ -56,7 +56,11 @@ static int core_new(lua_State *L) {
   c.timeout_ms = (long)(opt_number(L, "timeout", 30, 0.001, 86400) * 1000);
   c.connect_timeout_ms = (long)(opt_number(L, "connect_timeout", 10, 0.001, 86400) * 1000);
   c.max_retries = (int)opt_number(L, "max_retries", 5, 0, 100);
-  c.max_concurrency = (int)opt_number(L, "max_concurrency", 1, 1, 256);
+  c.max_concurrency = (int)opt_number(L, "max_concurrency", 0, 0, 256); /* 0: adaptive */
+  c.max_response = (long)opt_number(L, "max_response_size", (double)CP_DEFAULT_MAX_RESPONSE, 1024, 1073741824.0);
+  lua_getfield(L, 1, "handle_signals");
+  c.handle_signals = lua_isnil(L, -1) || lua_toboolean(L, -1);
+  lua_pop(L, 1);
   c.backoff_base_ms = opt_number(L, "backoff_base", 0.5, 0, 3600) * 1000;
   c.backoff_max_ms = opt_number(L, "backoff_max", 8, 0, 3600) * 1000;
   c.max_retry_after_ms = opt_number(L, "max_retry_after", 60, 0, 86400) * 1000;
@@ -72,6 +76,124 @@ static int core_new(lua_State *L) {
 
 static int client_perform(lua_State *L) {
   return cp_transport_perform(L, check_open(L));
+}
+
+/* ---- C1: the policy and the window, for transports written in Lua ---- */
+
+static long field_long(lua_State *L, int idx, const char *k) {
+  long v = -1;
+  lua_getfield(L, idx, k);
+  if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) >= 0) v = (long)lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* client:decide(result) -> retry, delay_ms (sets result.daily_limit = true when so) */
+static int client_decide(lua_State *L) {
+  cp_transport *t = check_open(L);
+  cp_outcome o;
+  double delay;
+  int retry;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  memset(&o, 0, sizeof(o));
+  o.status = field_long(L, 2, "status");
+  if (o.status < 0) o.status = 0;
+  lua_getfield(L, 2, "kind");
+  o.kind = lua_tostring(L, -1); /* kept alive by the result table */
+  lua_pop(L, 1);
+  if (o.status == 0 && !o.kind) luaL_argerror(L, 2, "a result with status or kind expected");
+  o.attempts = (int)field_long(L, 2, "attempts");
+  if (o.attempts < 1) o.attempts = 1;
+  o.retry_after_ms = field_long(L, 2, "retry_after");
+  if (o.retry_after_ms >= 0) o.retry_after_ms *= 1000.0;
+  o.rate_max = field_long(L, 2, "rate_max");
+  o.rate_interval_ms = field_long(L, 2, "rate_interval_ms");
+  o.daily_remaining = field_long(L, 2, "daily_remaining");
+  retry = cp_transport_decide(t, &o, &delay);
+  if (o.daily_limit) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, 2, "daily_limit");
+  }
+  lua_pushboolean(L, retry);
+  lua_pushnumber(L, delay);
+  return 2;
+}
+
+/* client:pace_wait() -> ms (0: send now)[, "daily_limit" while HubSpot's daily limit is spent] */
+static int client_pace_wait(lua_State *L) {
+  cp_transport *t = check_open(L);
+  lua_pushnumber(L, cp_rl_wait(&t->rl, cp_now_ms()));
+  if (!cp_rl_daily_spent(&t->rl)) return 1;
+  lua_pushliteral(L, "daily_limit");
+  return 2;
+}
+
+static int client_pace_start(lua_State *L) { cp_rl_start(&check_open(L)->rl); return 0; }
+static int client_pace_unsent(lua_State *L) { cp_rl_unsent(&check_open(L)->rl); return 0; }
+static int client_pace_sent(lua_State *L) {
+  cp_transport *t = check_open(L);
+  cp_rl_sent(&t->rl, cp_now_ms());
+  t->sent++;
+  return 0;
+}
+
+static int client_in_flight_target(lua_State *L) {
+  lua_pushinteger(L, cp_transport_target(check_open(L)));
+  return 1;
+}
+
+static int client_observe_latency(lua_State *L) {
+  cp_transport_observe_latency(check_open(L), luaL_checknumber(L, 2));
+  return 0;
+}
+
+/* client:settings() -> what a transport needs (never the token) */
+static int client_settings(lua_State *L) {
+  cp_transport *t = check_open(L);
+  lua_createtable(L, 0, 9);
+  lua_pushinteger(L, t->timeout_ms); lua_setfield(L, -2, "timeout_ms");
+  lua_pushinteger(L, t->connect_timeout_ms); lua_setfield(L, -2, "connect_timeout_ms");
+  lua_pushboolean(L, t->verify_tls); lua_setfield(L, -2, "verify_tls");
+  lua_pushstring(L, t->user_agent); lua_setfield(L, -2, "user_agent");
+  if (t->ca_file) { lua_pushstring(L, t->ca_file); lua_setfield(L, -2, "ca_file"); }
+  lua_pushinteger(L, t->max_response); lua_setfield(L, -2, "max_response_size");
+  if (t->max_concurrency) { lua_pushinteger(L, t->max_concurrency); lua_setfield(L, -2, "max_concurrency"); }
+  if (t->rl.max > 0) { lua_pushinteger(L, t->rl.max); lua_setfield(L, -2, "rate_max"); }
+  lua_pushinteger(L, t->rl.interval_ms); lua_setfield(L, -2, "rate_interval_ms");
+  return 1;
+}
+
+/* core.sane_window(max, interval_ms) -> max, interval_ms | nil */
+static int core_sane_window(lua_State *L) {
+  lua_Number m = luaL_checknumber(L, 1), iv = luaL_checknumber(L, 2);
+  if (m != (long)m || iv != (long)iv || !cp_sane_window((long)m, (long)iv)) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_pushinteger(L, (lua_Integer)m);
+  lua_pushinteger(L, (lua_Integer)iv);
+  return 2;
+}
+
+static int core_window_margin_ms(lua_State *L) {
+  lua_pushnumber(L, cp_rl_margin_ms((long)luaL_checknumber(L, 1)));
+  return 1;
+}
+
+/* core.retry_after(header_value) -> seconds | nil (the one Retry-After rule) */
+static int core_retry_after(lua_State *L) {
+  double s = cp_parse_retry_after(luaL_checkstring(L, 1));
+  if (s < 0) lua_pushnil(L);
+  else lua_pushinteger(L, (lua_Integer)s);
+  return 1;
+}
+
+/* core.caught_signal() -> the signal number that stopped the last perform, or nil */
+static int core_caught_signal(lua_State *L) {
+  int sig = cp_caught_signal();
+  if (sig) lua_pushinteger(L, sig);
+  else lua_pushnil(L);
+  return 1;
 }
 
 static int client_close(lua_State *L) {
@@ -106,6 +228,9 @@ static int client_stats(lua_State *L) {
   set_int(L, "throttled", t->throttled);
   set_int(L, "rate_max", t->rl.max);
   set_int(L, "rate_interval_ms", t->rl.interval_ms);
+  set_int(L, "in_flight_target", cp_transport_target(t));
+  lua_pushnumber(L, t->latency_ms);
+  lua_setfield(L, -2, "latency_ms");
   return 1;
 }
 
@@ -118,7 +243,11 @@ static int core_now(lua_State *L) {
 }
 
 static const luaL_Reg client_methods[] = {
-  {"perform", client_perform}, {"close", client_close}, {"stats", client_stats}, {NULL, NULL}};
+  {"perform", client_perform}, {"close", client_close}, {"stats", client_stats},
+  {"decide", client_decide}, {"pace_wait", client_pace_wait}, {"pace_start", client_pace_start},
+  {"pace_sent", client_pace_sent}, {"pace_unsent", client_pace_unsent},
+  {"in_flight_target", client_in_flight_target}, {"observe_latency", client_observe_latency},
+  {"settings", client_settings}, {NULL, NULL}};
 
 /* A private lua-cjson instance: cjson.new(), strict about numbers. */
 static void push_private_cjson(lua_State *L) {
@@ -140,7 +269,9 @@ static void push_private_cjson(lua_State *L) {
 
 int luaopen_commprefs_core(lua_State *L) {
   static const luaL_Reg plain[] = {
-    {"new", core_new}, {"now", core_now}, {"escape", cp_escape}, {"has_control", cp_has_control}, {NULL, NULL}};
+    {"new", core_new}, {"now", core_now}, {"escape", cp_escape}, {"has_control", cp_has_control},
+    {"sane_window", core_sane_window}, {"window_margin_ms", core_window_margin_ms},
+    {"retry_after", core_retry_after}, {"caught_signal", core_caught_signal}, {NULL, NULL}};
   static int curl_ready = 0; /* curl_global_init once per process */
   if (!curl_ready) {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return luaL_error(L, "curl_global_init failed");

@@ -7,8 +7,12 @@
 
 #define RL_MAX_CAP 100000
 
+double cp_rl_margin_ms(long interval_ms) {
+  return 25.0 + interval_ms / 100.0;
+}
+
 static double margin_ms(const cp_ratelimit *rl) {
-  return 25.0 + rl->interval_ms / 100.0;
+  return cp_rl_margin_ms(rl->interval_ms);
 }
 
 static int rl_resize(cp_ratelimit *rl, int cap) {
@@ -31,6 +35,7 @@ int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms) {
   rl->cap = rl->head = rl->count = 0;
   rl->blocked_until = 0;
   rl->pending = 0;
+  rl->daily_left = -1;
   rl->max = max > 0 ? max : 0;
   rl->interval_ms = interval_ms > 0 ? interval_ms : 10000;
   rl->manual = max > 0;
@@ -77,6 +82,7 @@ void cp_rl_start(cp_ratelimit *rl) { rl->pending++; }
 
 void cp_rl_sent(cp_ratelimit *rl, double now) {
   if (rl->pending > 0) rl->pending--;
+  if (rl->daily_left > 0) rl->daily_left--;
   rl_record(rl, now);
 }
 
@@ -91,16 +97,14 @@ void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms) {
   rl->interval_ms = interval_ms;
 }
 
-void cp_rl_throttled(cp_ratelimit *rl, double now, double retry_after_ms) {
-  double until;
-  if (retry_after_ms > 0) {
-    until = now + retry_after_ms;
-  } else {
-    /* no Retry-After: wait for a slot of the window we now know is full */
-    if (rl->max == 0 || rl->count < rl->max) {
-      if (!rl->manual && rl->count > 0) rl->max = rl->count;
-    }
-    until = now + (rl->max > 0 ? cp_rl_wait(rl, now) : 1000.0);
-  }
-  if (until > rl->blocked_until) rl->blocked_until = until;
+void cp_rl_throttled(cp_ratelimit *rl, double now, double hold_ms) {
+  if (hold_ms > 0 && now + hold_ms > rl->blocked_until) rl->blocked_until = now + hold_ms;
+}
+
+void cp_rl_daily(cp_ratelimit *rl, long remaining) {
+  rl->daily_left = remaining < 0 ? -1 : remaining;
+}
+
+int cp_rl_daily_spent(const cp_ratelimit *rl) {
+  return rl->daily_left == 0;
 }

@@ -11,7 +11,11 @@ typedef struct {
   int cap, head, count;
   int pending;        /* attempts started but not yet on the wire: they count too */
   double blocked_until; /* after a 429: no sends before this time */
+  long daily_left;    /* HubSpot's Daily-Remaining less what was sent since; -1 unknown */
 } cp_ratelimit;
+
+/* The margin (ms) added to the window for the trip to the server. */
+double cp_rl_margin_ms(long interval_ms);
 
 int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms);
 void cp_rl_free(cp_ratelimit *rl);
@@ -23,7 +27,10 @@ void cp_rl_sent(cp_ratelimit *rl, double now);
 void cp_rl_unsent(cp_ratelimit *rl);
 /* Learn the window from X-HubSpot-RateLimit-Max / -Interval-Milliseconds. */
 void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms);
-/* A 429 arrived: hold every send for retry_after_ms (or until a window slot frees). */
-void cp_rl_throttled(cp_ratelimit *rl, double now, double retry_after_ms);
+/* A 429 arrived: hold every send for hold_ms (policy.c decides how long). */
+void cp_rl_throttled(cp_ratelimit *rl, double now, double hold_ms);
+/* X-HubSpot-RateLimit-Daily-Remaining said `remaining`; spent = it reached 0. */
+void cp_rl_daily(cp_ratelimit *rl, long remaining);
+int cp_rl_daily_spent(const cp_ratelimit *rl);
 
 #endif

@@ -2,48 +2,92 @@
  *
  * client:perform(source, on_done) runs requests ({method=, url=, body=})
  * taken from `source` (an array, or a function returning the next request
- * or nil) with up to max_concurrency in flight over reused connections
- * (keep-alive, HTTP/2 multiplexing where offered). Each request is retried
- * on 429, 5xx, network errors and timeouts with exponential backoff and
- * jitter, honouring Retry-After, and every attempt is paced by the client's
- * rate limiter (ratelimit.c). When a request is final, on_done(i, result)
- * is called (i: its position in source); without on_done, perform returns
- * the array of results. A result is {status=, body=, content_type=,
- * retry_after=, attempts=} for any HTTP answer, or {kind=, message=,
- * attempts=} when none came ("network", "timeout", "tls").
- * Requests are pulled from source only when a slot is free, so memory stays
- * bounded by max_concurrency however long the source is. */
+ * or nil) over reused connections (keep-alive, HTTP/2 multiplexing where
+ * offered). How many are in flight: cp_transport_target (one until HubSpot's
+ * headers give the window, then the learned rate times the observed latency,
+ * capped by max_concurrency). Whether and when to retry: policy.c. Every
+ * attempt is paced by the client's window (ratelimit.c) and, when there is
+ * one, an external budget (C3). When a request is final, on_done(i, result)
+ * is called (i: its position in source); without on_done, perform returns the
+ * array of results. perform's second return value is the reason it stopped
+ * early ("daily_limit", "interrupted", "budget"), else nil; requests it did
+ * not finish then get {stopped = reason, attempts = n}. Result fields: see
+ * push_result. Requests are pulled from source only when a slot is free, so
+ * memory stays bounded by the in-flight count however long the source is.
+ * Nothing libcurl points to belongs to Lua: URLs and bodies are copied. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <time.h>
 #include "transport.h"
 
 enum { SLOT_FREE, SLOT_WAITING, SLOT_RUNNING };
 enum { ARG_SELF = 1, ARG_SOURCE, ARG_ON_DONE, ST_RESULTS, ST_INFLIGHT };
 
-static double now_ms(void) {
+#define SIGNAL_CHECK_MS 50  /* longest wait before perform looks at the signal flag */
+
+double cp_now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
 }
 
-static double uniform(cp_transport *t) { /* xorshift64*, per client */
-  t->rng ^= t->rng >> 12;
-  t->rng ^= t->rng << 25;
-  t->rng ^= t->rng >> 27;
-  return (double)((t->rng * 2685821657736338717ULL) >> 11) / 9007199254740992.0;
+/* ------------------------------------------------------------ signals
+ * The one piece of global mutable state beyond curl_global_init: a signal
+ * handler can only talk to the code it interrupted through a static
+ * volatile sig_atomic_t. It holds the number of the SIGINT/SIGTERM caught
+ * while a perform ran (0: none). perform installs the handler only for its
+ * own duration (unless the signal is ignored) and restores the previous one. */
+static volatile sig_atomic_t caught_signal = 0;
+
+static void on_signal(int sig) { caught_signal = sig; }
+
+int cp_caught_signal(void) { return (int)caught_signal; }
+
+typedef struct {
+  struct sigaction old_int, old_term;
+  int installed_int, installed_term;
+} signal_guard;
+
+static int install_one(int sig, struct sigaction *old) {
+  struct sigaction sa;
+  if (sigaction(sig, NULL, old) != 0 || old->sa_handler == SIG_IGN) return 0;
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  return sigaction(sig, &sa, NULL) == 0;
 }
+
+static void signals_install(signal_guard *g) {
+  int nested = 0;
+  struct sigaction cur;
+  if (sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == on_signal) nested = 1;
+  if (!nested) caught_signal = 0; /* an outer perform keeps what it caught */
+  g->installed_int = install_one(SIGINT, &g->old_int);
+  g->installed_term = install_one(SIGTERM, &g->old_term);
+}
+
+static void signals_restore(signal_guard *g) {
+  if (g->installed_int) sigaction(SIGINT, &g->old_int, NULL);
+  if (g->installed_term) sigaction(SIGTERM, &g->old_term, NULL);
+}
+
+/* ------------------------------------------------------------ easy handles */
 
 static size_t on_body(char *data, size_t size, size_t n, void *ud) {
   cp_slot *s = ud;
   size_t add = size * n;
+  if (s->len + add > (size_t)s->owner->max_response) {
+    s->too_large = 1;
+    return 0; /* curl reports a write error */
+  }
   if (s->len + add + 1 > s->cap) {
     size_t cap = s->cap ? s->cap : 16384;
     char *nb;
     while (cap < s->len + add + 1) cap *= 2;
     nb = realloc(s->buf, cap);
-    if (!nb) return 0; /* curl reports a write error */
+    if (!nb) return 0;
     s->buf = nb;
     s->cap = cap;
   }
@@ -58,7 +102,8 @@ static int on_prereq(void *ud, char *ip, char *local_ip, int port, int local_por
   (void)ip; (void)local_ip; (void)port; (void)local_port;
   if (!s->on_wire) {
     s->on_wire = 1;
-    cp_rl_sent(&s->owner->rl, now_ms());
+    s->sent_at = cp_now_ms();
+    cp_rl_sent(&s->owner->rl, s->sent_at);
   }
   return CURL_PREREQFUNC_OK;
 }
@@ -85,6 +130,7 @@ static CURL *new_easy(cp_transport *t, cp_slot *s) {
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, t->timeout_ms);
   curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, t->connect_timeout_ms);
+  curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)t->max_response);
   curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
   curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
   /* No Accept-Encoding: HubSpot's answers are small and rate-limited traffic is
@@ -131,17 +177,16 @@ static void wipe_headers(struct curl_slist *h) {
 }
 
 int cp_transport_open(cp_transport *t, const cp_config *c, const char **err) {
-  int i;
   memset(t, 0, sizeof(*t));
   t->verify_tls = c->verify_tls;
+  t->handle_signals = c->handle_signals;
   t->timeout_ms = c->timeout_ms;
   t->connect_timeout_ms = c->connect_timeout_ms;
-  t->max_retries = c->max_retries;
-  t->backoff_base_ms = c->backoff_base_ms;
-  t->backoff_max_ms = c->backoff_max_ms;
-  t->max_retry_after_ms = c->max_retry_after_ms;
-  t->rng = (unsigned long long)time(NULL) ^ ((unsigned long long)(size_t)t << 16) ^ 0x9E3779B97F4A7C15ULL;
-  t->nslots = c->max_concurrency;
+  t->max_response = c->max_response > 0 ? c->max_response : CP_DEFAULT_MAX_RESPONSE;
+  cp_policy_init(&t->policy, c->max_retries, c->backoff_base_ms, c->backoff_max_ms,
+                 c->max_retry_after_ms, t);
+  t->max_concurrency = c->max_concurrency > 0 ? c->max_concurrency : 0;
+  t->nslots = t->max_concurrency ? t->max_concurrency : CP_ADAPTIVE_SLOTS;
   *err = "out of memory";
   if (cp_rl_init(&t->rl, c->rate_max, c->rate_interval_ms) != 0) goto fail;
   t->user_agent = dup_or_null(c->user_agent);
@@ -154,9 +199,6 @@ int cp_transport_open(cp_transport *t, const cp_config *c, const char **err) {
     goto fail;
   curl_multi_setopt(t->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
   curl_multi_setopt(t->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)t->nslots);
-  for (i = 0; i < t->nslots; i++) {
-    if (!(t->slots[i].easy = new_easy(t, &t->slots[i]))) goto fail;
-  }
   return 0;
 fail:
   cp_transport_close(t);
@@ -185,6 +227,42 @@ void cp_transport_close(cp_transport *t) {
   free(t->ca_file);
   t->user_agent = t->ca_file = NULL;
   cp_rl_free(&t->rl);
+  if (t->budget.close) t->budget.close(t->budget.ud);
+  memset(&t->budget, 0, sizeof(t->budget));
+}
+
+/* ------------------------------------------------------------ policy, pacing */
+
+int cp_transport_decide(cp_transport *t, cp_outcome *o, double *delay_ms) {
+  int retry = cp_policy_decide(&t->policy, &t->rl, o, cp_now_ms(), delay_ms);
+  if (o->status > 0) t->answers++;
+  if (o->status == 429) t->throttled++;
+  if (o->learned && t->budget.learn) t->budget.learn(t->budget.ud, o->rate_max, o->rate_interval_ms);
+  if (o->status == 429 && !o->daily_limit && t->budget.throttled)
+    t->budget.throttled(t->budget.ud, *delay_ms);
+  return retry;
+}
+
+void cp_transport_observe_latency(cp_transport *t, double ms) {
+  if (!(ms >= 0)) return;
+  t->latency_ms = t->latency_ms > 0 ? 0.8 * t->latency_ms + 0.2 * ms : ms;
+}
+
+/* One request until an answer has been seen (HubSpot's headers give the
+ * window); then the learned rate times the observed latency, with headroom;
+ * max_concurrency caps it. */
+int cp_transport_target(const cp_transport *t) {
+  int cap = t->nslots;
+  double need;
+  if (t->rl.max <= 0) {
+    if (t->answers == 0) return 1;
+    if (t->max_concurrency) return cap;
+    return cap < CP_UNKNOWN_WINDOW_INFLIGHT ? cap : CP_UNKNOWN_WINDOW_INFLIGHT;
+  }
+  if (t->latency_ms <= 0) return t->rl.max < cap ? t->rl.max : cap;
+  need = (double)t->rl.max / (t->rl.interval_ms + cp_rl_margin_ms(t->rl.interval_ms)) * t->latency_ms;
+  need = need * 1.25 + 2;
+  return need >= cap ? cap : (int)need;
 }
 
 /* ------------------------------------------------------------ one attempt */
@@ -200,19 +278,23 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s) {
   method = lua_tostring(L, -3);
   url = lua_tostring(L, -2);
   body = lua_tolstring(L, -1, &body_len);
-  /* the strings stay alive: the request table is held in the in-flight table */
-  lua_pop(L, 4);
+  if (!url) luaL_error(L, "perform: request %d has no url", (int)s->index);
+  if (!s->easy && !(s->easy = new_easy(t, s))) luaL_error(L, "perform: out of memory");
   s->len = 0;
+  s->too_large = 0;
   s->errbuf[0] = '\0';
+  /* libcurl copies the URL and (COPYPOSTFIELDS) the body: nothing it keeps
+   * points into a Lua string, which the source or on_done may let go */
   curl_easy_setopt(s->easy, CURLOPT_URL, url);
   if (method && strcmp(method, "POST") == 0) {
     curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, t->post_headers);
-    curl_easy_setopt(s->easy, CURLOPT_POSTFIELDSIZE, (long)body_len);
-    curl_easy_setopt(s->easy, CURLOPT_POSTFIELDS, body ? body : "");
+    curl_easy_setopt(s->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+    curl_easy_setopt(s->easy, CURLOPT_COPYPOSTFIELDS, body ? body : "");
   } else {
     curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, t->headers);
     curl_easy_setopt(s->easy, CURLOPT_HTTPGET, 1L);
   }
+  lua_pop(L, 4);
   s->on_wire = 0;
   cp_rl_start(&t->rl);
   t->sent++;
@@ -220,7 +302,8 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s) {
   s->state = SLOT_RUNNING;
 }
 
-static const char *error_kind(CURLcode rc) {
+static const char *error_kind(CURLcode rc, const cp_slot *s) {
+  if (s->too_large || rc == CURLE_FILESIZE_EXCEEDED) return "too_large";
   switch (rc) {
   case CURLE_OPERATION_TIMEDOUT: return "timeout";
   case CURLE_SSL_CONNECT_ERROR: case CURLE_PEER_FAILED_VERIFICATION:
@@ -233,68 +316,82 @@ static const char *error_kind(CURLcode rc) {
   }
 }
 
+/* A header as a non-negative integer, or -1 when absent or not a number. */
 static long header_long(CURL *e, const char *name) {
   struct curl_header *h;
+  char *end;
+  long v;
   if (curl_easy_header(e, name, 0, CURLH_HEADER, -1, &h) != CURLHE_OK) return -1;
-  return strtol(h->value, NULL, 10);
+  v = strtol(h->value, &end, 10);
+  if (end == h->value || *end != '\0' || v < 0) return -1;
+  return v;
 }
 
-static double backoff_ms(cp_transport *t, int attempt) {
-  double d = t->backoff_base_ms;
-  int i;
-  for (i = 1; i < attempt && d < t->backoff_max_ms; i++) d *= 2;
-  if (d > t->backoff_max_ms) d = t->backoff_max_ms;
-  return d / 2 + uniform(t) * d / 2;
+static double header_retry_after(CURL *e) {
+  struct curl_header *h;
+  if (curl_easy_header(e, "Retry-After", 0, CURLH_HEADER, -1, &h) != CURLHE_OK) return -1;
+  return cp_parse_retry_after(h->value);
 }
 
-/* Pushes the result table of a finished attempt; returns 1 if worth a retry.
- * *retry_after_ms gets the server's Retry-After (or -1). */
-static int push_result(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, double *retry_after_ms) {
-  long status = 0;
-  curl_off_t ra = -1;
-  char *ctype = NULL;
-  *retry_after_ms = -1;
-  lua_createtable(L, 0, 6);
-  lua_pushinteger(L, s->attempts);
-  lua_setfield(L, -2, "attempts");
+/* What the attempt in slot s ended with. */
+static void read_outcome(cp_slot *s, CURLcode rc, cp_outcome *o) {
+  double ra;
+  memset(o, 0, sizeof(*o));
+  o->attempts = s->attempts;
+  o->retry_after_ms = -1;
+  o->rate_max = o->rate_interval_ms = o->daily_remaining = -1;
   if (rc != CURLE_OK) {
-    lua_pushstring(L, error_kind(rc));
-    lua_setfield(L, -2, "kind");
-    lua_pushstring(L, s->errbuf[0] ? s->errbuf : curl_easy_strerror(rc));
-    lua_setfield(L, -2, "message");
-    return rc != CURLE_URL_MALFORMAT && rc != CURLE_UNSUPPORTED_PROTOCOL &&
-           strcmp(error_kind(rc), "tls") != 0;
+    o->kind = error_kind(rc, s);
+    o->fatal = rc == CURLE_URL_MALFORMAT || rc == CURLE_UNSUPPORTED_PROTOCOL || rc == CURLE_OUT_OF_MEMORY;
+    return;
   }
-  curl_easy_getinfo(s->easy, CURLINFO_RESPONSE_CODE, &status);
+  curl_easy_getinfo(s->easy, CURLINFO_RESPONSE_CODE, &o->status);
+  ra = header_retry_after(s->easy);
+  o->retry_after_ms = ra >= 0 ? ra * 1000.0 : -1;
+  o->rate_max = header_long(s->easy, "X-HubSpot-RateLimit-Max");
+  o->rate_interval_ms = header_long(s->easy, "X-HubSpot-RateLimit-Interval-Milliseconds");
+  o->daily_remaining = header_long(s->easy, "X-HubSpot-RateLimit-Daily-Remaining");
+}
+
+static void set_integer(lua_State *L, const char *k, lua_Integer v) {
+  lua_pushinteger(L, v);
+  lua_setfield(L, -2, k);
+}
+
+/* Pushes the C2 result table: {status=, body=, content_type=, retry_after=,
+ * attempts=, rate_max=, rate_interval_ms=, daily_remaining=, daily_limit=}
+ * (optional fields only when their header came) for an HTTP answer, or
+ * {kind=, message=, attempts=} when none came. */
+static void push_result(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, const cp_outcome *o) {
+  char *ctype = NULL;
+  lua_createtable(L, 0, 8);
+  set_integer(L, "attempts", s->attempts);
+  if (rc != CURLE_OK) {
+    lua_pushstring(L, o->kind);
+    lua_setfield(L, -2, "kind");
+    if (strcmp(o->kind, "too_large") == 0)
+      lua_pushfstring(L, "the answer is larger than max_response_size (%d bytes)", (int)t->max_response);
+    else
+      lua_pushstring(L, s->errbuf[0] ? s->errbuf : curl_easy_strerror(rc));
+    lua_setfield(L, -2, "message");
+    return;
+  }
   curl_easy_getinfo(s->easy, CURLINFO_CONTENT_TYPE, &ctype);
-  curl_easy_getinfo(s->easy, CURLINFO_RETRY_AFTER, &ra);
-  cp_rl_learn(&t->rl, header_long(s->easy, "X-HubSpot-RateLimit-Max"),
-              header_long(s->easy, "X-HubSpot-RateLimit-Interval-Milliseconds"));
-  lua_pushinteger(L, status);
-  lua_setfield(L, -2, "status");
+  set_integer(L, "status", o->status);
   lua_pushlstring(L, s->buf ? s->buf : "", s->len);
   lua_setfield(L, -2, "body");
   if (ctype) {
     lua_pushstring(L, ctype);
     lua_setfield(L, -2, "content_type");
   }
-  if (ra >= 0) {
-    *retry_after_ms = (double)ra * 1000.0;
-    lua_pushinteger(L, (lua_Integer)ra);
-    lua_setfield(L, -2, "retry_after");
+  if (o->retry_after_ms >= 0) set_integer(L, "retry_after", (lua_Integer)(o->retry_after_ms / 1000.0));
+  if (o->rate_max >= 0) set_integer(L, "rate_max", o->rate_max);
+  if (o->rate_interval_ms >= 0) set_integer(L, "rate_interval_ms", o->rate_interval_ms);
+  if (o->daily_remaining >= 0) set_integer(L, "daily_remaining", o->daily_remaining);
+  if (o->daily_limit) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "daily_limit");
   }
-  if (status == 429) {
-    int daily_out = header_long(s->easy, "X-HubSpot-RateLimit-Daily-Remaining") == 0;
-    t->throttled++;
-    cp_rl_throttled(&t->rl, now_ms(), *retry_after_ms > 0 ? *retry_after_ms : 0);
-    if (daily_out) {
-      lua_pushboolean(L, 1);
-      lua_setfield(L, -2, "daily_limit");
-      return 0; /* not worth retrying before the account's midnight */
-    }
-    return 1;
-  }
-  return status >= 500;
 }
 
 /* ------------------------------------------------------------ the loop */
@@ -302,11 +399,13 @@ static int push_result(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, d
 typedef struct {
   int exhausted;       /* source has no more requests */
   lua_Integer next;    /* position of the next request in source */
+  const char *stop;    /* why perform stopped early, or NULL */
+  const char *stop_message; /* the budget's reason */
 } source_state;
 
 static void cleanup_running(cp_transport *t) {
   int i;
-  for (i = 0; i < t->nslots; i++) {
+  for (i = 0; t->slots && i < t->nslots; i++) {
     if (t->slots[i].state == SLOT_RUNNING) {
       curl_multi_remove_handle(t->multi, t->slots[i].easy);
       if (!t->slots[i].on_wire) cp_rl_unsent(&t->rl);
@@ -315,19 +414,12 @@ static void cleanup_running(cp_transport *t) {
   }
 }
 
-/* Raises the error at the top of the stack after putting the client back in order. */
-static int fail(lua_State *L, cp_transport *t) {
-  cleanup_running(t);
-  t->active = 0;
-  return lua_error(L);
-}
-
 /* Takes the next request from source into slot s; 0 when source is empty. */
 static int fill_slot(lua_State *L, cp_transport *t, cp_slot *s, source_state *src) {
   int i = (int)(s - t->slots) + 1;
   if (lua_type(L, ARG_SOURCE) == LUA_TFUNCTION) {
     lua_pushvalue(L, ARG_SOURCE);
-    if (lua_pcall(L, 0, 1, 0) != 0) fail(L, t);
+    lua_call(L, 0, 1);
   } else {
     lua_rawgeti(L, ARG_SOURCE, (int)src->next);
   }
@@ -336,15 +428,10 @@ static int fill_slot(lua_State *L, cp_transport *t, cp_slot *s, source_state *sr
     src->exhausted = 1;
     return 0;
   }
-  if (!lua_istable(L, -1)) {
-    lua_pushfstring(L, "perform: request %d is a %s, not a table", (int)src->next, luaL_typename(L, -1));
-    fail(L, t);
-  }
+  if (!lua_istable(L, -1))
+    luaL_error(L, "perform: request %d is a %s, not a table", (int)src->next, luaL_typename(L, -1));
   lua_getfield(L, -1, "url");
-  if (lua_type(L, -1) != LUA_TSTRING) {
-    lua_pushfstring(L, "perform: request %d has no url", (int)src->next);
-    fail(L, t);
-  }
+  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "perform: request %d has no url", (int)src->next);
   lua_pop(L, 1);
   lua_rawseti(L, ST_INFLIGHT, i);
   s->index = src->next++;
@@ -354,6 +441,7 @@ static int fill_slot(lua_State *L, cp_transport *t, cp_slot *s, source_state *sr
   return 1;
 }
 
+/* Hands the result at the top of the stack to on_done (or the results table). */
 static void deliver(lua_State *L, cp_transport *t, cp_slot *s) {
   int i = (int)(s - t->slots) + 1;
   s->state = SLOT_FREE;
@@ -367,74 +455,120 @@ static void deliver(lua_State *L, cp_transport *t, cp_slot *s) {
   lua_insert(L, -2);
   lua_pushinteger(L, s->index);
   lua_insert(L, -2);
-  if (lua_pcall(L, 2, 0, 0) != 0) fail(L, t);
+  lua_call(L, 2, 0);
 }
 
-static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc) {
-  double ra;
-  int retry;
-  curl_multi_remove_handle(t->multi, s->easy);
-  if (!s->on_wire) cp_rl_unsent(&t->rl);
-  s->attempts++;
-  retry = push_result(L, t, s, rc, &ra);
-  if (retry && s->attempts <= t->max_retries && ra <= t->max_retry_after_ms) {
-    lua_pop(L, 1);
-    t->retries++;
-    s->state = SLOT_WAITING;
-    s->not_before = now_ms() + (ra >= 0 ? ra : backoff_ms(t, s->attempts));
-    return;
+static void deliver_stopped(lua_State *L, cp_transport *t, cp_slot *s, const source_state *src) {
+  if (s->state == SLOT_RUNNING) {
+    curl_multi_remove_handle(t->multi, s->easy);
+    if (!s->on_wire) cp_rl_unsent(&t->rl);
+  }
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, src->stop);
+  lua_setfield(L, -2, "stopped");
+  set_integer(L, "attempts", s->attempts);
+  if (src->stop_message) {
+    lua_pushstring(L, src->stop_message);
+    lua_setfield(L, -2, "message");
   }
   deliver(L, t, s);
 }
 
-/* Starts what may start now; returns ms until something else may start. */
-static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
-  double wake = 1000, now = now_ms();
+/* Stopping: requests not on their way are given back unsent (running ones too when `all`). */
+static void stop_slots(lua_State *L, cp_transport *t, const source_state *src, int all) {
   int i;
   for (i = 0; i < t->nslots; i++) {
     cp_slot *s = &t->slots[i];
-    if (s->state == SLOT_FREE && !src->exhausted) fill_slot(L, t, s, src);
+    if (s->state == SLOT_WAITING || (all && s->state == SLOT_RUNNING)) deliver_stopped(L, t, s, src);
+  }
+}
+
+static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc) {
+  cp_outcome o;
+  double delay, now = cp_now_ms();
+  curl_multi_remove_handle(t->multi, s->easy);
+  if (!s->on_wire) cp_rl_unsent(&t->rl);
+  s->attempts++;
+  read_outcome(s, rc, &o);
+  if (o.status > 0 && s->on_wire) cp_transport_observe_latency(t, now - s->sent_at);
+  if (cp_transport_decide(t, &o, &delay)) {
+    t->retries++;
+    s->state = SLOT_WAITING;
+    s->not_before = now + delay;
+    return;
+  }
+  push_result(L, t, s, rc, &o);
+  deliver(L, t, s);
+}
+
+static int slots_in_use(const cp_transport *t) {
+  int i, n = 0;
+  for (i = 0; i < t->nslots; i++)
+    if (t->slots[i].state != SLOT_FREE) n++;
+  return n;
+}
+
+/* 0: the budget (if any) lets one request go now; >0: ms to wait; <0: stop. */
+static double ask_budget(cp_transport *t, source_state *src) {
+  const char *err = NULL;
+  double w;
+  if (!t->budget.acquire) return 0;
+  w = t->budget.acquire(t->budget.ud, &err);
+  if (w < 0) {
+    src->stop = "budget";
+    src->stop_message = err ? err : "the shared budget is gone";
+  }
+  return w;
+}
+
+/* Starts what may start now; returns ms until something else may start. */
+static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
+  double wake = 1000, now = cp_now_ms();
+  int i, target = cp_transport_target(t), in_use = slots_in_use(t);
+  if (!src->stop && cp_rl_daily_spent(&t->rl)) src->stop = "daily_limit";
+  for (i = 0; i < t->nslots && !src->stop; i++) {
+    cp_slot *s = &t->slots[i];
+    double w;
+    if (s->state == SLOT_FREE) {
+      if (src->exhausted || in_use >= target || !fill_slot(L, t, s, src)) continue;
+      in_use++;
+    }
     if (s->state != SLOT_WAITING) continue;
     if (s->not_before > now) {
       if (s->not_before - now < wake) wake = s->not_before - now;
       continue;
     }
-    {
-      double w = cp_rl_wait(&t->rl, now);
-      if (w > 0) {
-        if (w < wake) wake = w;
-        break;
-      }
+    w = cp_rl_wait(&t->rl, now);
+    if (w == 0) w = ask_budget(t, src);
+    if (w != 0) {
+      if (w > 0 && w < wake) wake = w;
+      break;
     }
     start_attempt(L, t, s);
   }
+  if (src->stop) stop_slots(L, t, src, 0);
   return wake;
 }
 
-static int busy(cp_transport *t) {
-  int i;
-  for (i = 0; i < t->nslots; i++)
-    if (t->slots[i].state != SLOT_FREE) return 1;
-  return 0;
-}
-
-int cp_transport_perform(lua_State *L, cp_transport *t) {
-  source_state src = {0, 1};
+static int perform_loop(lua_State *L) {
+  cp_transport *t = lua_touserdata(L, ARG_SELF);
+  source_state src = {0, 1, NULL, NULL};
   int running = 0;
-  if (!lua_istable(L, ARG_SOURCE) && !lua_isfunction(L, ARG_SOURCE))
-    luaL_argerror(L, ARG_SOURCE, "table or function expected");
-  if (!lua_isnoneornil(L, ARG_ON_DONE)) luaL_checktype(L, ARG_ON_DONE, LUA_TFUNCTION);
-  if (t->active) luaL_error(L, "perform: the client is busy (called from its own callback)");
   lua_settop(L, ARG_ON_DONE);
   lua_newtable(L); /* ST_RESULTS */
   lua_createtable(L, t->nslots, 0); /* ST_INFLIGHT */
-  cleanup_running(t); /* a previous call interrupted by an error */
-  t->active = 1;
+  t->rl.daily_left = -1; /* the day may have turned since the last perform */
   for (;;) {
     CURLMsg *msg;
     int left, delivered = 0;
-    double wake = start_ready(L, t, &src);
-    if (!busy(t) && src.exhausted) break;
+    double wake;
+    if (t->handle_signals && caught_signal) {
+      src.stop = "interrupted";
+      stop_slots(L, t, &src, 1);
+      break;
+    }
+    wake = start_ready(L, t, &src);
+    if (slots_in_use(t) == 0 && (src.exhausted || src.stop)) break;
     curl_multi_perform(t->multi, &running);
     while ((msg = curl_multi_info_read(t->multi, &left)) != NULL) {
       cp_slot *s;
@@ -444,9 +578,40 @@ int cp_transport_perform(lua_State *L, cp_transport *t) {
       delivered = 1;
     }
     if (delivered) continue; /* refill free slots at once */
+    if (t->handle_signals && wake > SIGNAL_CHECK_MS) wake = SIGNAL_CHECK_MS;
     curl_multi_poll(t->multi, NULL, 0, wake < 1 ? 1 : (int)wake, NULL);
   }
+  if (lua_isnil(L, ARG_ON_DONE)) lua_pushvalue(L, ST_RESULTS);
+  else lua_pushnil(L);
+  if (src.stop) lua_pushstring(L, src.stop);
+  else lua_pushnil(L);
+  return 2;
+}
+
+/* Runs perform_loop protected: whatever it raises (a source or on_done
+ * error, a request whose __index raises, out of memory), the client is put
+ * back in order (nothing running, not busy) before the error goes on. */
+int cp_transport_perform(lua_State *L, cp_transport *t) {
+  signal_guard g;
+  int rc;
+  if (!lua_istable(L, ARG_SOURCE) && !lua_isfunction(L, ARG_SOURCE))
+    luaL_argerror(L, ARG_SOURCE, "table or function expected");
+  if (!lua_isnoneornil(L, ARG_ON_DONE)) luaL_checktype(L, ARG_ON_DONE, LUA_TFUNCTION);
+  if (t->active) luaL_error(L, "perform: the client is busy (called from its own callback)");
+  lua_settop(L, ARG_ON_DONE);
+  cleanup_running(t);
+  t->active = 1;
+  if (t->handle_signals) signals_install(&g);
+  lua_pushcfunction(L, perform_loop);
+  lua_pushvalue(L, ARG_SELF);
+  lua_pushvalue(L, ARG_SOURCE);
+  lua_pushvalue(L, ARG_ON_DONE);
+  rc = lua_pcall(L, 3, 2, 0);
+  if (t->handle_signals) signals_restore(&g);
   t->active = 0;
-  lua_settop(L, ST_RESULTS);
-  return lua_isnil(L, ARG_ON_DONE) ? 1 : 0;
+  if (rc != 0) {
+    cleanup_running(t);
+    return lua_error(L);
+  }
+  return 2;
 }

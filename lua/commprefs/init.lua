@@ -116,7 +116,7 @@ local NEW_OPTIONS = {
   connect_timeout = "number", max_retries = "number", business_unit_id = "number",
   user_agent = "string", ca_file = "string", verify_tls = "boolean", batch_size = "number",
   max_concurrency = "number", rate_limit = "table", backoff_base = "number",
-  backoff_max = "number", max_retry_after = "number",
+  backoff_max = "number", max_retry_after = "number", max_response_size = "number",
 }
 
 function M.new(opts)
@@ -152,6 +152,9 @@ function M.new(opts)
       raise("new", "bad option '" .. k .. "' (positive number of seconds expected)")
     end
   end
+  if opts.max_response_size ~= nil and (not is_integer(opts.max_response_size) or opts.max_response_size < 1024) then
+    raise("new", "bad option 'max_response_size' (integer >= 1024 bytes expected)")
+  end
   if opts.ca_file then check_text("new", "ca_file", opts.ca_file) end
   if opts.user_agent then check_text("new", "user_agent", opts.user_agent) end
   local rl = opts.rate_limit
@@ -164,11 +167,13 @@ function M.new(opts)
     max_concurrency = opts.max_concurrency, backoff_base = opts.backoff_base,
     backoff_max = opts.backoff_max, max_retry_after = opts.max_retry_after,
     rate_max = rl and rl.max, rate_interval = rl and rl.interval,
+    max_response_size = opts.max_response_size,
+    handle_signals = not ngx, -- inside nginx, its own signal handling stays in charge
   })
   if not ok then raise("new", tostring(handle):gsub("^.-commprefs%.core%.new: ", "")) end
   return setmetatable({
     base_url = base_url, api_version = version, business_unit_id = opts.business_unit_id,
-    batch_size = batch_size, max_concurrency = opts.max_concurrency or 1,
+    batch_size = batch_size, max_concurrency = opts.max_concurrency, -- nil: adaptive
     _core = handle, _prefix = base_url .. "/communication-preferences/" .. version .. "/",
   }, Client)
 end

@@ -1,0 +1,109 @@
+/* policy.c: owns the retry policy, the one rule both transports follow:
+ * which outcomes are retried (429, 5xx, network errors and timeouts; never
+ * other 4xx, TLS failures, too-large answers or the daily limit), the delay
+ * before a retry (a valid Retry-After, else exponential backoff with jitter,
+ * so a 5xx without Retry-After never retries at once), what an answer teaches
+ * the window (rate headers only when sane, Daily-Remaining, 429s) and the
+ * parsing of Retry-After. The window arithmetic itself is ratelimit.c's. */
+#include <stdlib.h>
+#include <string.h>
+#include <ctype.h>
+#include <time.h>
+#include <curl/curl.h>
+#include "policy.h"
+
+void cp_policy_init(cp_policy *p, int max_retries, double backoff_base_ms, double backoff_max_ms,
+                    double max_retry_after_ms, const void *seed) {
+  p->max_retries = max_retries;
+  p->backoff_base_ms = backoff_base_ms;
+  p->backoff_max_ms = backoff_max_ms;
+  p->max_retry_after_ms = max_retry_after_ms;
+  p->rng = (unsigned long long)time(NULL) ^ ((unsigned long long)(size_t)seed << 16) ^ 0x9E3779B97F4A7C15ULL;
+}
+
+static double uniform(cp_policy *p) { /* xorshift64* */
+  p->rng ^= p->rng >> 12;
+  p->rng ^= p->rng << 25;
+  p->rng ^= p->rng >> 27;
+  return (double)((p->rng * 2685821657736338717ULL) >> 11) / 9007199254740992.0;
+}
+
+double cp_policy_backoff_ms(cp_policy *p, int attempt) {
+  double d = p->backoff_base_ms;
+  int i;
+  for (i = 1; i < attempt && d < p->backoff_max_ms; i++) d *= 2;
+  if (d > p->backoff_max_ms) d = p->backoff_max_ms;
+  return d / 2 + uniform(p) * d / 2;
+}
+
+int cp_sane_window(long max, long interval_ms) {
+  return max >= CP_SANE_MAX_MIN && max <= CP_SANE_MAX_MAX &&
+         interval_ms >= CP_SANE_INTERVAL_MIN_MS && interval_ms <= CP_SANE_INTERVAL_MAX_MS;
+}
+
+double cp_parse_retry_after(const char *v) {
+  const char *p;
+  time_t when;
+  if (!v) return -1;
+  while (*v == ' ' || *v == '\t') v++;
+  for (p = v; isdigit((unsigned char)*p); p++) {}
+  if (p > v && p - v <= 9) { /* delta-seconds */
+    const char *q = p;
+    while (*q == ' ' || *q == '\t') q++;
+    if (*q == '\0') return (double)strtol(v, NULL, 10);
+    return -1;
+  }
+  if (p > v) return -1; /* absurdly many digits */
+  when = curl_getdate(v, NULL); /* HTTP-date */
+  if (when == (time_t)-1) return -1;
+  return when > time(NULL) ? (double)(when - time(NULL)) : 0;
+}
+
+static int retryable_failure(const cp_outcome *o) {
+  if (o->fatal || !o->kind) return 0;
+  return strcmp(o->kind, "network") == 0 || strcmp(o->kind, "timeout") == 0;
+}
+
+/* A 429: hold every send for Retry-After, else for a free slot of the known
+ * window or the backoff, whichever is longer (a garbage Retry-After never
+ * shrinks the window). */
+static double throttled_delay(cp_policy *p, cp_ratelimit *rl, const cp_outcome *o, double now) {
+  double wait;
+  if (o->retry_after_ms > 0) return o->retry_after_ms;
+  wait = cp_policy_backoff_ms(p, o->attempts);
+  if (rl->max > 0) {
+    double slot = cp_rl_wait(rl, now);
+    if (slot > wait) wait = slot;
+  }
+  return wait;
+}
+
+int cp_policy_decide(cp_policy *p, cp_ratelimit *rl, cp_outcome *o, double now, double *delay_ms) {
+  *delay_ms = 0;
+  o->daily_limit = 0;
+  o->learned = 0;
+  if (o->status <= 0) {
+    if (!retryable_failure(o)) return 0;
+    *delay_ms = cp_policy_backoff_ms(p, o->attempts);
+  } else {
+    if (cp_sane_window(o->rate_max, o->rate_interval_ms)) {
+      cp_rl_learn(rl, o->rate_max, o->rate_interval_ms);
+      o->learned = 1;
+    }
+    if (o->daily_remaining >= 0) cp_rl_daily(rl, o->daily_remaining);
+    if (o->status == 429) {
+      if (o->daily_remaining == 0) { /* not worth retrying before the account's midnight */
+        o->daily_limit = 1;
+        return 0;
+      }
+      *delay_ms = throttled_delay(p, rl, o, now);
+      cp_rl_throttled(rl, now, *delay_ms);
+    } else if (o->status >= 500) {
+      *delay_ms = o->retry_after_ms > 0 ? o->retry_after_ms : cp_policy_backoff_ms(p, o->attempts);
+    } else {
+      return 0;
+    }
+    if (o->retry_after_ms > p->max_retry_after_ms) return 0;
+  }
+  return o->attempts <= p->max_retries;
+}
