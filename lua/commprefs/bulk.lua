@@ -202,7 +202,7 @@ function M.run(client, fname, opname, source, opts)
     if opts.on_progress then opts.on_progress(summary.done, total) end
   end
 
-  local ok, perr = pcall(client._core.perform, client._core, generate, on_done)
+  local ok, perr = pcall(client._perform, client, generate, on_done)
   if journal then journal:close() end
   if not ok then error(perr, 0) end
   summary.elapsed = now() - summary.started

@@ -8,6 +8,7 @@ local core = require "commprefs.core"
 local Error = require "commprefs.error"
 local pretty = require("commprefs.pretty").value
 local response = require "commprefs.response"
+local ngx_transport = require "commprefs.ngx.transport"
 local outcome, strip_userinfo = response.outcome, response.strip_userinfo
 
 local M = { Error = Error, pretty = pretty, _VERSION = core._VERSION, core = core }
@@ -111,12 +112,15 @@ end
 
 ------------------------------------------------------------------ client
 
+local NGX_CA_FILE = "bad option 'ca_file' (inside nginx, cosockets verify TLS against nginx.conf's"
+  .. " lua_ssl_trusted_certificate: set it there and drop ca_file, or use transport = \"curl\")"
+
 local NEW_OPTIONS = {
   token = "string", base_url = "string", api_version = "string", timeout = "number",
   connect_timeout = "number", max_retries = "number", business_unit_id = "number",
   user_agent = "string", ca_file = "string", verify_tls = "boolean", batch_size = "number",
   max_concurrency = "number", rate_limit = "table", backoff_base = "number",
-  backoff_max = "number", max_retry_after = "number", max_response_size = "number",
+  backoff_max = "number", max_retry_after = "number", transport = "string", max_response_size = "number",
 }
 
 function M.new(opts)
@@ -161,6 +165,15 @@ function M.new(opts)
   if rl and (not is_integer(rl.max) or rl.max < 1 or type(rl.interval) ~= "number" or rl.interval <= 0) then
     raise("new", "bad option 'rate_limit' ({max = requests, interval = seconds} expected)")
   end
+  local transport = opts.transport or "auto"
+  if transport ~= "auto" and transport ~= "curl" and transport ~= "ngx" then
+    raise("new", "bad option 'transport' (\"auto\", \"curl\" or \"ngx\" expected, got " .. transport .. ")")
+  end
+  local in_nginx = ngx_transport.in_nginx()
+  if transport == "ngx" and not in_nginx then
+    raise("new", "bad option 'transport' (\"ngx\" needs OpenResty's cosockets: it works only inside nginx)")
+  end
+  if transport == "ngx" and opts.ca_file then raise("new", NGX_CA_FILE) end
   local ok, handle = pcall(core.new, {
     token = token, user_agent = opts.user_agent, ca_file = opts.ca_file, verify_tls = opts.verify_tls,
     timeout = opts.timeout, connect_timeout = opts.connect_timeout, max_retries = opts.max_retries,
@@ -171,10 +184,13 @@ function M.new(opts)
     handle_signals = not ngx, -- inside nginx, its own signal handling stays in charge
   })
   if not ok then raise("new", tostring(handle):gsub("^.-commprefs%.core%.new: ", "")) end
+  local cosockets = transport ~= "curl" and in_nginx -- the token stays in the transport's closure
+    and ngx_transport.new(handle, token, { pacer = { shared_dict = opts.shared_dict, rate_limit = rl } }) or nil
   return setmetatable({
     base_url = base_url, api_version = version, business_unit_id = opts.business_unit_id,
     batch_size = batch_size, max_concurrency = opts.max_concurrency, -- nil: adaptive
     _core = handle, _prefix = base_url .. "/communication-preferences/" .. version .. "/",
+    _transport = transport, _ngx = cosockets, _ca_file = opts.ca_file ~= nil,
   }, Client)
 end
 
@@ -208,9 +224,23 @@ local function query(self, opts, channel, verbose, translations)
   return #q > 0 and "?" .. table.concat(q, "&") or ""
 end
 
+-- The one entry to the transports (INTERFACES.md C6): libcurl, or cosockets
+-- inside nginx wherever the phase can yield. "auto" takes libcurl in plain
+-- Lua and in init_by_lua (nginx's master, before any worker); a phase where
+-- cosockets are disabled raises, naming it: nothing ever blocks a worker.
+function Client:_perform(source, on_done)
+  local t, which = self._ngx, self._transport
+  if which == "curl" or not t then return self._core:perform(source, on_done) end
+  local phase = ngx.get_phase()
+  if which == "auto" and phase == "init" then return self._core:perform(source, on_done) end
+  ngx_transport.check_phase(phase)
+  if self._ca_file then error("commprefs: " .. NGX_CA_FILE, 0) end
+  return t:perform(source, on_done)
+end
+
 function Client:_request(method, path, q, body)
   local req = { method = method, url = self._prefix .. path .. q, body = body }
-  local res = self._core:perform({ req })[1]
+  local res = self:_perform({ req })[1]
   return outcome(req, res)
 end
 
@@ -257,7 +287,7 @@ function Client:_batch(path, q, items)
     chunks[#chunks + 1] = chunk
     reqs[#reqs + 1] = { method = "POST", url = self._prefix .. path .. q, body = core.encode({ inputs = chunk }) }
   end
-  local results = self._core:perform(reqs)
+  local results = self:_perform(reqs)
   local merged = { status = "COMPLETE", results = {} }
   local first_err, failed = nil, {}
   for i, req in ipairs(reqs) do

@@ -1,0 +1,289 @@
+-- commprefs.ngx.transport: the cosocket transport, used inside OpenResty/nginx
+-- where libcurl would block the worker. Owns HTTP/1.1 over ngx.socket.tcp:
+-- building requests, the keep-alive pools (setkeepalive; one pool per base
+-- host:port and TLS settings, never per token), TLS through sslhandshake
+-- with verification on by default, per-attempt timeouts, and concurrency
+-- with ngx.thread. It keeps the contract of the libcurl transport
+-- (INTERFACES.md C2): perform(source, on_done) with the same result tables.
+-- What it does NOT own: parsing responses (core.http1_response, http1.c),
+-- retries and their delays (client handle h:decide, policy.c), pacing (the
+-- pacer, commprefs.ngx.pacer), how many in flight (h:in_flight_target).
+--
+-- Which nginx phases can use it: see M.YIELDABLE. A client may be created
+-- anywhere (init_by_lua included) and used from any request or timer: no
+-- socket outlives one perform, except idle keep-alive connections, which
+-- nginx keeps per worker in its pool, so nothing crosses requests.
+local core = require "commprefs.core"
+
+local M = {}
+
+-- Phases where cosockets, ngx.sleep and ngx.thread work (lua-nginx-module docs).
+M.YIELDABLE = { rewrite = true, server_rewrite = true, access = true, content = true, timer = true,
+  ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true, preread = true }
+
+local READ_CHUNK = 65536
+
+-- true inside nginx with lua-nginx-module (the ngx API is there).
+function M.in_nginx()
+  return type(ngx) == "table" and type(ngx.get_phase) == "function" and type(ngx.socket) == "table"
+end
+
+-- Raises (level 0: no position) when the running phase cannot yield.
+function M.check_phase(phase)
+  if not M.YIELDABLE[phase] then
+    error("commprefs: cannot send requests in nginx's " .. tostring(phase) .. " phase: cosockets are"
+      .. " disabled there and libcurl would block the worker; run the call from ngx.timer.at(0, function()"
+      .. " ... end) (or a rewrite, access or content handler)", 0)
+  end
+end
+
+local function now_ms()
+  ngx.update_time()
+  return ngx.now() * 1000
+end
+
+-- scheme, host (no brackets), port, "host[:port]" for the Host header, path+query
+local function split_url(url)
+  local scheme, rest = url:match("^(https?)://(.*)$")
+  if not scheme then return nil end
+  local authority, path = rest:match("^([^/?#]*)(.*)$")
+  authority = authority:gsub("^.*@", "")
+  local host, port = authority:match("^%[([^%]]+)%]:?(%d*)$")
+  if not host then host, port = authority:match("^([^:]+):?(%d*)$") end
+  if not host or host == "" then return nil end
+  port = tonumber(port) or (scheme == "https" and 443 or 80)
+  if path == "" or path:sub(1, 1) ~= "/" then path = "/" .. path end
+  return scheme, host, port, authority, (path:gsub("#.*$", ""))
+end
+
+-- The pacer of a client handle: ngxenv's commprefs.ngx.pacer when it is
+-- installed, else the handle's own window (C1) directly.
+local function new_pacer(handle, opts)
+  if package.searchpath("commprefs.ngx.pacer", package.path) then
+    return require("commprefs.ngx.pacer").new(handle, opts)
+  end
+  return {
+    wait = function() return handle:pace_wait() end,
+    start = function() handle:pace_start() end,
+    sent = function() handle:pace_sent() end,
+    unsent = function() handle:pace_unsent() end,
+    learn = function() end,
+    throttled = function() end,
+  }
+end
+
+local function settings_of(handle)
+  return handle:settings()
+end
+
+local function no_answer(err, what, started)
+  if err == "timeout" then
+    return { kind = "timeout", message = string.format("%s timed out after %d ms", what, now_ms() - started) }
+  end
+  return { kind = "network", message = what .. " failed: " .. tostring(err) }
+end
+
+------------------------------------------------------------------ one attempt
+
+-- Sends one request on a pooled or new connection and reads the answer.
+-- Returns the result (C2 fields, no attempts) and whether it was on the wire.
+local function exchange(t, req, pacer)
+  local scheme, host, port, authority, path = split_url(req.url)
+  if not scheme then return { kind = "network", message = "bad URL: " .. req.url, fatal = true }, false end
+  local tls = scheme == "https"
+  local s = t.settings
+  local started = now_ms()
+  local deadline = started + s.timeout_ms
+  local sock = ngx.socket.tcp()
+  sock:settimeouts(math.min(s.connect_timeout_ms, s.timeout_ms), s.timeout_ms, s.timeout_ms)
+  local pool = string.format("commprefs:%s:%s:%d:%s", scheme, host, port, tls and (s.verify_tls and "verify" or "noverify") or "")
+  local ok, err = sock:connect(host, port, { pool = pool })
+  if not ok then return no_answer(err, "connect to " .. host .. ":" .. port, started), false end
+  local reused = sock:getreusedtimes() > 0
+  if tls and not reused then
+    local sess, herr = sock:sslhandshake(nil, host, s.verify_tls)
+    if not sess then
+      sock:close()
+      if herr == "timeout" then return no_answer(herr, "TLS handshake with " .. host, started), false end
+      return { kind = "tls", message = "TLS handshake with " .. host .. " failed: " .. tostring(herr) }, false
+    end
+  end
+  local body = req.body
+  local post = req.method == "POST"
+  pacer:sent()
+  local bytes, serr = sock:send(t.head(post and "POST" or (req.method or "GET"), path, authority, post and (body or "") or nil))
+  if not bytes then
+    sock:close()
+    return no_answer(serr, "sending to " .. host, started), true, reused
+  end
+  local parser = core.http1_response { max_body = s.max_response_size }
+  local got = 0
+  while true do
+    local left = deadline - now_ms()
+    if left < 1 then left = 1 end
+    sock:settimeout(left)
+    local data, rerr = sock:receiveany(READ_CHUNK)
+    local done, perr, kind
+    if data then
+      got = got + #data
+      done, perr, kind = parser:feed(data)
+    elseif rerr == "closed" then
+      done, perr, kind = parser:feed("")
+    else
+      sock:close()
+      parser:close()
+      return no_answer(rerr, string.format("reading the answer from %s (%d bytes received)", host, got), started),
+        true, reused and got == 0
+    end
+    if done == nil then
+      sock:close()
+      parser:close()
+      return { kind = kind, message = perr }, true, reused and got == 0 and rerr == "closed"
+    end
+    if done then break end
+  end
+  local res = parser:result()
+  parser:close()
+  if res.keepalive then sock:setkeepalive() else sock:close() end
+  res.keepalive, res.location = nil, nil
+  return res, true
+end
+
+-- One request to its final result: pacing, attempts, and the retries the
+-- client's policy decides (h:decide). A reused connection the server had
+-- already closed is replaced at once (not an attempt), as libcurl does.
+local function run(t, req, pacer, st)
+  local h = t.handle
+  local attempts = 0
+  while true do
+    local wait, stop = pacer:wait()
+    while not stop and wait and wait > 0 do
+      ngx.sleep(wait / 1000)
+      wait, stop = pacer:wait()
+    end
+    if wait == nil and not stop then stop = "budget" end
+    if stop then
+      st.stop = st.stop or stop -- pull no more
+      if attempts == 0 then return { stopped = stop, attempts = 0 } end
+    end
+    pacer:start()
+    local t0 = now_ms()
+    local res, on_wire, stale
+    for _ = 1, 4 do
+      res, on_wire, stale = exchange(t, req, pacer)
+      if not stale then break end
+      pacer:start()
+    end
+    if not on_wire then pacer:unsent() end
+    attempts = attempts + 1
+    res.attempts = attempts
+    if res.status then
+      h:observe_latency(now_ms() - t0)
+      if res.rate_max and res.rate_interval_ms then pacer:learn(res.rate_max, res.rate_interval_ms) end
+    end
+    local retry, delay_ms = h:decide(res)
+    if res.status == 429 then pacer:throttled(res.retry_after and res.retry_after * 1000 or 0) end
+    res.fatal = nil
+    if not retry then return res end
+    if delay_ms and delay_ms > 0 then ngx.sleep(delay_ms / 1000) end
+  end
+end
+
+------------------------------------------------------------------ perform
+
+local function target_of(t)
+  return math.max(1, t.handle:in_flight_target())
+end
+
+-- perform(source, on_done): the C2 contract (see transport.c for the libcurl twin).
+local function perform(t, source, on_done)
+  if type(source) ~= "table" and type(source) ~= "function" then
+    error("bad argument #1 to 'perform' (table or function expected)", 2)
+  end
+  if on_done ~= nil and type(on_done) ~= "function" then
+    error("bad argument #2 to 'perform' (function expected)", 2)
+  end
+  if t.active then error("perform: the client is busy (called from its own callback)", 2) end
+  M.check_phase(ngx.get_phase())
+  t.active = true
+  t.pacer = t.pacer or new_pacer(t.handle, t.pacer_opts)
+  local pacer = t.pacer
+  local st = { next = 1 }
+  local results = on_done == nil and {} or nil
+
+  local function pull()
+    if st.exhausted or st.err or st.stop then return nil end
+    local req
+    if type(source) == "function" then
+      local ok, r = pcall(source)
+      if not ok then st.err = r; return nil end
+      req = r
+    else
+      req = source[st.next]
+    end
+    if req == nil then st.exhausted = true; return nil end
+    if type(req) ~= "table" then st.err = string.format("perform: request %d is a %s, not a table", st.next, type(req)); return nil end
+    if type(req.url) ~= "string" then st.err = string.format("perform: request %d has no url", st.next); return nil end
+    local i = st.next
+    st.next = i + 1
+    return i, req
+  end
+
+  local function deliver(i, res)
+    if results then results[i] = res; return end
+    local ok, err = pcall(on_done, i, res)
+    if not ok then st.err = st.err or err end
+  end
+
+  -- One light thread per request in flight; results are delivered here, in
+  -- the caller's coroutine, as they complete. After an error nothing more is
+  -- pulled or delivered; what is in flight finishes first.
+  local function one(i, req) return i, run(t, req, pacer, st) end
+  local live, slot_of = {}, {}
+  local unpack = table.unpack or unpack
+  while true do
+    while #live < target_of(t) do
+      local i, req = pull()
+      if not i then break end
+      live[#live + 1] = ngx.thread.spawn(one, i, req)
+      slot_of[i] = live[#live]
+    end
+    if #live == 0 then break end
+    local ok, i, res = ngx.thread.wait(unpack(live))
+    if not ok then t.active = false; error(i, 0) end -- a bug in this file: nginx closes its sockets
+    for k = 1, #live do
+      if live[k] == slot_of[i] then table.remove(live, k); break end
+    end
+    slot_of[i] = nil
+    if not st.err then deliver(i, res) end
+  end
+  t.active = false
+  if st.err then error(st.err, 0) end
+  if results then return results, st.stop end
+  return nil, st.stop
+end
+
+-- new(handle, token, opts) -> transport with :perform(source, on_done).
+-- The token lives only in the closure that writes request heads.
+function M.new(handle, token, opts)
+  opts = opts or {}
+  local settings = settings_of(handle)
+  local fixed = "User-Agent: " .. settings.user_agent .. "\r\nAuthorization: Bearer " .. token
+    .. "\r\nAccept: application/json\r\n"
+  local t = { handle = handle, settings = settings }
+  t.head = function(method, path, authority, body)
+    if body then
+      return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", fixed,
+        "Content-Type: application/json\r\nContent-Length: ", #body, "\r\n\r\n", body }
+    end
+    return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", fixed, "\r\n" }
+  end
+  token = nil
+  t.pacer_opts = opts.pacer -- the pacer is made at first use: new() may run in init_by_lua
+  return setmetatable(t, {
+    __index = { perform = perform },
+    __tostring = function() return "commprefs.ngx.transport" end,
+  })
+end
+
+return M
