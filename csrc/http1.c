@@ -17,14 +17,12 @@
 #define _POSIX_C_SOURCE 200809L
 #include <ctype.h>
 #include <stdio.h>
-#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
-#include <curl/curl.h>
 #include "compat.h"
 #include "http1.h"
+#include "policy.h"
 
 #define HTTP1_MT "commprefs.core.http1"
 #define MAX_VALUE 4096 /* longer values of kept headers are cut: none is legitimately that long */
@@ -207,16 +205,6 @@ long cp_http1_header_long(const cp_http1 *r, int which) {
   return n;
 }
 
-long cp_http1_retry_after(const cp_http1 *r, long now) {
-  const char *v = r->value[H1_RETRY_AFTER];
-  time_t date;
-  if (!v || r->value_len[H1_RETRY_AFTER] == 0) return -1;
-  if (all_digits(v)) return r->value_len[H1_RETRY_AFTER] > 9 ? LONG_MAX / 2 : strtol(v, NULL, 10);
-  date = curl_getdate(v, NULL);
-  if (date == -1) return -1;
-  return date > now ? (long)(date - now) : 0;
-}
-
 void cp_http1_free(cp_http1 *r) {
   int i;
   free(r->body);
@@ -287,7 +275,13 @@ static int l_result(lua_State *L) {
   lua_setfield(L, -2, "body");
   set_value(L, r, "content_type", H1_CONTENT_TYPE);
   set_value(L, r, "location", H1_LOCATION);
-  set_long(L, "retry_after", cp_http1_retry_after(r, (long)time(NULL)));
+  if (r->value[H1_RETRY_AFTER]) { /* the one Retry-After rule: policy.c */
+    double ra = cp_parse_retry_after(r->value[H1_RETRY_AFTER]);
+    if (ra >= 0) {
+      lua_pushinteger(L, (lua_Integer)ra);
+      lua_setfield(L, -2, "retry_after");
+    }
+  }
   set_long(L, "rate_max", cp_http1_header_long(r, H1_RATE_MAX));
   set_long(L, "rate_interval_ms", cp_http1_header_long(r, H1_RATE_INTERVAL));
   set_long(L, "daily_remaining", cp_http1_header_long(r, H1_DAILY_REMAINING));

@@ -38,8 +38,6 @@ void cp_http1_init(cp_http1 *r, size_t max_body);
 int cp_http1_feed(cp_http1 *r, const char *data, size_t len);
 /* 1 when the connection may carry another request after this response. */
 int cp_http1_keepalive(const cp_http1 *r);
-/* Retry-After in seconds (delta-seconds or an HTTP date), or -1 when absent or invalid. */
-long cp_http1_retry_after(const cp_http1 *r, long now);
 /* A kept header as a non-negative integer, or -1 when absent or invalid. */
 long cp_http1_header_long(const cp_http1 *r, int which);
 void cp_http1_free(cp_http1 *r);
