@@ -121,6 +121,7 @@ local NEW_OPTIONS = {
   user_agent = "string", ca_file = "string", verify_tls = "boolean", batch_size = "number",
   max_concurrency = "number", rate_limit = "table", backoff_base = "number",
   backoff_max = "number", max_retry_after = "number", transport = "string", max_response_size = "number",
+  shared_dict = "string",
 }
 
 function M.new(opts)
@@ -174,6 +175,10 @@ function M.new(opts)
     raise("new", "bad option 'transport' (\"ngx\" needs OpenResty's cosockets: it works only inside nginx)")
   end
   if transport == "ngx" and opts.ca_file then raise("new", NGX_CA_FILE) end
+  if opts.shared_dict ~= nil and not (in_nginx and ngx.shared[opts.shared_dict]) then
+    raise("new", "bad option 'shared_dict' (no lua_shared_dict named '" .. opts.shared_dict
+      .. "'" .. (in_nginx and ": declare it in nginx.conf's http block)" or ": it exists only inside nginx)"))
+  end
   local ok, handle = pcall(core.new, {
     token = token, user_agent = opts.user_agent, ca_file = opts.ca_file, verify_tls = opts.verify_tls,
     timeout = opts.timeout, connect_timeout = opts.connect_timeout, max_retries = opts.max_retries,
