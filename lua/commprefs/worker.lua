@@ -482,21 +482,22 @@ local function perform(client, source, on_done)
   return client._core:perform(source, on_done)
 end
 
--- Sends batches, as many in flight as the client allows, until nothing is
--- left to read now, stop() says so, or Redis fails for good. first: a batch
--- already gathered.
-function Worker:_drain(first, stop, on_progress)
-  local batches, seq, fatal, stopped = {}, 0, nil, nil
+-- Sends batches, as many in flight as the client allows: the batches of
+-- `ready` first, then (when gather) new ones, until nothing is left to read
+-- now, stop() says so, or Redis fails for good. Returns the fatal Redis
+-- error or nil, perform's stop reason or nil, and the batches it stopped
+-- before they were answered.
+function Worker:_drain(ready, gather, stop, on_progress)
+  local batches, seq, fatal, stopped, unanswered = {}, 0, nil, nil, {}
   local function generate()
     if fatal or stopped or stop() then return nil end
-    local batch = first
-    first = nil
-    if not batch then
+    local batch = table.remove(ready, 1)
+    if not batch and gather then
       local err
       batch, err = self:_gather(nil)
       if batch == nil then fatal = err end
-      if not batch then return nil end
     end
+    if not batch then return nil end
     seq = seq + 1
     batches[seq] = batch
     return { method = "POST", url = self.url, body = core.encode({ inputs = batch.ids }) }
@@ -504,9 +505,9 @@ function Worker:_drain(first, stop, on_progress)
   local function on_done(i, res)
     local batch = batches[i]
     batches[i] = nil
-    if res.stopped then -- never sent: the daily limit, the budget, an interrupt
+    if res.stopped then -- not answered: the daily limit, the budget, an interrupt
       stopped = stopped or res.stopped
-      self:_release(batch)
+      unanswered[#unanswered + 1] = batch
       return
     end
     local ok, err = self:_settle(batch, res)
@@ -518,7 +519,23 @@ function Worker:_drain(first, stop, on_progress)
     for _, b in pairs(batches) do self:_release(b) end -- whatever stopped perform, let others take these
     error(perr, 0)
   end
-  return fatal, stopped or (type(perr) == "string" and perr or reason)
+  for _, b in ipairs(ready) do unanswered[#unanswered + 1] = b end
+  return fatal, stopped or (type(perr) == "string" and perr or reason), unanswered
+end
+
+-- Drains from first on; on a signal (signals = true), finishes the batches
+-- the signal stopped in one more perform (a second signal abandons them).
+-- Batches left unanswered are released to the group.
+function Worker:_drain_all(first, stop, on_progress, signals)
+  local fatal, reason, unanswered = self:_drain({ first }, true, stop, on_progress)
+  if reason == "interrupted" and signals and not fatal and #unanswered > 0 then
+    self.signal = self.signal or core.caught_signal()
+    core.trap_signals(true) -- clears the flag: a second signal stops this last perform too
+    fatal, reason, unanswered = self:_drain(unanswered, false, function() return false end, on_progress)
+    if reason == "interrupted" then self.signal = core.caught_signal() or self.signal end
+  end
+  for _, b in ipairs(unanswered) do self:_release(b) end
+  return fatal, reason
 end
 
 -- The number of entries pending in the whole group (0 when it does not exist).
@@ -532,24 +549,35 @@ end
 -- Runs until stop() returns true (checked between batches; the batches in
 -- flight are finished and committed first), until nothing was read for
 -- idle_exit seconds and nothing is pending in the group, or until HubSpot's
--- daily limit or the shared budget stops the client. Returns the summary
+-- daily limit or the shared budget stops the client. opts.signals = true
+-- (plain Lua, the CLI): SIGINT and SIGTERM are caught for the run and stop
+-- it the same way (summary.signal: their number). Returns the summary
 -- ({read, results, duplicates, failed, bad, batches, claimed, reconnects,
--- elapsed, stopped = nil|"stop"|"idle"|"daily_limit"|"budget"|"interrupted",
--- and the op's counts}), or nil, err when Redis stayed unreachable for
--- redis_wait seconds (the entries not committed stay pending for a rerun).
+-- elapsed, signal, stopped = "stop"|"idle"|"signal"|"daily_limit"|"budget"|
+-- "interrupted", and the op's counts}), or nil, err (err.summary) when Redis
+-- stayed unreachable for redis_wait seconds: what was not committed stays
+-- pending for the next run.
 function Worker:run(opts)
   opts = opts or {}
-  local stop = opts.stop or function() return false end
+  local user_stop = opts.stop or function() return false end
+  local signals = opts.signals and not ngx
   local idle_exit = opts.idle_exit
   if idle_exit ~= nil and (type(idle_exit) ~= "number" or idle_exit < 0) then
     error("commprefs.worker:run: bad option 'idle_exit' (seconds expected)", 2)
   end
+  local function stop()
+    if signals and core.caught_signal() then self.signal = self.signal or core.caught_signal(); return true end
+    return user_stop()
+  end
+  if signals then core.trap_signals(true) end
   local s = self.summary
   local started = core.now()
   local idle_since = started
   local function finish(reason, err)
+    if signals then core.trap_signals(false) end
     s.elapsed = core.now() - started
-    s.stopped = reason
+    s.signal = self.signal
+    s.stopped = self.signal and "signal" or reason
     if err then err.summary = s; return nil, err end
     return s
   end
@@ -561,7 +589,7 @@ function Worker:run(opts)
     local batch, err = self:_gather(block)
     if batch == nil then return finish("redis", err) end
     if batch then
-      local fatal, reason = self:_drain(batch, stop, opts.on_progress)
+      local fatal, reason = self:_drain_all(batch, stop, opts.on_progress, signals)
       if fatal then return finish("redis", fatal) end
       if reason then return finish(reason) end
     elseif s.read > read_before and opts.on_progress then
