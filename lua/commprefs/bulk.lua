@@ -176,6 +176,7 @@ function M.run(client, fname, opname, source, opts)
 
   local lines = {}
   local function record(id, outcome, detail)
+    if opname == "unsubscribe_all" then client:_cache_note(id, bu, outcome ~= "failed") end -- commprefs.lookup
     summary.done = summary.done + 1
     summary[outcome] = summary[outcome] + 1
     local err

@@ -8,6 +8,7 @@ local core = require "commprefs.core"
 local Error = require "commprefs.error"
 local pretty = require("commprefs.pretty").value
 local response = require "commprefs.response"
+local lookup = require "commprefs.lookup"
 local ngx_transport = require "commprefs.ngx.transport"
 local outcome, strip_userinfo = response.outcome, response.strip_userinfo
 
@@ -122,6 +123,7 @@ local NEW_OPTIONS = {
   max_concurrency = "number", rate_limit = "table", backoff_base = "number",
   backoff_max = "number", max_retry_after = "number", transport = "string", max_response_size = "number",
   shared_dict = "string",
+  coalesce = "number", cache = "table",
 }
 
 function M.new(opts)
@@ -179,6 +181,7 @@ function M.new(opts)
     raise("new", "bad option 'shared_dict' (no lua_shared_dict named '" .. opts.shared_dict
       .. "'" .. (in_nginx and ": declare it in nginx.conf's http block)" or ": it exists only inside nginx)"))
   end
+  lookup.check(opts.coalesce, opts.cache)
   local ok, handle = pcall(core.new, {
     token = token, user_agent = opts.user_agent, ca_file = opts.ca_file, verify_tls = opts.verify_tls,
     timeout = opts.timeout, connect_timeout = opts.connect_timeout, max_retries = opts.max_retries,
@@ -191,12 +194,14 @@ function M.new(opts)
   if not ok then raise("new", tostring(handle):gsub("^.-commprefs%.core%.new: ", "")) end
   local cosockets = transport ~= "curl" and in_nginx -- the token stays in the transport's closure
     and ngx_transport.new(handle, token, { pacer = { shared_dict = opts.shared_dict, rate_limit = rl } }) or nil
-  return setmetatable({
+  local client = setmetatable({
     base_url = base_url, api_version = version, business_unit_id = opts.business_unit_id,
     batch_size = batch_size, max_concurrency = opts.max_concurrency, -- nil: adaptive
     _core = handle, _prefix = base_url .. "/communication-preferences/" .. version .. "/",
     _transport = transport, _ngx = cosockets, _ca_file = opts.ca_file ~= nil,
   }, Client)
+  client._lookup = lookup.new(client, opts.coalesce, opts.cache, opts.timeout)
+  return client
 end
 
 function Client:__tostring()
@@ -334,13 +339,17 @@ end
 function Client:unsubscribe_all(id, opts)
   local seg = segment("unsubscribe_all", id)
   opts = check_opts("unsubscribe_all", opts, O_BU_VERBOSE)
-  return self:_request("POST", "statuses/" .. seg .. "/unsubscribe-all", query(self, opts, true, true), "")
+  local env, err = self:_request("POST", "statuses/" .. seg .. "/unsubscribe-all", query(self, opts, true, true), "")
+  self:_cache_note(id, opts.business_unit_id, env ~= nil)
+  return env, err
 end
 
 function Client:batch_unsubscribe_all(ids, opts)
   ids = check_ids("batch_unsubscribe_all", ids)
   opts = check_opts("batch_unsubscribe_all", opts, O_BU_VERBOSE)
-  return self:_batch("statuses/batch/unsubscribe-all", query(self, opts, true, true), ids)
+  local env, err = self:_batch("statuses/batch/unsubscribe-all", query(self, opts, true, true), ids)
+  lookup.note_batch(self, ids, opts.business_unit_id, env or err.partial, true)
+  return env, err
 end
 
 function Client:batch_get_unsubscribe_all_status(ids, opts)
@@ -359,7 +368,9 @@ function Client:update_status(id, request, opts)
   local seg = segment("update_status", id)
   local body = check_status_request("update_status", "request", request, false)
   check_opts("update_status", opts, {})
-  return self:_request("POST", "statuses/" .. seg, "", core.encode(body))
+  local env, err = self:_request("POST", "statuses/" .. seg, "", core.encode(body))
+  if body.statusState ~= "UNSUBSCRIBED" then lookup.note_batch(self, { id }, nil, env, false) end
+  return env, err
 end
 
 function Client:batch_get_status(ids, opts)
@@ -375,7 +386,13 @@ function Client:batch_update_status(inputs, opts)
     items[i] = check_status_request("batch_update_status", "inputs[" .. i .. "]", inputs[i], true)
   end
   check_opts("batch_update_status", opts, {})
-  return self:_batch("statuses/batch/write", "", items)
+  local env, err = self:_batch("statuses/batch/write", "", items)
+  local maybe_resubscribed = {}
+  for _, item in ipairs(items) do
+    if item.statusState ~= "UNSUBSCRIBED" then maybe_resubscribed[#maybe_resubscribed + 1] = item.subscriberIdString end
+  end
+  lookup.note_batch(self, maybe_resubscribed, nil, env or err.partial, false)
+  return env, err
 end
 
 function Client:get_definitions(opts)
@@ -397,15 +414,17 @@ end
 
 ------------------------------------------------------------------ helpers
 
+-- With the coalesce and cache options: see commprefs.lookup.
 function Client:is_unsubscribed_from_all(id, opts)
   check_text("is_unsubscribed_from_all", "id", id)
   opts = check_opts("is_unsubscribed_from_all", opts, O_BU)
-  local env, err = self:get_unsubscribe_all_status(id, opts)
-  if not env then return nil, err end
-  for _, r in ipairs(env.results or {}) do
-    if r.status == "UNSUBSCRIBED" then return true end
-  end
-  return false
+  return lookup.is_unsubscribed_from_all(self, id, opts)
+end
+
+-- Called after every change made through commprefs (contract C7): unsubscribed
+-- true = now unsubscribed from all; false/nil = the cached answer is forgotten.
+function Client:_cache_note(id, business_unit_id, unsubscribed)
+  lookup.note(self, id, business_unit_id, unsubscribed)
 end
 
 ------------------------------------------------------------------ bulk jobs

@@ -1,0 +1,483 @@
+-- commprefs.lookup: client:is_unsubscribed_from_all(id, opts) at web scale.
+-- Owns the `cache` and `coalesce` options of commprefs.new:
+--   * cache: answers remembered for `ttl` seconds, keyed by API version,
+--     business unit and id (never the token); in OpenResty shared by every
+--     worker through a lua_shared_dict (`shared_dict`), elsewhere in a bounded
+--     in-process map (`max_entries`, default 10,000). Errors are never cached.
+--     Changes made through commprefs call client:_cache_note so the next read
+--     agrees with them at once (unsubscribe-all -> true; anything that might
+--     make the answer false -> the entry is forgotten).
+--   * coalesce: in OpenResty (cosocket transport), concurrent callers of one
+--     worker that arrive within `coalesce` seconds share one batch read
+--     (statuses/batch/unsubscribe-all/read, up to batch_size ids, one business
+--     unit per batch), sent through client:_perform like every other request.
+--     In plain Lua (libcurl, one caller at a time) there is nothing to gather:
+--     the option is accepted and each call is one GET.
+-- Every caller gets the answer a single GET would have given: true / false,
+-- or nil and a commprefs.Error (a per-id error of the batch read is that
+-- caller's error alone; a failed request is every caller's error in it).
+local core = require "commprefs.core"
+local Error = require "commprefs.error"
+local response = require "commprefs.response"
+
+local M = { DEFAULT_MAX_ENTRIES = 10000 }
+
+local now = core.now
+
+------------------------------------------------------------------ options
+
+local function raise(msg)
+  error("commprefs.new: " .. msg, 4)
+end
+
+local function positive_number(v)
+  return type(v) == "number" and v > 0 and v < math.huge
+end
+
+local CACHE_KEYS = { ttl = true, shared_dict = true, max_entries = true }
+
+-- Raises (naming commprefs.new and the option) on a bad coalesce or cache.
+function M.check(coalesce, cache)
+  if coalesce ~= nil and not (positive_number(coalesce) and coalesce <= 1) then
+    raise("bad option 'coalesce' (seconds expected: a number > 0 and <= 1, e.g. 0.01)")
+  end
+  if cache == nil then return end
+  for k in pairs(cache) do
+    if not CACHE_KEYS[k] then raise("bad option 'cache' (unknown field '" .. tostring(k) .. "')") end
+  end
+  if not positive_number(cache.ttl) then
+    raise("bad option 'cache.ttl' (seconds expected: a number > 0)")
+  end
+  local n = cache.max_entries
+  if n ~= nil and not (type(n) == "number" and n >= 1 and n == math.floor(n) and n < 2^31) then
+    raise("bad option 'cache.max_entries' (positive integer expected)")
+  end
+  local dict = cache.shared_dict
+  if dict ~= nil then
+    if type(dict) ~= "string" or dict == "" then
+      raise("bad option 'cache.shared_dict' (the name of a lua_shared_dict expected)")
+    end
+    if not (ngx and ngx.shared) then
+      raise("bad option 'cache.shared_dict' (needs OpenResty; in plain Lua leave it out: the cache is in-process)")
+    end
+    if not ngx.shared[dict] then
+      raise("bad option 'cache.shared_dict' (no lua_shared_dict '" .. dict .. "' in nginx.conf)")
+    end
+  end
+end
+
+------------------------------------------------------------------ stores
+
+-- A bounded in-process map with expiry: two generations (the current one
+-- and the previous one); an entry read from the previous generation moves
+-- to the current one, and when the current one is full the previous one is
+-- dropped. At most max_entries entries, least recently used go first.
+local Bounded = {}
+Bounded.__index = Bounded
+
+local function bounded(max_entries)
+  return setmetatable({ half = math.max(1, math.ceil(max_entries / 2)), cur = {}, old = {}, n = 0 }, Bounded)
+end
+
+function Bounded:put(k, v, ttl)
+  local e = self.cur[k]
+  if e then e[1], e[2] = v, now() + ttl; return end
+  if self.n >= self.half then self.old, self.cur, self.n = self.cur, {}, 0 end
+  self.old[k] = nil
+  self.cur[k] = { v, now() + ttl }
+  self.n = self.n + 1
+end
+
+function Bounded:get(k)
+  local e = self.cur[k]
+  if not e then
+    e = self.old[k]
+    if not e then return nil end
+    self.old[k] = nil
+    if e[2] > now() then self:put(k, e[1], e[2] - now()) end
+  end
+  if e[2] <= now() then self:delete(k); return nil end
+  return e[1]
+end
+
+function Bounded:delete(k)
+  if self.cur[k] then self.cur[k] = nil; self.n = self.n - 1 end
+  self.old[k] = nil
+end
+
+function Bounded:count()
+  local n = self.n
+  for _ in pairs(self.old) do n = n + 1 end
+  return n
+end
+
+-- The same three methods over a lua_shared_dict (which bounds itself by its
+-- size, dropping the least recently used entries when full).
+local Shared = {}
+Shared.__index = Shared
+
+function Shared:put(k, v, ttl)
+  self.dict:set(k, v, ttl)
+end
+
+function Shared:get(k)
+  return (self.dict:get(k))
+end
+
+function Shared:delete(k)
+  self.dict:delete(k)
+end
+
+------------------------------------------------------------------ cache
+
+-- Stored values: "t" / "f" answers of reads; "T<time>" unsubscribed by a
+-- change made through commprefs at <time>; "?<time>" changed at <time> in a
+-- way whose answer only HubSpot knows. A read that started before a change
+-- never overwrites what the change noted.
+local Cache = {}
+Cache.__index = Cache
+
+local function new_cache(opts, api_version)
+  local store
+  if opts.shared_dict then
+    store = setmetatable({ dict = ngx.shared[opts.shared_dict] }, Shared)
+  else
+    store = bounded(opts.max_entries or M.DEFAULT_MAX_ENTRIES)
+  end
+  return setmetatable({ store = store, ttl = opts.ttl, prefix = "commprefs:uall:" .. api_version .. ":" }, Cache)
+end
+
+function Cache:key(id, bu)
+  return self.prefix .. string.format("%d", bu or 0) .. ":" .. id
+end
+
+-- true / false, or nil when the answer is not known.
+function Cache:get(key)
+  local v = self.store:get(key)
+  if v == "t" then return true elseif v == "f" then return false end
+  if v and v:sub(1, 1) == "T" then return true end
+  return nil
+end
+
+-- Remembers the answer of a read that started at `started`, unless a
+-- change noted since then (or the read took longer than ttl) makes it stale.
+function Cache:remember(key, answer, started)
+  if now() - started >= self.ttl then return end
+  local v = self.store:get(key)
+  if v then
+    local mark = v:sub(1, 1)
+    if (mark == "T" or mark == "?") and tonumber(v:sub(2)) >= started then return end
+  end
+  self.store:put(key, answer and "t" or "f", self.ttl)
+end
+
+-- A change made through commprefs: true (now unsubscribed from all), or
+-- nil / false (the answer may have changed: forget it).
+function Cache:note(key, unsubscribed)
+  self.store:put(key, (unsubscribed and "T" or "?") .. string.format("%.6f", now()), self.ttl)
+end
+
+------------------------------------------------------------------ answers
+
+-- The answer a GET .../unsubscribe-all envelope (results = wide statuses) gives.
+local function answer_of(statuses)
+  for _, r in ipairs(statuses or {}) do
+    if r.status == "UNSUBSCRIBED" then return true end
+  end
+  return false
+end
+M.answer_of = answer_of
+
+------------------------------------------------------------------ coalescing
+
+-- One sender per client and worker (an ngx.timer) runs client:_perform with
+-- a request source that hands out one batch read per group of waiting ids.
+-- The source waits until the oldest group's window has passed (or it is
+-- full) AND the pacer would let a request go, so ids keep joining a group
+-- while HubSpot's rate limit holds it back; the transport runs as many of
+-- these requests at once as it runs for any other source.
+
+local BATCH_PATH = "statuses/batch/unsubscribe-all/read"
+local IDLE = 1 -- seconds the source waits for new callers before it ends
+
+-- Whether this call runs where light threads can gather (cosockets in a
+-- yieldable phase): exactly when client:_perform takes the cosocket transport.
+local function gathering(client)
+  if not client._ngx or client._transport == "curl" then return false end
+  return require("commprefs.ngx.transport").YIELDABLE[ngx.get_phase()] == true
+end
+
+local function bu_text(bu)
+  return bu == nil and "-" or string.format("%d", bu)
+end
+
+-- A group: the ids of one business unit waiting to go out in one batch read.
+local function new_group(L, bu)
+  local g = { bu = bu, ids = {}, waiters = {}, n = 0, live = 0, born = now(),
+    sema = require("ngx.semaphore").new(0) }
+  L.groups[bu_text(bu)] = g
+  L.order[#L.order + 1] = g
+  if L.idle_waiting then L.arrival:post(1) end
+  return g
+end
+
+local function close_group(L, g)
+  if L.groups[bu_text(g.bu)] == g then L.groups[bu_text(g.bu)] = nil end
+end
+
+-- Hands every waiter of id in g its answer (or err) and remembers answers.
+local function deliver(L, g, id, answer, err, started)
+  if answer ~= nil and L.cache then
+    L.cache:remember(L.cache:key(id, g.bu), answer, started)
+  end
+  for _, w in ipairs(g.waiters[id]) do
+    w.done, w.answer, w.err = true, answer, err
+  end
+end
+
+local function wake(g)
+  g.done = true
+  g.sema:post(g.live + 1)
+end
+
+-- The Error a caller gets for a per-id error of the batch read: what the
+-- GET of that id would have returned (HTTP 400 with HubSpot's category and
+-- message), not the 207 of the batch around it.
+local function item_error(e, req)
+  return Error.new { kind = "http", status = 400, category = e.category, message = e.message,
+    sub_category = e.subCategory, context = e.context, method = req.method,
+    url = response.strip_userinfo(req.url) }
+end
+
+-- Delivers the transport result res of batch b ({g, req, ids, started}).
+local function settle(L, b, res)
+  local g, req = b.g, b.req
+  local env, err = response.outcome(req, res)
+  local by_id, errs = {}, {}
+  if env then
+    for _, r in ipairs(env.results or {}) do
+      if type(r) == "table" and r.subscriberIdString then by_id[r.subscriberIdString] = r end
+    end
+    for _, e in ipairs(env.errors or {}) do
+      local ctx = type(e) == "table" and type(e.context) == "table" and e.context.subscriberIdString
+      for _, id in ipairs(type(ctx) == "table" and ctx or {}) do errs[id] = errs[id] or item_error(e, req) end
+    end
+  end
+  for _, id in ipairs(b.ids) do
+    local r = by_id[id]
+    if r then deliver(L, g, id, answer_of(r.wideStatuses), nil, b.started)
+    elseif errs[id] then deliver(L, g, id, nil, errs[id])
+    else
+      deliver(L, g, id, nil, err or Error.new { kind = "decode", method = req.method,
+        url = response.strip_userinfo(req.url), message = "the batch read did not mention this id" })
+    end
+  end
+  wake(g)
+end
+
+-- The ids of g that someone still waits for.
+local function live_ids(g)
+  local ids = {}
+  for i = 1, g.n do
+    local id = g.ids[i]
+    for _, w in ipairs(g.waiters[id]) do
+      if not w.gone then ids[#ids + 1] = id; break end
+    end
+  end
+  return ids
+end
+
+-- Sleeps until the pacer would let a request go (never takes the slot).
+local function wait_for_pacer(client)
+  local p = client._ngx and client._ngx.pacer
+  if not p then return end
+  local ms, why = p:wait()
+  while ms and ms > 0 and not why do
+    ngx.sleep(math.min(ms, 1000) / 1000)
+    ms, why = p:wait()
+  end
+end
+
+-- The request source of the sender: the next batch read, or nil once no
+-- caller has come for IDLE seconds. Called from the transport's threads.
+local function source(L, client, batches)
+  return function()
+    while true do
+      local g = L.order[1]
+      if not g then
+        L.idle_waiting = true
+        L.arrival:wait(IDLE)
+        L.idle_waiting = false
+        if not L.order[1] then return nil end
+      else
+        local wait = g.n >= client.batch_size and 0 or g.born + L.coalesce - now()
+        if wait > 0 then ngx.sleep(wait) end
+        wait_for_pacer(client)
+        if L.order[1] == g then
+          table.remove(L.order, 1)
+          close_group(L, g)
+          local ids = live_ids(g)
+          if #ids == 0 then wake(g)
+          else
+            local q = "?channel=EMAIL" .. (g.bu ~= nil and string.format("&businessUnitId=%d", g.bu) or "")
+            local req = { method = "POST", url = client._prefix .. BATCH_PATH .. q,
+              body = core.encode({ inputs = ids }) }
+            L.requests = L.requests + 1
+            batches.n = batches.n + 1
+            batches[batches.n] = { g = g, req = req, ids = ids, started = now() }
+            return req
+          end
+        end
+      end
+    end
+  end
+end
+
+-- The sender (an ngx.timer callback): performs until no group is left.
+local function sender(premature, L, client)
+  while not premature and L.order[1] do
+    local batches = { n = 0 }
+    local ok, err = pcall(client._perform, client, source(L, client, batches), function(i, res)
+      local b = batches[i]
+      batches[i] = nil
+      if b then settle(L, b, res) end
+    end)
+    for i = 1, batches.n do -- requests the transport never answered
+      local b = batches[i]
+      if b then
+        local e = Error.new { kind = "network", method = "POST", url = response.strip_userinfo(b.req.url),
+          message = "the batch read failed: " .. tostring(err or "no result") }
+        for _, id in ipairs(b.ids) do deliver(L, b.g, id, nil, e) end
+        wake(b.g)
+      end
+    end
+    if not ok then ngx.log(ngx.ERR, "commprefs: coalesced batch read: ", tostring(err)) end
+  end
+  L.senders = 0
+  if premature then
+    for _, g in ipairs(L.order) do g.failed = "the nginx worker is exiting"; wake(g) end
+  end
+end
+
+local function ensure_sender(L, client)
+  if L.senders > 0 then return true end
+  local ok, err = ngx.timer.at(0, sender, L, client)
+  if not ok then return nil, err end
+  L.senders = 1
+  return true
+end
+
+local function timeout_error(L, id)
+  return Error.new { kind = "timeout",
+    message = string.format("no answer for %s within %g s (the batch read is waiting for HubSpot's rate limit)",
+      id, L.timeout) }
+end
+
+-- One caller's share of a batch read: waits for its answer or its timeout.
+local function coalesced(L, client, id, bu)
+  L.arrival = L.arrival or require("ngx.semaphore").new(0) -- made in the worker, at first use
+  local g = L.groups[bu_text(bu)]
+  if not g then g = new_group(L, bu) end
+  local list = g.waiters[id]
+  if not list then
+    list = {}
+    g.waiters[id] = list
+    g.n = g.n + 1
+    g.ids[g.n] = id
+    if g.n >= client.batch_size then close_group(L, g) end
+  end
+  local w = {}
+  list[#list + 1] = w
+  g.live = g.live + 1
+  local ok, terr = ensure_sender(L, client)
+  if not ok then
+    w.gone, g.live = true, g.live - 1
+    return nil, Error.new { kind = "network", message = "cannot start the batch reader: " .. tostring(terr) }
+  end
+  local deadline = now() + L.timeout
+  while not w.done and not g.done and not g.failed do
+    local left = deadline - now()
+    if left <= 0 then break end
+    g.sema:wait(left)
+  end
+  if w.done then return w.answer, w.err end
+  w.gone = true
+  g.live = g.live - 1
+  if g.failed then return nil, Error.new { kind = "network", message = g.failed } end
+  return nil, timeout_error(L, id)
+end
+
+------------------------------------------------------------------ API
+
+-- The lookup state of a client (nil when neither option is given).
+function M.new(client, coalesce, cache, timeout)
+  if coalesce == nil and cache == nil then return nil end
+  return {
+    cache = cache and new_cache(cache, client.api_version), coalesce = coalesce,
+    timeout = timeout or 30, groups = {}, order = {}, senders = 0, requests = 0,
+  }
+end
+
+-- client:is_unsubscribed_from_all(id, opts) once id and opts are checked.
+function M.is_unsubscribed_from_all(client, id, opts)
+  local L = client._lookup
+  local bu = opts.business_unit_id
+  if bu == nil then bu = client.business_unit_id end
+  local key
+  if L and L.cache then
+    key = L.cache:key(id, bu)
+    local hit = L.cache:get(key)
+    if hit ~= nil then return hit end
+  end
+  if L and L.coalesce and gathering(client) then return coalesced(L, client, id, bu) end
+  local started = now()
+  local env, err = client:get_unsubscribe_all_status(id, opts)
+  if not env then return nil, err end
+  local answer = answer_of(env.results)
+  if key then L.cache:remember(key, answer, started) end
+  return answer
+end
+
+-- client:_cache_note(id, bu, unsubscribed): see the top of the file.
+function M.note(client, id, bu, unsubscribed)
+  local L = client._lookup
+  if not (L and L.cache) then return end
+  if bu == nil then bu = client.business_unit_id end
+  L.cache:note(L.cache:key(id, bu), unsubscribed)
+end
+
+-- After a batch change of ids (env: its envelope or the partial one, may be
+-- nil). unsubscribe = true (unsubscribe-all): ids in the results are now
+-- unsubscribed in business unit bu, the others are forgotten. false (status
+-- writes that may resubscribe): every id is forgotten in the business unit
+-- its results name and in bu.
+function M.note_batch(client, ids, bu, env, unsubscribe)
+  local L = client._lookup
+  if not (L and L.cache) then return end
+  if bu == nil then bu = client.business_unit_id end
+  local cache, done = L.cache, {}
+  for _, r in ipairs(type(env) == "table" and env.results or {}) do
+    local id = type(r) == "table" and r.subscriberIdString
+    if type(id) == "string" then
+      if unsubscribe then
+        cache:note(cache:key(id, bu), true)
+        done[id] = true
+      elseif type(r.businessUnitId) == "number" then
+        cache:note(cache:key(id, r.businessUnitId), nil)
+      end
+    end
+  end
+  for _, id in ipairs(ids) do
+    if not done[id] then cache:note(cache:key(id, bu), nil) end
+  end
+end
+
+-- For tests and client:stats(): entries held in process (nil with a shared dict).
+function M.stats(client)
+  local L = client._lookup
+  if not L then return nil end
+  local store = L.cache and L.cache.store
+  return { cache_entries = store and store.count and store:count() or nil, batch_reads = L.requests }
+end
+
+return M
