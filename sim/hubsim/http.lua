@@ -440,6 +440,7 @@ function M.api()
       "Authentication credentials not found. This API supports OAuth 2.0 authentication.")
   end
   if not rate_check(token) then
+    log.throttled = (log.throttled or 0) + 1 -- GET /__sim/log says how many
     local msg = "You have reached your ten_secondly_rolling limit."
     return hs_error(429, "RATE_LIMITS", msg, { errorType = "RATE_LIMIT",
       policyName = config.rate.interval == 1000 and "SECONDLY" or "TEN_SECONDLY_ROLLING", groupName = "sim" })
@@ -487,13 +488,16 @@ local function admin_config(body)
 end
 
 function M.admin()
+  -- nginx picks locations by the decoded, normalised URI: an API id such as
+  -- "..%2F..%2F__sim%2Fstate" lands here. Only a raw /__sim/ path is admin.
+  if not ngx.var.request_uri:find("^/__sim/") then return M.api() end
   local method, what = ngx.req.get_method(), ngx.var.uri:match("^/__sim/(.*)$")
   local body = cjson.decode(read_body() or "{}") or {}
   if what == "health" then return send(200, { ok = true })
   elseif what == "log" and method == "GET" then
     local out = {}
     for i = log.first, log.n do out[#out + 1] = log[i] end
-    return send(200, { requests = arr(out) })
+    return send(200, { requests = arr(out), throttled = log.throttled or 0 })
   elseif what == "faults" and method == "POST" then
     for _, f in ipairs(body.faults or { body }) do faults[#faults + 1] = f end
     return send(200, { queued = #faults })
