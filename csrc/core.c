@@ -6,6 +6,7 @@
 #include <time.h>
 #include "codec.h"
 #include "transport.h"
+#include "redis.h"
 
 void cp_register_journal(lua_State *L); /* journal.c */
 void cp_register_http1(lua_State *L);   /* http1.c */
@@ -40,6 +41,32 @@ static const char *opt_string(lua_State *L, const char *key, const char *def) {
   return s;
 }
 
+/* The shared budget of redis_url/redis_key (csrc/redis.c) for client t at
+ * the top of the stack. Returns 1 (the client), or 2 (nil, message) when
+ * Redis cannot be reached or refuses us: a runtime failure. A bad URL or key
+ * raises. redis_timeout: connect and command timeout (s, default 2);
+ * redis_wait: how long a lost Redis is waited for mid-job (s, default 30). */
+static int open_redis_budget(lua_State *L, cp_transport *t) {
+  const char *url = opt_string(L, "redis_url", NULL), *key = opt_string(L, "redis_key", NULL), *err = NULL;
+  double timeout_s = opt_number(L, "redis_timeout", 2, 0.001, 3600);
+  double wait_s = opt_number(L, "redis_wait", CP_REDIS_DEFAULT_WAIT_S, 0, 86400);
+  cp_budget b;
+  int rc;
+  if (!url) return 1;
+  if (!key) return luaL_error(L, "commprefs.core.new: redis_key is required with redis_url");
+  rc = cp_redis_budget_open(&b, url, key, timeout_s, &err);
+  if (rc != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    b.close(b.ud);
+    if (rc == -2) return luaL_error(L, "commprefs.core.new: %s", lua_tostring(L, -1));
+    return 2;
+  }
+  cp_redis_budget_wait(&b, wait_s);
+  t->budget = b;
+  return 1;
+}
+
 /* core.new(config) -> client. The token is kept only inside libcurl's header list. */
 static int core_new(lua_State *L) {
   cp_config c;
@@ -71,7 +98,7 @@ static int core_new(lua_State *L) {
   t->closed = 1; /* until opened: __gc then has nothing to free */
   luaL_setmetatable(L, CLIENT_MT);
   if (cp_transport_open(t, &c, &err) != 0) luaL_error(L, "commprefs.core.new: %s", err);
-  return 1;
+  return open_redis_budget(L, t);
 }
 
 static int client_perform(lua_State *L) {
@@ -281,6 +308,8 @@ int luaopen_commprefs_core(lua_State *L) {
   luaL_newlib(L, plain);
   cp_register_journal(L);
   cp_register_http1(L);
+  cp_register_resp(L);
+  cp_register_redis(L);
   push_private_cjson(L);               /* module, cjson */
   lua_getfield(L, -1, "encode");
   lua_pushcclosure(L, cp_encode, 1);

@@ -1,0 +1,47 @@
+/* redis.h: Redis in the core (hiredis 0.14). redis.c: the blocking connection
+ * (redis://[user:pass@]host:port[/db], connect and command timeouts, AUTH,
+ * SELECT), core.redis_connect conn objects (contract C4) and the shared
+ * budget behind the C3 hook; resp.c: reply <-> Lua values, the sans-I/O
+ * reader and formatter for the cosocket side. */
+#ifndef COMMPREFS_REDIS_H
+#define COMMPREFS_REDIS_H
+
+#include <sys/time.h>
+#include <hiredis/hiredis.h>
+#include "compat.h"
+#include "transport.h"
+
+/* The most elements a reply array may announce (bigger: a protocol error). */
+#define CP_RESP_MAX_ELEMENTS (1 << 20)
+/* How long a budget waits for a lost Redis before perform stops with
+ * "budget", unless set with cp_redis_budget_wait (seconds). */
+#define CP_REDIS_DEFAULT_WAIT_S 30.0
+
+/* A reader's array limit: lives as long as the reader it is installed in. */
+typedef struct {
+  redisReplyObjectFunctions fns;
+  const redisReplyObjectFunctions *base;
+  int too_large;
+} cp_resp_limit;
+
+void cp_resp_limit_reader(redisReader *r, cp_resp_limit *lim);
+const char *cp_resp_reader_error(const redisReader *r, const cp_resp_limit *lim);
+void cp_resp_push_null(lua_State *L);
+void cp_resp_push_error(lua_State *L, const char *msg, size_t len);
+void cp_resp_push_reply(lua_State *L, const redisReply *r);
+/* A C function with the reply as upvalue 1 (a lightuserdata), for lua_pcall. */
+int cp_resp_push_reply_protected(lua_State *L);
+int cp_resp_check_args(lua_State *L, int idx, const char *fname, const char ***argv, size_t **lens);
+void cp_register_resp(lua_State *L);   /* core.redis_reader, core.redis_format, core.redis_null */
+void cp_register_redis(lua_State *L);  /* core.redis_connect, core.budget_script */
+
+/* The budget (C3). On success returns 0 with b filled in. On failure returns -1
+ * and *err points to a message that stays valid until b->close(b->ud), which
+ * the caller then calls too (b->close is always set). Never includes the
+ * password. timeout_s: the connect and command timeout. */
+int cp_redis_budget_open(cp_budget *b, const char *url, const char *key, double timeout_s, const char **err);
+/* How long (seconds) acquire keeps answering "wait" while Redis is lost and
+ * reconnecting before it answers <0 (perform then stops with "budget"). */
+void cp_redis_budget_wait(cp_budget *b, double lost_s);
+
+#endif
