@@ -20,7 +20,7 @@ typedef struct cp_budget {
   void (*close)(void *ud);                                /* frees ud */
 } cp_budget;
 
-#define CP_ADAPTIVE_SLOTS 64            /* the most in flight when max_concurrency is unset */
+#define CP_ADAPTIVE_SLOTS 256           /* the most in flight when max_concurrency is unset */
 #define CP_UNKNOWN_WINDOW_INFLIGHT 8    /* in flight when answers carry no rate headers */
 #define CP_DEFAULT_MAX_RESPONSE (16L * 1024 * 1024)
 

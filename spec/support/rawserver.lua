@@ -1,0 +1,90 @@
+-- support.rawserver: a loopback HTTP/1.1 server with one misbehaviour, for
+-- the transport specs (things the simulator cannot do: read a request body
+-- slowly, send an endless body). Run as a script:
+--   lua5.4 spec/support/rawserver.lua MODE PORT
+-- MODE: slowread (reads each request body in small slices, then answers {}),
+-- endless (a 200 with an endless chunked body), biglength (Content-Length of
+-- 1 GB, then streams), hang (reads the request, never answers).
+-- Used from a spec: `local srv = require("support.rawserver").start(mode)`
+-- -> {url=, port=, pid=}; `srv:stop()`. It exits by itself after 120 s.
+local socket = require "socket"
+
+local M = {}
+
+local function read_request(c)
+  local len = 0
+  while true do
+    local line = c:receive("*l")
+    if not line then return nil end
+    if line == "" then break end
+    local v = line:lower():match("^content%-length:%s*(%d+)")
+    if v then len = tonumber(v) end
+  end
+  return len
+end
+
+local ANSWER = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+local function serve(mode, port)
+  local srv = assert(socket.bind("127.0.0.1", port))
+  srv:settimeout(1)
+  local deadline = socket.gettime() + 120
+  while socket.gettime() < deadline do
+    local c = srv:accept()
+    if c then
+      c:settimeout(30)
+      while true do
+        local len = read_request(c)
+        if not len then break end
+        if mode == "slowread" then
+          local left = len
+          while left > 0 do
+            local n = math.min(left, 256 * 1024)
+            if not c:receive(n) then break end
+            left = left - n
+            socket.sleep(0.002)
+          end
+          c:send(ANSWER)
+        else
+          if len > 0 then c:receive(len) end
+          if mode == "hang" then
+            socket.sleep(60)
+            break
+          end
+          local head = mode == "endless"
+            and "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            or "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n"
+          if not c:send(head) then break end
+          local piece = string.rep("x", 65536)
+          local chunk = mode == "endless" and string.format("%x\r\n%s\r\n", #piece, piece) or piece
+          while c:send(chunk) do end
+          break
+        end
+      end
+      c:close()
+    end
+  end
+end
+
+if arg and arg[0] and arg[0]:match("rawserver%.lua$") then
+  serve(arg[1], tonumber(arg[2]))
+  os.exit(0)
+end
+
+function M.start(mode)
+  local s = assert(socket.bind("127.0.0.1", 0))
+  local _, port = s:getsockname()
+  s:close()
+  local f = io.popen(string.format("lua5.4 spec/support/rawserver.lua %s %d >/dev/null 2>&1 & echo $!", mode, port))
+  local pid = f:read("*l")
+  f:close()
+  for _ = 1, 200 do
+    local c = socket.connect("127.0.0.1", port)
+    if c then c:close(); break end
+    socket.sleep(0.02)
+  end
+  return setmetatable({ url = "http://127.0.0.1:" .. port, port = port, pid = pid }, {
+    __index = { stop = function(self) os.execute("kill " .. self.pid .. " 2>/dev/null") end } })
+end
+
+return M

@@ -1,0 +1,313 @@
+-- The libcurl transport and the retry policy (csrc/transport.c, csrc/policy.c)
+-- against the simulator and small misbehaving loopback servers: issue 10's
+-- defects 1 (retry storm on 5xx), 2 (use after free of a request body),
+-- 3 (unbounded answers), 4 (waits that ignore SIGINT/SIGTERM, absurd learned
+-- windows) and 10 (a client left busy), and the C1 handle methods.
+local sim = require "support.sim"
+local rawserver = require "support.rawserver"
+local socket = require "socket"
+local commprefs = require "commprefs"
+local core = require "commprefs.core"
+
+local VM = sim.vm
+local BUILD = os.getenv("COMMPREFS_BUILD") or ("build/" .. VM)
+local TMP = os.getenv("TMPDIR") or "/tmp"
+local GET = "/communication-preferences/2026-03/statuses/a%40example.com/unsubscribe-all?channel=EMAIL"
+
+local function handle(opts)
+  local o = { token = "sim-token", backoff_base = 0.1, backoff_max = 1 }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return core.new(o)
+end
+
+local function tmpfile(name)
+  return string.format("%s/commprefs-transport-%s-%d-%s", TMP, VM, math.random(1e9), name)
+end
+
+local function slurp(p)
+  local f = io.open(p)
+  if not f then return "" end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+-- Running (a zombie waiting for its reaper counts as ended).
+local function alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local stat = f:read("*a")
+  f:close()
+  return stat:match("%) (%a)") ~= "Z"
+end
+
+-- Runs `code` in a child VM of the same kind (commprefs on its paths) in the background.
+local function spawn(code, env)
+  local script, out = tmpfile("child.lua"), tmpfile("out")
+  local f = assert(io.open(script, "w"))
+  f:write(string.format("package.path = 'lua/?.lua;lua/?/init.lua;spec/?.lua;' .. package.path\n"
+    .. "package.cpath = %q .. '/?.so;' .. package.cpath\n", BUILD), code)
+  f:close()
+  local p = io.popen(string.format("%s %s %s >%s 2>&1 & echo $!", env or "", VM, script, out))
+  local pid = p:read("*l")
+  p:close()
+  return { pid = pid, out = out, script = script }
+end
+
+-- Waits up to `limit` s for the child to end; returns seconds it took (nil if it did not) and its output.
+local function wait_child(child, limit)
+  local t0 = socket.gettime()
+  while alive(child.pid) do
+    if socket.gettime() - t0 > limit then
+      os.execute("kill -9 " .. child.pid .. " 2>/dev/null")
+      socket.sleep(0.1)
+      return nil, slurp(child.out)
+    end
+    socket.sleep(0.01)
+  end
+  local out = slurp(child.out)
+  os.remove(child.out)
+  os.remove(child.script)
+  return socket.gettime() - t0, out
+end
+
+describe("transport", function()
+  before_each(function() sim.reset() end)
+
+  describe("retries (issue 10, defect 1)", function()
+    it("backs off between attempts at a 5xx without Retry-After, and reports no retry_after", function()
+      sim.fault { kind = "status", status = 503, count = 6 }
+      local h = handle { max_retries = 5, backoff_base = 0.05, backoff_max = 0.05 }
+      local res = h:perform({ { method = "GET", url = sim.url .. GET } })[1]
+      assert.equal(503, res.status)
+      assert.equal(6, res.attempts)
+      assert.is_nil(res.retry_after)
+      local log = sim.log()
+      assert.equal(6, #log)
+      for i = 2, #log do
+        -- backoff is base/2 .. base with jitter: at least 25 ms between attempts
+        assert.is_true(log[i].time - log[i - 1].time >= 0.02,
+          string.format("attempt %d came %.4f s after the previous", i, log[i].time - log[i - 1].time))
+      end
+      h:close()
+    end)
+
+    it("gives retry_after only when the server sent a valid Retry-After", function()
+      local h = handle()
+      local ok = h:perform({ { method = "GET", url = sim.url .. GET } })[1]
+      assert.equal(200, ok.status)
+      assert.is_nil(ok.retry_after)
+      sim.fault { kind = "429", retry_after = 1 }
+      local res = h:perform({ { method = "GET", url = sim.url .. GET } })[1]
+      assert.equal(200, res.status)
+      assert.equal(2, res.attempts)
+      h:close()
+    end)
+
+    it("parses Retry-After by one rule: delta-seconds or HTTP-date, garbage is nil", function()
+      assert.equal(3, core.retry_after("3"))
+      assert.equal(0, core.retry_after("0"))
+      assert.is_nil(core.retry_after("soon"))
+      assert.is_nil(core.retry_after("-1"))
+      assert.is_nil(core.retry_after("1.5"))
+      assert.is_nil(core.retry_after("99999999999999999999"))
+      assert.equal(0, core.retry_after("Wed, 21 Oct 2015 07:28:00 GMT"))
+    end)
+
+    it("a 429 with a garbage Retry-After and no rate headers backs off briefly and learns nothing", function()
+      sim.fault { kind = "429", retry_after = "garbage" }
+      local h = handle { backoff_base = 0.2, backoff_max = 1 }
+      local t0 = socket.gettime()
+      local res = h:perform({ { method = "GET", url = sim.url .. GET } })[1]
+      local took = socket.gettime() - t0
+      assert.equal(200, res.status)
+      assert.equal(2, res.attempts)
+      assert.is_true(took < 2, "the retry waited " .. took .. " s")
+      -- the learned window is the simulator's (from the 200), never a max of 1
+      assert.equal(100, h:stats().rate_max)
+      h:close()
+    end)
+  end)
+
+  describe("sane learned windows (issue 10, defect 4)", function()
+    it("ignores rate headers outside the documented range", function()
+      assert.is_nil(core.sane_window(1, 86400000))
+      assert.is_nil(core.sane_window(0, 1000))
+      assert.is_nil(core.sane_window(100, 50))
+      assert.is_nil(core.sane_window(20000, 1000))
+      assert.same({ 100, 10000 }, { core.sane_window(100, 10000) })
+      assert.same({ 1, 100 }, { core.sane_window(1, 100) })
+      assert.same({ 10000, 60000 }, { core.sane_window(10000, 60000) })
+      local h = handle()
+      local retry = h:decide({ status = 200, attempts = 1, rate_max = 1, rate_interval_ms = 86400000 })
+      assert.is_false(retry)
+      assert.equal(0, h:stats().rate_max)
+      assert.equal(0, h:pace_wait())
+      h:pace_start(); h:pace_sent()
+      assert.equal(0, h:pace_wait()) -- no one-a-day window was learned
+      h:decide({ status = 200, attempts = 1, rate_max = 2, rate_interval_ms = 1000 })
+      assert.equal(2, h:stats().rate_max)
+      h:close()
+    end)
+  end)
+
+  describe("request bodies (issue 10, defect 2)", function()
+    it("survive the caller dropping them while libcurl still sends", function()
+      local srv = rawserver.start("slowread")
+      local child = spawn(string.format([[
+local core = require "commprefs.core"
+local h = core.new { token = "sim-token", max_concurrency = 2, rate_max = 100, rate_interval = 1 }
+local slow = { method = "POST", url = %q, body = string.rep("a", 64 * 1024 * 1024) }
+local fast = { method = "GET", url = %q }
+local calls = 0
+local res, reason = h:perform(function()
+  calls = calls + 1
+  if calls == 1 then return slow end
+  if calls == 2 then return fast end
+  if calls == 3 then slow.body = nil; collectgarbage(); collectgarbage() end
+  return nil
+end)
+print("status", res[1].status or res[1].kind, res[2].status, reason)
+]], srv.url .. "/slow", sim.url .. GET))
+      local took, out = wait_child(child, 60)
+      srv:stop()
+      assert.is_truthy(took, "the child did not finish:\n" .. out)
+      assert.matches("status\t200\t200\tnil", out, 1, true)
+    end)
+  end)
+
+  describe("a client after an error (issue 10, defect 10)", function()
+    it("is not left busy when building an attempt raises", function()
+      local h = handle()
+      local bad = setmetatable({}, { __index = function() error("boom from __index") end })
+      local ok, err = pcall(h.perform, h, { bad })
+      assert.is_false(ok)
+      assert.matches("boom from __index", tostring(err))
+      local ok2, err2 = pcall(h.perform, h, function() error("boom from source") end)
+      assert.is_false(ok2)
+      assert.matches("boom from source", tostring(err2))
+      local res = h:perform({ { method = "GET", url = sim.url .. GET } })
+      assert.equal(200, res[1].status)
+      h:close()
+    end)
+  end)
+
+  describe("answer size (issue 10, defect 3)", function()
+    it("fails an endless answer with kind too_large, bounded in memory and not retried", function()
+      local srv = rawserver.start("endless")
+      local h = handle { max_response_size = 1024 * 1024 }
+      local t0 = socket.gettime()
+      local res = h:perform({ { method = "GET", url = srv.url .. "/x" } })[1]
+      srv:stop()
+      assert.equal("too_large", res.kind)
+      assert.equal(1, res.attempts)
+      assert.matches("max_response_size", res.message)
+      assert.is_true(socket.gettime() - t0 < 10)
+      h:close()
+    end)
+
+    it("fails a too long Content-Length at once, through the client API as an Error", function()
+      local srv = rawserver.start("biglength")
+      local c = commprefs.new { token = "sim-token", base_url = srv.url }
+      local env, err = c:get_definitions()
+      srv:stop()
+      assert.is_nil(env)
+      assert.equal("too_large", err.kind)
+      assert.equal(1, err.attempts)
+      assert.equal(16 * 1024 * 1024, c._core:settings().max_response_size)
+      c:close()
+    end)
+
+    it("rejects a bad max_response_size at new", function()
+      assert.has_error(function() commprefs.new { token = "t", max_response_size = 10 } end,
+        "commprefs.new: bad option 'max_response_size' (integer >= 1024 bytes expected)")
+      assert.has_error(function() commprefs.new { token = "t", max_response_size = "big" } end)
+    end)
+  end)
+
+  describe("signals (issue 10, defect 4)", function()
+    local function interrupted_child(setup, sig)
+      local child = spawn([[
+local core = require "commprefs.core"
+local socket = require "socket"
+]] .. setup .. [[
+local t0 = socket.gettime()
+local res, reason = h:perform(reqs)
+io.write("reason=", tostring(reason), " stopped=", tostring(res[#res].stopped), " signal=",
+  tostring(core.caught_signal()), "\n")
+]])
+      socket.sleep(1.0)
+      local t0 = socket.gettime()
+      os.execute("kill -" .. sig .. " " .. child.pid)
+      local _, out = wait_child(child, 5)
+      return socket.gettime() - t0, out
+    end
+
+    it("stop a perform waiting on a hung server within a fraction of a second (SIGINT)", function()
+      sim.fault { kind = "hang", seconds = 25 }
+      local took, out = interrupted_child(string.format(
+        "local h = core.new { token = 'sim-token' }\nlocal reqs = { { method = 'GET', url = %q } }\n", sim.url .. GET), "INT")
+      assert.matches("reason=interrupted stopped=interrupted signal=2", out, 1, true)
+      assert.is_true(took < 1.5, "took " .. took .. " s after SIGINT")
+    end)
+
+    it("stop a perform paced at one request a day (SIGTERM)", function()
+      local took, out = interrupted_child(string.format(
+        "local h = core.new { token = 'sim-token', rate_max = 1, rate_interval = 86400 }\n"
+        .. "local reqs = { { method = 'GET', url = %q }, { method = 'GET', url = %q } }\n", sim.url .. GET, sim.url .. GET), "TERM")
+      assert.matches("reason=interrupted stopped=interrupted signal=15", out, 1, true)
+      assert.is_true(took < 1.5, "took " .. took .. " s after SIGTERM")
+    end)
+  end)
+
+  describe("the C1 handle methods", function()
+    it("settings never include the token", function()
+      local h = handle { timeout = 5, max_concurrency = 3 }
+      local s = h:settings()
+      assert.equal(5000, s.timeout_ms)
+      assert.equal(3, s.max_concurrency)
+      assert.equal(16 * 1024 * 1024, s.max_response_size)
+      for _, v in pairs(s) do assert.is_not.equal("sim-token", v) end
+      assert.is_nil(handle():settings().max_concurrency) -- adaptive
+    end)
+
+    it("decide: 5xx retried with backoff, 4xx not, daily limit not, budget of attempts respected", function()
+      local h = handle { max_retries = 2, backoff_base = 0.1, backoff_max = 0.1 }
+      local retry, ms = h:decide({ status = 503, attempts = 1 })
+      assert.is_true(retry)
+      assert.is_true(ms >= 50 and ms <= 100)
+      assert.is_false((h:decide({ status = 503, attempts = 3 })))
+      assert.is_false((h:decide({ status = 404, attempts = 1 })))
+      assert.is_false((h:decide({ kind = "too_large", attempts = 1 })))
+      assert.is_true((h:decide({ kind = "timeout", attempts = 1 })))
+      local r = { status = 429, attempts = 1, daily_remaining = 0 }
+      assert.is_false((h:decide(r)))
+      assert.is_true(r.daily_limit)
+      local w, why = h:pace_wait()
+      assert.equal(0, w)
+      assert.equal("daily_limit", why)
+      retry, ms = h:decide({ status = 429, attempts = 1, retry_after = 2 })
+      assert.is_true(retry)
+      assert.equal(2000, ms)
+      assert.is_true(h:pace_wait() > 1000) -- every send waits for the Retry-After
+      h:close()
+    end)
+
+    it("in_flight_target: one until the window is known, then rate x latency", function()
+      local h = handle()
+      assert.equal(1, h:in_flight_target())
+      h:decide({ status = 200, attempts = 1, rate_max = 100, rate_interval_ms = 1000 })
+      h:observe_latency(1000)
+      local n = h:in_flight_target()
+      assert.is_true(n >= 97 and n <= 256, "target " .. n)
+      h:observe_latency(10)
+      for _ = 1, 30 do h:observe_latency(10) end
+      assert.is_true(h:in_flight_target() <= 5)
+      local capped = handle { max_concurrency = 3 }
+      capped:decide({ status = 200, attempts = 1, rate_max = 100, rate_interval_ms = 1000 })
+      capped:observe_latency(1000)
+      assert.equal(3, capped:in_flight_target())
+      assert.is_true(core.window_margin_ms(1000) > 0)
+    end)
+  end)
+end)
