@@ -126,6 +126,39 @@ local NEW_OPTIONS = {
   coalesce = "number", cache = "table",
 }
 
+local RATE_LIMIT_OPTIONS = { max = true, interval = true, redis = true, key = true,
+  redis_timeout = true, redis_wait = true }
+
+-- rate_limit = {max =, interval =} by hand and/or {redis = URL, key = K} (a budget
+-- shared through Redis, see csrc/redis.c; redis_timeout and redis_wait in seconds).
+-- Messages never show the URL: it may hold a password.
+local function check_rate_limit(rl)
+  if rl == nil then return end
+  for k in pairs(rl) do
+    if not RATE_LIMIT_OPTIONS[k] then raise("new", "bad option 'rate_limit' (unknown field '" .. tostring(k) .. "')") end
+  end
+  if (rl.max ~= nil or rl.interval ~= nil or rl.redis == nil)
+    and (not is_integer(rl.max) or rl.max < 1 or type(rl.interval) ~= "number" or rl.interval <= 0) then
+    raise("new", "bad option 'rate_limit' ({max = requests, interval = seconds} expected)")
+  end
+  if rl.redis ~= nil and (type(rl.redis) ~= "string" or not rl.redis:match("^redis://[^/]")) then
+    raise("new", "bad option 'rate_limit.redis' (a redis://[user:pass@]host:port[/db] URL expected)")
+  end
+  if rl.redis ~= nil and rl.key == nil then raise("new", "bad option 'rate_limit.key' (required with rate_limit.redis)") end
+  if rl.key ~= nil then
+    if rl.redis == nil then raise("new", "bad option 'rate_limit.key' (only with rate_limit.redis)") end
+    check_text("new", "rate_limit.key", rl.key)
+    if #rl.key > 200 or rl.key:find("[{}]") then
+      raise("new", "bad option 'rate_limit.key' (at most 200 characters, no { or })")
+    end
+  end
+  for _, k in ipairs { "redis_timeout", "redis_wait" } do
+    if rl[k] ~= nil and (type(rl[k]) ~= "number" or not (rl[k] > 0 or (rl[k] == 0 and k == "redis_wait"))) then
+      raise("new", "bad option 'rate_limit." .. k .. "' (positive number of seconds expected)")
+    end
+  end
+end
+
 function M.new(opts)
   opts = opts or {}
   if type(opts) ~= "table" then raise("new", "bad argument 'opts' (table expected, got " .. type(opts) .. ")") end
@@ -165,9 +198,7 @@ function M.new(opts)
   if opts.ca_file then check_text("new", "ca_file", opts.ca_file) end
   if opts.user_agent then check_text("new", "user_agent", opts.user_agent) end
   local rl = opts.rate_limit
-  if rl and (not is_integer(rl.max) or rl.max < 1 or type(rl.interval) ~= "number" or rl.interval <= 0) then
-    raise("new", "bad option 'rate_limit' ({max = requests, interval = seconds} expected)")
-  end
+  check_rate_limit(rl)
   local transport = opts.transport or "auto"
   if transport ~= "auto" and transport ~= "curl" and transport ~= "ngx" then
     raise("new", "bad option 'transport' (\"auto\", \"curl\" or \"ngx\" expected, got " .. transport .. ")")
@@ -182,7 +213,7 @@ function M.new(opts)
       .. "'" .. (in_nginx and ": declare it in nginx.conf's http block)" or ": it exists only inside nginx)"))
   end
   lookup.check(opts.coalesce, opts.cache)
-  local ok, handle = pcall(core.new, {
+  local ok, handle, budget_err = pcall(core.new, {
     token = token, user_agent = opts.user_agent, ca_file = opts.ca_file, verify_tls = opts.verify_tls,
     timeout = opts.timeout, connect_timeout = opts.connect_timeout, max_retries = opts.max_retries,
     max_concurrency = opts.max_concurrency, backoff_base = opts.backoff_base,
@@ -190,8 +221,14 @@ function M.new(opts)
     rate_max = rl and rl.max, rate_interval = rl and rl.interval,
     max_response_size = opts.max_response_size,
     handle_signals = not ngx, -- inside nginx, its own signal handling stays in charge
+    -- the shared budget: inside nginx the cosocket pacer speaks to Redis instead
+    redis_url = rl and not (in_nginx and transport ~= "curl") and rl.redis or nil,
+    redis_key = rl and rl.key, redis_timeout = rl and rl.redis_timeout, redis_wait = rl and rl.redis_wait,
   })
   if not ok then raise("new", tostring(handle):gsub("^.-commprefs%.core%.new: ", "")) end
+  if handle == nil then -- Redis unreachable or refusing us: a runtime failure
+    return nil, Error.new { kind = "redis", message = "the shared budget is unavailable: " .. tostring(budget_err) }
+  end
   local cosockets = transport ~= "curl" and in_nginx -- the token stays in the transport's closure
     and ngx_transport.new(handle, token, { pacer = { shared_dict = opts.shared_dict, rate_limit = rl } }) or nil
   local client = setmetatable({
