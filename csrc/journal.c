@@ -2,11 +2,16 @@
  * append is one write() of whole lines followed by fdatasync(), so once
  * append returns, those outcomes survive a crash or kill -9. A journal whose
  * last line was cut short is first ended with a newline, so later lines
- * never fuse with a torn one. */
+ * never fuse with a torn one. An open journal is locked (flock, exclusive,
+ * released when it is closed or the process ends): a second job on the same
+ * journal fails at once, naming the process that holds it (from /proc/locks). */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include "compat.h"
 
@@ -42,12 +47,54 @@ static int heal(int fd) {
   return last == '\n' ? 0 : write_all(fd, "\n", 1);
 }
 
-/* core.journal(path) -> journal, or nil, message */
+/* The pid holding a flock on fd's file, from /proc/locks (Linux), or 0. */
+static long lock_holder(int fd) {
+  struct stat st;
+  char line[256];
+  long holder = 0;
+  FILE *f;
+  if (fstat(fd, &st) != 0 || !(f = fopen("/proc/locks", "r"))) return 0;
+  while (!holder && fgets(line, sizeof line, f)) {
+    long pid;
+    unsigned long ino;
+    char kind[16];
+    /* "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF" */
+    if (sscanf(line, "%*[^:]: %15s %*s %*s %ld %*x:%*x:%lu", kind, &pid, &ino) == 3 &&
+        strcmp(kind, "FLOCK") == 0 && ino == (unsigned long)st.st_ino && pid != (long)getpid())
+      holder = pid;
+  }
+  fclose(f);
+  return holder;
+}
+
+/* Locks the open journal fd; on failure closes it and pushes nil, message. */
+static int lock_or_fail(lua_State *L, int fd, const char *path) {
+  long holder;
+  if (flock(fd, LOCK_EX | LOCK_NB) == 0) return 0;
+  if (errno != EWOULDBLOCK) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return push_errno(L, "cannot lock journal", path);
+  }
+  holder = lock_holder(fd);
+  close(fd);
+  lua_pushnil(L);
+  if (holder > 0)
+    lua_pushfstring(L, "journal %s is in use by another job (process %d); wait for it to end or use another journal",
+                    path, (int)holder);
+  else
+    lua_pushfstring(L, "journal %s is in use by another job; wait for it to end or use another journal", path);
+  return 2;
+}
+
+/* core.journal(path) -> journal (locked), or nil, message */
 static int journal_open(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   journal *j;
   int fd = open(path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
   if (fd < 0) return push_errno(L, "cannot open journal", path);
+  if (lock_or_fail(L, fd, path) != 0) return 2;
   if (heal(fd) != 0) {
     int e = errno;
     close(fd);

@@ -311,3 +311,46 @@ io.write("reason=", tostring(reason), " stopped=", tostring(res[#res].stopped), 
     end)
   end)
 end)
+
+describe("the command line on SIGINT / SIGTERM (issue 10, defect 4)", function()
+  before_each(function() sim.reset() end)
+
+  -- Starts the CLI against a hung simulator, signals it after 1 s; returns seconds to exit, status, output.
+  local function cli_signalled(sig, args)
+    sim.fault { kind = "hang", seconds = 25 }
+    local out, codef = tmpfile("cli-out"), tmpfile("cli-code")
+    local p = io.popen(string.format("HUBSPOT_ACCESS_TOKEN=sim-token COMMPREFS_BUILD=%s COMMPREFS_BASE_URL=%s "
+      .. "bin/commprefs %s >%s 2>&1 & pid=$!; echo $pid; wait $pid; echo $? >%s", BUILD, sim.url, args, out, codef))
+    local pid = p:read("*l")
+    socket.sleep(1.0)
+    local t0 = socket.gettime()
+    os.execute("kill -" .. sig .. " " .. pid)
+    p:close() -- waits for the CLI
+    local took = socket.gettime() - t0
+    local code = tonumber(slurp(codef))
+    local text = slurp(out)
+    os.remove(out); os.remove(codef)
+    return took, code, text
+  end
+
+  it("status: stops at once, prints the summary, exits 130 without a traceback", function()
+    local took, code, out = cli_signalled("INT", "status a@example.com")
+    assert.equal(130, code)
+    assert.is_true(took < 2, "took " .. took .. " s")
+    assert.matches("0 done", out, 1, true)
+    assert.matches("stopped: SIGINT", out, 1, true)
+    assert.is_nil(out:find("traceback", 1, true))
+  end)
+
+  it("unsubscribe-all with a journal: exits 143 on SIGTERM, journal intact and resumable", function()
+    local journal = tmpfile("journal")
+    local took, code, out = cli_signalled("TERM", "unsubscribe-all --journal " .. journal .. " a@example.com b@example.com")
+    assert.equal(143, code)
+    assert.is_true(took < 2, "took " .. took .. " s")
+    assert.matches("stopped: SIGTERM", out, 1, true)
+    assert.matches("rerun with the same --journal", out, 1, true)
+    assert.is_nil(out:find("traceback", 1, true))
+    assert.equal("", slurp(journal)) -- nothing finished, nothing recorded as failed
+    os.remove(journal)
+  end)
+end)

@@ -128,6 +128,19 @@ local function iterator(source)
   end
 end
 
+-- After a stop: how many ids of the source were never pulled (not counting
+-- those the journal has). Reads the rest of an iterator only for the daily
+-- limit or a spent budget; after an interrupt, only a list is counted (nil otherwise).
+local function count_rest(stopped, source, next_id, dry, done_ids)
+  if dry then return 0 end
+  if stopped == "interrupted" and type(source) ~= "table" then return nil end
+  local n = 0
+  for id in next_id do
+    if not done_ids[id] then n = n + 1 end
+  end
+  return n
+end
+
 function M.run(client, fname, opname, source, opts)
   local op = OPS[opname]
   opts = check(fname, op, source, opts)
@@ -191,9 +204,14 @@ function M.run(client, fname, opname, source, opts)
     if opts.on_result then opts.on_result(id, { status = outcome, error = err, result = outcome ~= "failed" and detail or nil }) end
   end
 
+  local unsent = 0 -- ids of requests perform gave back unsent (stopped early, or HubSpot's daily 429)
   local function on_done(i, res)
     local chunk = chunks[i]
     chunks[i] = nil
+    if res.stopped or res.daily_limit then -- neither failed nor journaled: a rerun sends them
+      unsent = unsent + #chunk
+      return
+    end
     M.classify(op, url, res, chunk, record)
     if journal and #lines > 0 then
       local ok, werr = journal:append(table.concat(lines, "\n") .. "\n")
@@ -203,9 +221,14 @@ function M.run(client, fname, opname, source, opts)
     if opts.on_progress then opts.on_progress(summary.done, total) end
   end
 
-  local ok, perr = pcall(client._perform, client, generate, on_done)
+  local ok, perr, stopped = pcall(client._perform, client, generate, on_done)
   if journal then journal:close() end
   if not ok then error(perr, 0) end
+  if stopped then
+    summary.stopped = stopped
+    local rest = count_rest(stopped, source, next_id, dry, done_ids)
+    summary.remaining = rest and unsent + rest
+  end
   summary.elapsed = now() - summary.started
   summary.started = nil
   summary.total = summary.done

@@ -8,6 +8,7 @@ local core = require "commprefs.core"
 local Error = require "commprefs.error"
 local pretty = require("commprefs.pretty").value
 local response = require "commprefs.response"
+local redact = require "commprefs.redact"
 local lookup = require "commprefs.lookup"
 local ngx_transport = require "commprefs.ngx.transport"
 local outcome, strip_userinfo = response.outcome, response.strip_userinfo
@@ -29,11 +30,18 @@ local function raise(fname, msg)
   error("commprefs." .. fname .. ": " .. msg, 3)
 end
 
-local function check_text(fname, name, v, allow_empty)
+-- Longest id and token accepted (bytes): longer ones raise before anything is sent.
+local MAX_ID, MAX_TOKEN = 1024, 4096
+M.MAX_ID, M.MAX_TOKEN = MAX_ID, MAX_TOKEN
+
+local function check_text(fname, name, v, allow_empty, max)
   if type(v) ~= "string" then
     raise(fname, string.format("bad argument '%s' (string expected, got %s)", name, type(v)))
   end
   if v == "" and not allow_empty then raise(fname, string.format("bad argument '%s' (empty string)", name)) end
+  if max and #v > max then
+    raise(fname, string.format("bad argument '%s' (%d bytes long, at most %d allowed)", name, #v, max))
+  end
   if core.has_control(v) then
     raise(fname, string.format("bad argument '%s' (contains control characters)", name))
   end
@@ -75,7 +83,7 @@ local function check_ids(fname, ids)
   end
   local out, seen = {}, {}
   for i = 1, n do
-    local id = check_text(fname, "ids[" .. i .. "]", ids[i])
+    local id = check_text(fname, "ids[" .. i .. "]", ids[i], false, MAX_ID)
     if not seen[id] then seen[id] = true; out[#out + 1] = id end
   end
   return out
@@ -100,7 +108,7 @@ local function check_status_request(fname, name, r, with_id)
     elseif k == "legalBasisExplanation" then out[k] = check_text(fname, name .. "." .. k, v, true)
     elseif k == "channel" then
       if v ~= "EMAIL" then raise(fname, "bad argument '" .. name .. ".channel' (only EMAIL)") end
-    elseif k == "subscriberIdString" and with_id then out[k] = check_text(fname, name .. "." .. k, v)
+    elseif k == "subscriberIdString" and with_id then out[k] = check_text(fname, name .. "." .. k, v, false, MAX_ID)
     else raise(fname, "bad argument '" .. name .. "' (unknown field '" .. tostring(k) .. "')") end
   end
   if out.subscriptionId == nil then raise(fname, "bad argument '" .. name .. "' (subscriptionId is required)") end
@@ -170,11 +178,15 @@ function M.new(opts)
   end
   local token = opts.token or os.getenv("HUBSPOT_ACCESS_TOKEN")
   if token == nil then raise("new", "no token: pass token or set HUBSPOT_ACCESS_TOKEN") end
-  check_text("new", "token", token)
+  check_text("new", "token", token, false, MAX_TOKEN)
   if token:find("%s") then raise("new", "bad option 'token' (contains spaces)") end
   local base_url = check_text("new", "base_url", opts.base_url or "https://api.hubapi.com")
   if not base_url:match("^https?://[^/]") then raise("new", "bad option 'base_url' (http:// or https:// URL expected)") end
-  base_url = strip_userinfo(base_url:gsub("/+$", ""))
+  if base_url:find("[?#]") then raise("new", "bad option 'base_url' (no ?query or #fragment: the API root only)") end
+  if base_url:match("^%a+://[^/]*@") then
+    raise("new", "bad option 'base_url' (no user:password@: HubSpot authenticates with the token only)")
+  end
+  base_url = base_url:gsub("/+$", "")
   local version = opts.api_version or "2026-03"
   if version ~= "v4" and not version:match("^%d%d%d%d%-%d%d$") then
     raise("new", "bad option 'api_version' (\"2026-03\" or \"v4\" expected, got " .. version .. ")")
@@ -195,7 +207,12 @@ function M.new(opts)
   if opts.max_response_size ~= nil and (not is_integer(opts.max_response_size) or opts.max_response_size < 1024) then
     raise("new", "bad option 'max_response_size' (integer >= 1024 bytes expected)")
   end
-  if opts.ca_file then check_text("new", "ca_file", opts.ca_file) end
+  if opts.ca_file then
+    check_text("new", "ca_file", opts.ca_file)
+    local f, ferr = io.open(opts.ca_file, "rb")
+    if not f then raise("new", "bad option 'ca_file' (cannot read it: " .. tostring(ferr) .. ")") end
+    f:close()
+  end
   if opts.user_agent then check_text("new", "user_agent", opts.user_agent) end
   local rl = opts.rate_limit
   check_rate_limit(rl)
@@ -238,6 +255,7 @@ function M.new(opts)
     _transport = transport, _ngx = cosockets, _ca_file = opts.ca_file ~= nil,
   }, Client)
   client._lookup = lookup.new(client, opts.coalesce, opts.cache, opts.timeout)
+  redact.remember(client, token) -- errors never show it (commprefs.redact)
   return client
 end
 
@@ -364,7 +382,7 @@ local O_BU_VERBOSE = { business_unit_id = true, verbose = true }
 local O_DEFS = { business_unit_id = true, include_translations = true }
 
 local function segment(fname, id)
-  return core.escape(check_text(fname, "id", id))
+  return core.escape(check_text(fname, "id", id, false, MAX_ID))
 end
 
 function Client:get_unsubscribe_all_status(id, opts)
@@ -439,7 +457,7 @@ end
 
 function Client:generate_links(request, opts)
   if type(request) ~= "table" then raise("generate_links", "bad argument 'request' (table expected, got " .. type(request) .. ")") end
-  local body = { subscriberIdString = check_text("generate_links", "request.subscriberIdString", request.subscriberIdString) }
+  local body = { subscriberIdString = check_text("generate_links", "request.subscriberIdString", request.subscriberIdString, false, MAX_ID) }
   for k, v in pairs(request) do
     if k == "subscriptionId" then body[k] = check_integer("generate_links", "request.subscriptionId", v)
     elseif k == "language" then body[k] = check_text("generate_links", "request.language", v)
@@ -453,7 +471,7 @@ end
 
 -- With the coalesce and cache options: see commprefs.lookup.
 function Client:is_unsubscribed_from_all(id, opts)
-  check_text("is_unsubscribed_from_all", "id", id)
+  check_text("is_unsubscribed_from_all", "id", id, false, MAX_ID)
   opts = check_opts("is_unsubscribed_from_all", opts, O_BU)
   return lookup.is_unsubscribed_from_all(self, id, opts)
 end

@@ -1,7 +1,9 @@
 -- commprefs.pretty: human-readable text for envelopes (results as an aligned
 -- table), errors and any other value. Keys that could hold credentials are
--- never shown.
+-- never shown, nor a client's token (commprefs.redact); it never raises,
+-- whatever types the fields hold.
 local Error = require "commprefs.error"
+local redact = require "commprefs.redact"
 
 local SECRET = { token = true, authorization = true, access_token = true, Authorization = true }
 local COLUMNS = { "subscriberIdString", "subscriptionId", "subscriptionName", "status",
@@ -10,19 +12,32 @@ local COLUMNS = { "subscriberIdString", "subscriptionId", "subscriptionName", "s
 
 local function scalar(v)
   if type(v) == "string" then return v end
-  return tostring(v)
-end
-
--- Display width: UTF-8 continuation bytes take no column.
-local function width_of(s)
-  return #s - select(2, s:gsub("[\128-\191]", ""))
+  local ok, s = pcall(tostring, v)
+  return ok and type(s) == "string" and s or "<" .. type(v) .. ">"
 end
 
 local function sorted_keys(t)
   local keys = {}
   for k in pairs(t) do keys[#keys + 1] = k end
-  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  table.sort(keys, function(a, b) return scalar(a) < scalar(b) end)
   return keys
+end
+
+-- A short one-line text for any value: tables as their items joined by ", ".
+local function flat(v, depth)
+  if type(v) ~= "table" or getmetatable(v) then return scalar(v) end
+  if (depth or 0) > 3 then return "{...}" end
+  local parts = {}
+  for _, k in ipairs(sorted_keys(v)) do
+    local item = flat(v[k], (depth or 0) + 1)
+    parts[#parts + 1] = type(k) == "number" and item or scalar(k) .. "=" .. item
+  end
+  return v[1] ~= nil and table.concat(parts, ", ") or "{" .. table.concat(parts, ", ") .. "}"
+end
+
+-- Display width: UTF-8 continuation bytes take no column.
+local function width_of(s)
+  return #s - select(2, s:gsub("[\128-\191]", ""))
 end
 
 local function dump(v, indent, seen, out)
@@ -48,9 +63,11 @@ end
 local function rows_of(results)
   local rows = {}
   for _, r in ipairs(results) do
-    local nested = r.statuses or r.wideStatuses
-    if type(nested) == "table" and #nested > 0 then
-      for _, s in ipairs(nested) do rows[#rows + 1] = s end
+    local nested = type(r) == "table" and (r.statuses or r.wideStatuses)
+    if type(r) ~= "table" then
+      rows[#rows + 1] = { status = scalar(r) }
+    elseif type(nested) == "table" and #nested > 0 then
+      for _, s in ipairs(nested) do rows[#rows + 1] = type(s) == "table" and s or { status = scalar(s) } end
     elseif type(nested) == "table" then
       rows[#rows + 1] = { subscriberIdString = r.subscriberIdString, status = "(none)" }
     else
@@ -95,36 +112,46 @@ local function table_text(rows, cols, rule)
 end
 
 local function envelope_text(e)
-  local out = { string.format("%s: %d result%s", tostring(e.status or "OK"), #e.results,
+  local out = { string.format("%s: %d result%s", scalar(e.status or "OK"), #e.results,
     #e.results == 1 and "" or "s") }
-  if e.numErrors and e.numErrors > 0 then out[1] = out[1] .. string.format(", %d error%s",
-    e.numErrors, e.numErrors == 1 and "" or "s") end
+  if type(e.numErrors) == "number" and e.numErrors > 0 then out[1] = out[1] .. string.format(", %s error%s",
+    scalar(e.numErrors), e.numErrors == 1 and "" or "s") end
   local rows = rows_of(e.results)
   if #rows > 0 then out[#out + 1] = table_text(rows) end
-  for _, err in ipairs(e.errors or {}) do
-    out[#out + 1] = "error: " .. tostring(err.category) .. ": " .. tostring(err.message)
+  for _, err in ipairs(type(e.errors) == "table" and e.errors or {}) do
+    if type(err) == "table" then
+      out[#out + 1] = "error: " .. scalar(err.category) .. ": " .. scalar(err.message)
+    else
+      out[#out + 1] = "error: " .. scalar(err)
+    end
+  end
+  return table.concat(out, "\n")
+end
+
+local function error_text(v)
+  local out = { tostring(v) }
+  for _, d in ipairs(type(v.errors) == "table" and v.errors or {}) do
+    if type(d) == "table" then
+      local where = Error.text(d["in"])
+      out[#out + 1] = "  - " .. flat(d.message) .. (where and (" (in " .. where .. ")") or "")
+    else
+      out[#out + 1] = "  - " .. flat(d)
+    end
+  end
+  if type(v.context) == "table" then
+    for _, k in ipairs(sorted_keys(v.context)) do
+      out[#out + 1] = "  " .. scalar(k) .. ": " .. flat(v.context[k])
+    end
   end
   return table.concat(out, "\n")
 end
 
 local function pretty(v)
-  if Error.is(v) then
-    local out = { tostring(v) }
-    for _, d in ipairs(type(v.errors) == "table" and v.errors or {}) do
-      out[#out + 1] = "  - " .. tostring(d.message) .. (d["in"] and (" (in " .. d["in"] .. ")") or "")
-    end
-    if type(v.context) == "table" then
-      for _, k in ipairs(sorted_keys(v.context)) do
-        local c = v.context[k]
-        out[#out + 1] = "  " .. k .. ": " .. (type(c) == "table" and table.concat(c, ", ") or tostring(c))
-      end
-    end
-    return table.concat(out, "\n")
-  end
-  if type(v) == "table" and type(v.results) == "table" then return envelope_text(v) end
+  if Error.is(v) then return redact.text(error_text(v)) end
+  if type(v) == "table" and type(v.results) == "table" then return redact.text(envelope_text(v)) end
   local out = {}
   dump(v, "", {}, out)
-  return table.concat(out)
+  return redact.text(table.concat(out))
 end
 
 return { value = pretty, rows = table_text }

@@ -2,9 +2,14 @@
 -- perform) into what a call returns: the decoded envelope, or nil and a
 -- commprefs.Error with HubSpot's error body, the status, a readable snippet
 -- of a body that is not JSON, and the URL without credentials. Shared by the
--- client's calls and bulk jobs.
+-- client's calls, bulk jobs and lookups. Whatever the server sent is checked
+-- once, by core.decode's "envelope" (2xx: wrong types are a decode Error) and
+-- "error" (others: wrong-typed fields dropped) modes, and any of this
+-- process's tokens it echoes is redacted (commprefs.redact) before it can
+-- reach an Error, a message or a journal.
 local core = require "commprefs.core"
 local Error = require "commprefs.error"
+local redact = require "commprefs.redact"
 
 local M = {}
 
@@ -13,7 +18,9 @@ function M.strip_userinfo(url)
 end
 local strip_userinfo = M.strip_userinfo
 
+-- The first 120 bytes of a body, on one line, without any token.
 local function snippet(body)
+  body = redact.text(body)
   local s = body:sub(1, 120):gsub("[%c]", " ")
   return #body > 120 and s .. "..." or s
 end
@@ -27,30 +34,51 @@ local function error_base(req, res)
     status = res.status, retry_after = res.retry_after }
 end
 
--- Turns one transport result into the decoded envelope, or nil, Error.
--- The success path allocates nothing but the decoded envelope.
-function M.outcome(req, res)
-  local status, body = res.status, res.body
-  if status and status >= 200 and status < 300 then
-    if body == "" then return {} end
-    local v, err
-    if is_json(res.content_type) then v, err = core.decode(body) end
-    if type(v) == "table" then return v end
-    local base = error_base(req, res)
-    base.kind = "decode"
-    base.message = is_json(res.content_type)
-      and string.format("invalid JSON (HTTP %d): %s: %s", status, tostring(err or "not an object"), snippet(body))
-      or string.format("expected JSON, got %s (HTTP %d): %s", tostring(res.content_type), status, snippet(body))
-    return nil, Error.new(base)
-  end
+local function decode_error(req, res, message)
   local base = error_base(req, res)
-  if res.kind then
-    base.kind, base.message = res.kind, res.message
-    return nil, Error.new(base)
+  base.kind, base.message = "decode", message
+  return nil, Error.new(base)
+end
+
+-- Only POST .../unsubscribe-all may answer 2xx with an empty body (HubSpot
+-- does so without verbose=true); for any other request it answers nothing.
+local function may_be_empty(req)
+  return req.method == "POST" and req.url:find("/unsubscribe-all", 1, true) ~= nil
+end
+
+local function success(req, res)
+  local status, body = res.status, res.body
+  if body == nil or body == "" then
+    if may_be_empty(req) then return {} end
+    return decode_error(req, res, string.format("empty answer (HTTP %d) where a JSON envelope was expected", status))
   end
+  if not is_json(res.content_type) then
+    return decode_error(req, res, string.format("expected JSON, got %s (HTTP %d): %s",
+      redact.text(tostring(res.content_type)), status, snippet(body)))
+  end
+  local v, err = core.decode(body, "envelope")
+  if not v then
+    return decode_error(req, res, string.format("invalid answer (HTTP %d): %s: %s", status,
+      redact.text(tostring(err)), snippet(body)))
+  end
+  if redact.found(body) then redact.value(v) end
+  return v
+end
+
+-- A redirect: where it pointed, without credentials; never followed.
+local function redirect_message(res)
+  local loc = type(res.location) == "string" and redact.text(strip_userinfo(res.location)) or nil
+  return string.format("HTTP %d redirect%s; commprefs does not follow redirects", res.status,
+    loc and (" to " .. loc:gsub("[%c]", " ")) or "")
+end
+
+local function failure(req, res)
+  local status, body = res.status, res.body or ""
+  local base = error_base(req, res)
   base.kind = "http"
-  local v = is_json(res.content_type) and body ~= "" and core.decode(body)
+  local v = is_json(res.content_type) and body ~= "" and core.decode(body, "error")
   if type(v) == "table" then
+    redact.value(v)
     base.category = v.category or v.errorType
     base.message = v.message
     base.correlation_id = v.correlationId
@@ -58,12 +86,31 @@ function M.outcome(req, res)
     base.context = v.context
     base.errors = v.errors
     base.policy_name = v.policyName
-  else
-    base.message = string.format("HTTP %d with a %s body: %s", status, tostring(res.content_type), snippet(body))
   end
-  base.message = base.message or ("HTTP " .. status)
+  if status >= 300 and status < 400 then
+    base.message = redirect_message(res) .. (base.message and (": " .. base.message) or "")
+  elseif base.message == nil and body ~= "" then
+    base.message = string.format("HTTP %d with a %s body: %s", status,
+      redact.text(tostring(res.content_type or "untyped")), snippet(body))
+  end
+  base.message = base.message or ("HTTP " .. status .. " with an empty body")
   base.daily_limit = res.daily_limit
   return nil, Error.new(base)
+end
+
+-- Turns one transport result into the decoded envelope, or nil, Error.
+-- The success path allocates nothing but the decoded envelope.
+function M.outcome(req, res)
+  local status = res.status
+  if status and status >= 200 and status < 300 then return success(req, res) end
+  if res.kind or not status then
+    local base = error_base(req, res)
+    base.kind = res.kind or (res.stopped and "stopped") or "network"
+    base.message = redact.text(tostring(res.message or (res.stopped and "not sent: " .. tostring(res.stopped))
+      or "no answer"))
+    return nil, Error.new(base)
+  end
+  return failure(req, res)
 end
 
 return M
