@@ -11,6 +11,7 @@ local Error = require "commprefs.error"
 local outcome = require("commprefs.response").outcome
 
 local M = {}
+local MAX_ID = 1024 -- bytes, as commprefs.MAX_ID
 
 local now = core.now
 
@@ -93,8 +94,8 @@ local function check(fname, op, source, opts)
   if type(source) == "table" then
     for i = 1, #source do
       local id = source[i]
-      if type(id) ~= "string" or id == "" or core.has_control(id) then
-        raise(string.format("bad argument 'source[%d]' (non-empty string without control characters expected)", i))
+      if type(id) ~= "string" or id == "" or core.has_control(id) or #id > MAX_ID then
+        raise(string.format("bad argument 'source[%d]' (non-empty string of at most %d bytes without control characters expected)", i, MAX_ID))
       end
     end
   end
@@ -157,10 +158,10 @@ function M.run(client, fname, opname, source, opts)
 
   local done_ids, journal = {}, nil
   if opts.journal then
-    done_ids, summary.skipped = read_journal(opts.journal, opname, bu)
     local err
-    journal, err = core.journal(opts.journal)
+    journal, err = core.journal(opts.journal) -- locked: a second job on it fails here
     if not journal then return nil, Error.new { kind = "journal", message = err } end
+    done_ids, summary.skipped = read_journal(opts.journal, opname, bu)
   end
 
   -- The generator: the next batch request, or nil when the source is dry.
@@ -171,8 +172,9 @@ function M.run(client, fname, opname, source, opts)
     while #chunk < size do
       local id = next_id()
       if id == nil then dry = true; break end
-      if type(id) ~= "string" or id == "" or core.has_control(id) then
-        error("commprefs." .. fname .. ": the source gave a bad id (" .. type(id) .. ")", 0)
+      if type(id) ~= "string" or id == "" or core.has_control(id) or #id > MAX_ID then
+        error("commprefs." .. fname .. ": the source gave a bad id (" .. type(id)
+          .. (type(id) == "string" and #id > MAX_ID and ", longer than " .. MAX_ID .. " bytes" or "") .. ")", 0)
       end
       if done_ids[id] then
         if total then total = total - 1 end
