@@ -190,12 +190,12 @@ M.answer_of = answer_of
 
 ------------------------------------------------------------------ coalescing
 
--- One sender per client and worker (an ngx.timer) runs client:_perform with
--- a request source that hands out one batch read per group of waiting ids.
--- The source waits until the oldest group's window has passed (or it is
--- full) AND the pacer would let a request go, so ids keep joining a group
--- while HubSpot's rate limit holds it back; the transport runs as many of
--- these requests at once as it runs for any other source.
+-- One sender per client and worker (an ngx.timer) sends one batch read per
+-- group of waiting ids through client:_perform. It takes the oldest group
+-- only once its window has passed (or it is full) AND the pacer would let a
+-- request go, so ids keep joining a group while HubSpot's rate limit holds
+-- it back. One batch is in flight at a time per client and worker (enough
+-- for a rate limit of 10 requests a second at round trips up to ~100 ms).
 
 local BATCH_PATH = "statuses/batch/unsubscribe-all/read"
 local IDLE = 1 -- seconds the source waits for new callers before it ends
@@ -298,60 +298,49 @@ local function wait_for_pacer(client)
   end
 end
 
--- The request source of the sender: the next batch read, or nil once no
--- caller has come for IDLE seconds. Called from the transport's threads.
-local function source(L, client, batches)
-  return function()
-    while true do
-      local g = L.order[1]
-      if not g then
-        L.idle_waiting = true
-        L.arrival:wait(IDLE)
-        L.idle_waiting = false
-        if not L.order[1] then return nil end
-      else
-        local wait = g.n >= client.batch_size and 0 or g.born + L.coalesce - now()
-        if wait > 0 then ngx.sleep(wait) end
-        wait_for_pacer(client)
-        if L.order[1] == g then
-          table.remove(L.order, 1)
-          close_group(L, g)
-          local ids = live_ids(g)
-          if #ids == 0 then wake(g)
-          else
-            local q = "?channel=EMAIL" .. (g.bu ~= nil and string.format("&businessUnitId=%d", g.bu) or "")
-            local req = { method = "POST", url = client._prefix .. BATCH_PATH .. q,
-              body = core.encode({ inputs = ids }) }
-            L.requests = L.requests + 1
-            batches.n = batches.n + 1
-            batches[batches.n] = { g = g, req = req, ids = ids, started = now() }
-            return req
-          end
+-- The next batch read {g=, req=, ids=, started=}, once the oldest group's
+-- window has passed (or it is full) and the pacer would let it go; nil once
+-- no caller has come for IDLE seconds.
+local function next_batch(L, client)
+  while true do
+    local g = L.order[1]
+    if not g then
+      L.idle_waiting = true
+      L.arrival:wait(IDLE)
+      L.idle_waiting = false
+      if not L.order[1] then return nil end
+    else
+      local wait = g.n >= client.batch_size and 0 or g.born + L.coalesce - now()
+      if wait > 0 then ngx.sleep(wait) end
+      wait_for_pacer(client)
+      if L.order[1] == g then
+        table.remove(L.order, 1)
+        close_group(L, g)
+        local ids = live_ids(g)
+        if #ids > 0 then
+          local q = "?channel=EMAIL" .. (g.bu ~= nil and string.format("&businessUnitId=%d", g.bu) or "")
+          L.requests = L.requests + 1
+          return { g = g, ids = ids, started = now(), req = { method = "POST",
+            url = client._prefix .. BATCH_PATH .. q, body = core.encode({ inputs = ids }) } }
         end
+        wake(g)
       end
     end
   end
 end
 
--- The sender (an ngx.timer callback): performs until no group is left.
+-- The sender (an ngx.timer callback): sends batch reads through
+-- client:_perform, one at a time, until no caller is left.
 local function sender(premature, L, client)
-  while not premature and L.order[1] do
-    local batches = { n = 0 }
-    local ok, err = pcall(client._perform, client, source(L, client, batches), function(i, res)
-      local b = batches[i]
-      batches[i] = nil
-      if b then settle(L, b, res) end
-    end)
-    for i = 1, batches.n do -- requests the transport never answered
-      local b = batches[i]
-      if b then
-        local e = Error.new { kind = "network", method = "POST", url = response.strip_userinfo(b.req.url),
-          message = "the batch read failed: " .. tostring(err or "no result") }
-        for _, id in ipairs(b.ids) do deliver(L, b.g, id, nil, e) end
-        wake(b.g)
-      end
+  while not premature do
+    local ok, b = pcall(next_batch, L, client)
+    if not ok then ngx.log(ngx.ERR, "commprefs: coalesced batch read: ", tostring(b)) end
+    if not ok or not b then break end
+    local sent, results = pcall(client._perform, client, { b.req })
+    if sent then settle(L, b, results[1])
+    else
+      settle(L, b, { kind = "network", attempts = 0, message = "the batch read failed: " .. tostring(results) })
     end
-    if not ok then ngx.log(ngx.ERR, "commprefs: coalesced batch read: ", tostring(err)) end
   end
   L.senders = 0
   if premature then
