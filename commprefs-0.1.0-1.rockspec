@@ -12,7 +12,7 @@ command line. Ships a local HubSpot simulator for tests and demos.
 ]],
   license = "MIT",
 }
-dependencies = { "lua >= 5.1" } -- and lua-cjson, from Debian's lua-cjson package
+dependencies = { "lua >= 5.1", "lua-cjson >= 2.1" } -- Debian: lua-cjson
 external_dependencies = { CURL = { library = "curl" } }
 build = {
   type = "make",

@@ -69,7 +69,7 @@ end
 
 -- A base path making the server answer status with ctype (nil: no header) and body.
 function M.respond(status, ctype, body)
-  return string.format("respond/%d/%s/%s", status, ctype and pct(ctype) or "-", pct(body))
+  return string.format("respond/%d/%s/=%s", status, ctype and pct(ctype) or "-", pct(body))
 end
 
 -- Asserts that the token appears nowhere in v (strings, keys, nested tables, tostring).
@@ -234,7 +234,7 @@ for _, case in ipairs(M.CASES) do M.BY_NAME[case.name] = case end
 function M.run_case(name, base, extra)
   local case = assert(M.BY_NAME[name], "no hostile case named " .. tostring(name))
   local commprefs = require "commprefs"
-  local c = client_for(commprefs, base, case.path or "respond/404/-/none", case.opts, extra)
+  local c = client_for(commprefs, base, case.path or "respond/404/-/=none", case.opts, extra)
   local ok, err = pcall(case.run, c, commprefs, base, extra)
   c:close()
   if not ok then error(name .. ": " .. tostring(err), 0) end

@@ -6,7 +6,7 @@
 -- client that gives up closes the socket and the server moves on). The first
 -- path segment picks the behaviour, so a client's base_url selects it:
 --   /echo401-json  /echo401-html  /echo401-plain   401 repeating the Authorization header
---   /respond/STATUS/CTYPE/BODY     STATUS with percent-encoded CTYPE ("-": none) and BODY
+--   /respond/STATUS/CTYPE/=BODY    STATUS with percent-encoded CTYPE ("-": none) and BODY
 --   /endless-chunked[-404]  /endless-length[-404]   a body that never ends
 --   /giant-headers     200 whose headers never end (1 KB lines)
 --   /slow              a valid 200, one byte a second
@@ -80,7 +80,7 @@ B["echo401-plain"] = function(c, h)
 end
 
 B.respond = function(c, _, rest)
-  local status, ctype, body = rest:match("^/(%d+)/([^/]*)/([^/]*)")
+  local status, ctype, body = rest:match("^/(%d+)/([^/]*)/=([^/]*)")
   local headers = {}
   if ctype ~= "-" then headers[1] = "Content-Type: " .. unescape(ctype) end
   send(c, tonumber(status), "Whatever", headers, unescape(body))
