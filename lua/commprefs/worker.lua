@@ -274,7 +274,6 @@ function Worker:_connected()
     end
     sleep(delay)
     delay = math.min(delay * 2, 1)
-    self.summary.reconnects = self.summary.reconnects + 1
   end
 end
 
@@ -292,6 +291,7 @@ function Worker:_call(argv)
     if code and not TRANSIENT[code] then return nil, err, code end
     pcall(conn.close, conn)
     self.conn = nil
+    self.summary.reconnects = self.summary.reconnects + 1
     if core.now() > deadline then
       return nil, redis_error("Redis failing for " .. self.redis_wait .. " s: " .. message(err))
     end
@@ -490,9 +490,9 @@ end
 function Worker:_drain(ready, gather, stop, on_progress)
   local batches, seq, fatal, stopped, unanswered = {}, 0, nil, nil, {}
   local function generate()
-    if fatal or stopped or stop() then return nil end
-    local batch = table.remove(ready, 1)
-    if not batch and gather then
+    if fatal or stopped then return nil end
+    local batch = table.remove(ready, 1) -- read already: sent even after stop()
+    if not batch and gather and not stop() then
       local err
       batch, err = self:_gather(nil)
       if batch == nil then fatal = err end
@@ -566,7 +566,7 @@ function Worker:run(opts)
     error("commprefs.worker:run: bad option 'idle_exit' (seconds expected)", 2)
   end
   local function stop()
-    if signals and core.caught_signal() then self.signal = self.signal or core.caught_signal(); return true end
+    if signals and (self.signal or core.caught_signal()) then self.signal = self.signal or core.caught_signal(); return true end
     return user_stop()
   end
   if signals then core.trap_signals(true) end

@@ -68,8 +68,8 @@ local function wait_ready(inst)
 end
 
 -- Launches redis-server for inst (port, dir, password already set) and its watchdog.
-local function launch(inst)
-  inst.dir = run("mktemp -d \"${TMPDIR:-/tmp}/cpredis.XXXXXX\""):gsub("%s+$", "")
+local function launch(inst, dir)
+  inst.dir = dir or run("mktemp -d \"${TMPDIR:-/tmp}/cpredis.XXXXXX\""):gsub("%s+$", "")
   local pass = inst.password and (" --requirepass " .. shell_quote(inst.password)) or ""
   -- env -u: a sanitizer run preloads libasan into this process only, not into redis-server
   local cmd = string.format(
@@ -115,9 +115,18 @@ function M.stop(inst)
 end
 
 -- Starts a stopped instance again on the same port (empty: no persistence).
-function M.restart(inst)
+-- restart(inst, {keep_data = true}): with the data it held when stopped (it
+-- writes a snapshot as it stops; the snapshot moves to the new directory
+-- before the old one's watchdog, 0.5 s after the stop, removes that).
+function M.restart(inst, opts)
+  local dir, old = nil, inst.dir
+  if opts and opts.keep_data and inst.pid then
+    dir = run("mktemp -d \"${TMPDIR:-/tmp}/cpredis.XXXXXX\""):gsub("%s+$", "")
+    assert(M.cli(inst, "CONFIG", "SET", "save", "3600 1") == "OK")
+  end
   M.stop(inst)
-  launch(inst)
+  if dir then assert(os.rename(old .. "/dump.rdb", dir .. "/dump.rdb")) end
+  launch(inst, dir)
   return inst
 end
 
