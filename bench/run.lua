@@ -229,6 +229,51 @@ print(string.format("   ratio = %.2f (goal <= 1.2)", k2 / k1))
 verdict("memory bounded", k2 / k1 <= 1.2 and d1 == RSS_SMALL and d2 == RSS_LARGE, string.format("%.2fx", k2 / k1))
 end
 
+-- 8. issue 8: is_unsubscribed_from_all with coalesce = 0.01 in one nginx worker,
+-- HubSpot's limit 10 per 1,000 ms, 50 ms latency, distinct ids at 200, 1,000 and
+-- 5,000 reads/s for 5 s (bench/lookup_load.lua; callers wait at most timeout = 2 s).
+if part(8) then
+local ok, err = pcall(function()
+  local nginx = require "support.nginx"
+  local s8 = sim.start { SIM_RATE = "10/1000", SIM_LATENCY = "50", SIM_JITTER = "0" }
+  local inst = nginx.start { env = { SIM_URL = s8.url }, conf = [[
+    init_by_lua_block {
+      package.loaded.bench8 = require("commprefs").new { token = "sim-token", base_url = os.getenv("SIM_URL"),
+        coalesce = 0.01, timeout = 2 }
+    }]] }
+  local f = assert(io.open("bench/lookup_load.lua"))
+  local load = f:read("*a")
+  f:close()
+  print("\n8. coalesced is_unsubscribed_from_all in nginx: limit 10/1000 ms, 50 ms latency, 5 s of distinct reads")
+  print("   offered/s  answered  reads/request  429s  p50 ms  p99 ms  timeouts  other errors  peak waiting  peak Lua MB")
+  for _, rate in ipairs { 200, 1000, 5000 } do
+    socket.sleep(1.1) -- an empty window at HubSpot
+    local status, body = nginx.run(inst, string.format("local RATE, SECONDS, PREFIX, CLIENT = %d, 5, %q, 'bench8'\n",
+      rate, "b" .. rate .. "-") .. load, 180)
+    assert(status == 200, body)
+    local r = cjson.decode(body)
+    local other = 0
+    for k, v in pairs(r.errors) do if k ~= "timeout" then other = other + v end end
+    local per = r.answered / math.max(1, r.requests)
+    print(string.format("   %9d  %8d  %13.1f  %4d  %6.0f  %6.0f  %8d  %12d  %12d  %11.1f", rate, r.answered, per,
+      r.throttled, r.p50_ms, r.p99_ms, r.errors.timeout or 0, other, r.peak_waiting, r.peak_mem_kb / 1024))
+    if rate == 1000 then
+      verdict("coalesced reads at 1,000/s", per >= 50 and r.throttled == 0 and r.p99_ms <= 1100 and other == 0,
+        string.format("%.1f reads/request (goal >= 50), %d 429s, p99 %.0f ms (goal <= 1,000 ms window + 2 x 50 ms)",
+          per, r.throttled, r.p99_ms))
+    elseif rate == 5000 then
+      verdict("coalesced reads beyond capacity (5,000/s)", r.throttled == 0 and other == 0
+        and r.answered + (r.errors.timeout or 0) == r.offered,
+        string.format("%d answered, %d timeout errors, %d other errors, %d 429s, peak %.1f MB of Lua memory",
+          r.answered, r.errors.timeout or 0, other, r.throttled, r.peak_mem_kb / 1024))
+    end
+  end
+  inst:stop()
+  s8:stop()
+end)
+if not ok then print("\n8. coalesced reads in nginx: not run: " .. tostring(err)) end
+end
+
 print("\ngoals:")
 for _, v in ipairs(verdicts) do print(v) end
 sim.stop(sim)

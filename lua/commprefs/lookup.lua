@@ -225,13 +225,15 @@ local function close_group(L, g)
   if L.groups[bu_text(g.bu)] == g then L.groups[bu_text(g.bu)] = nil end
 end
 
--- Hands every waiter of id in g its answer (or err) and remembers answers.
-local function deliver(L, g, id, answer, err, started)
+-- Hands every waiter of id in batch b its answer (or err); remembers answers.
+local function deliver(L, b, id, answer, err)
   if answer ~= nil and L.cache then
-    L.cache:remember(L.cache:key(id, g.bu), answer, started)
+    L.cache:remember(L.cache:key(id, b.bu), answer, b.started)
   end
-  for _, w in ipairs(g.waiters[id]) do
-    w.done, w.answer, w.err = true, answer, err
+  for _, g in ipairs(b.groups) do
+    for _, w in ipairs(g.waiters[id] or {}) do
+      w.done, w.answer, w.err = true, answer, err
+    end
   end
 end
 
@@ -249,9 +251,9 @@ local function item_error(e, req)
     url = response.strip_userinfo(req.url) }
 end
 
--- Delivers the transport result res of batch b ({g, req, ids, started}).
+-- Delivers the transport result res of batch b ({groups, bu, req, ids, started}).
 local function settle(L, b, res)
-  local g, req = b.g, b.req
+  local req = b.req
   local env, err = response.outcome(req, res)
   local by_id, errs = {}, {}
   if env then
@@ -265,23 +267,26 @@ local function settle(L, b, res)
   end
   for _, id in ipairs(b.ids) do
     local r = by_id[id]
-    if r then deliver(L, g, id, answer_of(r.wideStatuses), nil, b.started)
-    elseif errs[id] then deliver(L, g, id, nil, errs[id])
+    if r then deliver(L, b, id, answer_of(r.wideStatuses))
+    elseif errs[id] then deliver(L, b, id, nil, errs[id])
     else
-      deliver(L, g, id, nil, err or Error.new { kind = "decode", method = req.method,
+      deliver(L, b, id, nil, err or Error.new { kind = "decode", method = req.method,
         url = response.strip_userinfo(req.url), message = "the batch read did not mention this id" })
     end
   end
-  wake(g)
+  for _, g in ipairs(b.groups) do wake(g) end
 end
 
--- The ids of g that someone still waits for.
-local function live_ids(g)
+-- The ids of g that someone will still wait for at time `cutoff` (an answer
+-- arriving later would be too late for all of them), not yet in `seen`.
+local function hopeful_ids(g, cutoff, seen)
   local ids = {}
   for i = 1, g.n do
     local id = g.ids[i]
-    for _, w in ipairs(g.waiters[id]) do
-      if not w.gone then ids[#ids + 1] = id; break end
+    if not seen[id] then
+      for _, w in ipairs(g.waiters[id]) do
+        if not w.gone and w.deadline > cutoff then ids[#ids + 1] = id; break end
+      end
     end
   end
   return ids
@@ -298,9 +303,36 @@ local function wait_for_pacer(client)
   end
 end
 
--- The next batch read {g=, req=, ids=, started=}, once the oldest group's
--- window has passed (or it is full) and the pacer would let it go; nil once
--- no caller has come for IDLE seconds.
+-- Takes from the oldest groups (of the oldest group's business unit, in
+-- order) the ids someone will still wait for when the answer comes back, up
+-- to batch_size; groups with none left are dropped (their callers time out).
+local function take_batch(L, client)
+  local cutoff, first = now() + L.rtt, L.order[1]
+  local b = { groups = {}, ids = {}, bu = first.bu }
+  local seen = {}
+  while L.order[1] do
+    local g = L.order[1]
+    if g.bu ~= b.bu then break end
+    local ids = hopeful_ids(g, cutoff, seen)
+    if #b.ids + #ids > client.batch_size then break end
+    table.remove(L.order, 1)
+    close_group(L, g)
+    if #ids > 0 then
+      b.groups[#b.groups + 1] = g
+      for _, id in ipairs(ids) do b.ids[#b.ids + 1] = id; seen[id] = true end
+    end
+  end
+  if #b.ids == 0 then return nil end
+  local q = "?channel=EMAIL" .. (b.bu ~= nil and string.format("&businessUnitId=%d", b.bu) or "")
+  b.req = { method = "POST", url = client._prefix .. BATCH_PATH .. q, body = core.encode({ inputs = b.ids }) }
+  b.started = now()
+  L.requests = L.requests + 1
+  return b
+end
+
+-- The next batch read {groups=, bu=, ids=, req=, started=}, once the oldest
+-- group's window has passed (or it is full) and the pacer would let it go;
+-- nil once no caller has come for IDLE seconds.
 local function next_batch(L, client)
   while true do
     local g = L.order[1]
@@ -313,18 +345,8 @@ local function next_batch(L, client)
       local wait = g.n >= client.batch_size and 0 or g.born + L.coalesce - now()
       if wait > 0 then ngx.sleep(wait) end
       wait_for_pacer(client)
-      if L.order[1] == g then
-        table.remove(L.order, 1)
-        close_group(L, g)
-        local ids = live_ids(g)
-        if #ids > 0 then
-          local q = "?channel=EMAIL" .. (g.bu ~= nil and string.format("&businessUnitId=%d", g.bu) or "")
-          L.requests = L.requests + 1
-          return { g = g, ids = ids, started = now(), req = { method = "POST",
-            url = client._prefix .. BATCH_PATH .. q, body = core.encode({ inputs = ids }) } }
-        end
-        wake(g)
-      end
+      local b = L.order[1] and take_batch(L, client)
+      if b then return b end
     end
   end
 end
@@ -337,6 +359,7 @@ local function sender(premature, L, client)
     if not ok then ngx.log(ngx.ERR, "commprefs: coalesced batch read: ", tostring(b)) end
     if not ok or not b then break end
     local sent, results = pcall(client._perform, client, { b.req })
+    L.rtt = 0.7 * L.rtt + 0.3 * (now() - b.started) -- how long an answer takes to come back
     if sent then settle(L, b, results[1])
     else
       settle(L, b, { kind = "network", attempts = 0, message = "the batch read failed: " .. tostring(results) })
@@ -375,7 +398,7 @@ local function coalesced(L, client, id, bu)
     g.ids[g.n] = id
     if g.n >= client.batch_size then close_group(L, g) end
   end
-  local w = {}
+  local w = { deadline = now() + L.timeout }
   list[#list + 1] = w
   g.live = g.live + 1
   local ok, terr = ensure_sender(L, client)
@@ -383,11 +406,10 @@ local function coalesced(L, client, id, bu)
     w.gone, g.live = true, g.live - 1
     return nil, Error.new { kind = "network", message = "cannot start the batch reader: " .. tostring(terr) }
   end
-  local deadline = now() + L.timeout
-  while not w.done and not g.done and not g.failed do
-    local left = deadline - now()
+  while not w.done and not g.failed do
+    local left = w.deadline - now()
     if left <= 0 then break end
-    g.sema:wait(left)
+    if g.done then ngx.sleep(left) else g.sema:wait(left) end -- done without w: w's id came too late
   end
   if w.done then return w.answer, w.err end
   w.gone = true
@@ -403,7 +425,7 @@ function M.new(client, coalesce, cache, timeout)
   if coalesce == nil and cache == nil then return nil end
   return {
     cache = cache and new_cache(cache, client.api_version), coalesce = coalesce,
-    timeout = timeout or 30, groups = {}, order = {}, senders = 0, requests = 0,
+    timeout = timeout or 30, groups = {}, order = {}, senders = 0, requests = 0, rtt = 0,
   }
 end
 
