@@ -9,6 +9,10 @@
 --      a sequential loop of the same calls for comparison.
 --   4. Peak RSS of a bulk job streaming 100,000 versus 1,000,000 ids from a
 --      file (goal: within 1.2x).
+--   8. is_unsubscribed_from_all with coalesce = 0.01 inside nginx, limit 10 per
+--      1,000 ms, 50 ms latency, 200 / 1,000 / 5,000 distinct reads/s for 5 s: reads
+--      per HubSpot request, 429s, p50/p99 (goals at 1,000/s: >= 50 reads per request,
+--      0 429s, p99 <= 1,100 ms; at 5,000/s: timeouts, no 429s, bounded memory).
 -- Environment: BENCH_GETS, BENCH_BULK_IDS, BENCH_RATE (e.g. 100/1000),
 -- BENCH_SEQ_IDS, BENCH_RSS_SMALL, BENCH_RSS_LARGE override the sizes.
 package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path
