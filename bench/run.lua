@@ -14,7 +14,7 @@
 --      per HubSpot request, 429s, p50/p99 (goals at 1,000/s: >= 50 reads per request,
 --      0 429s, p99 <= 1,100 ms; at 5,000/s: timeouts, no 429s, bounded memory).
 -- Environment: BENCH_GETS, BENCH_BULK_IDS, BENCH_RATE (e.g. 100/1000),
--- BENCH_SEQ_IDS, BENCH_RSS_SMALL, BENCH_RSS_LARGE override the sizes.
+-- BENCH_SEQ_IDS, BENCH_RSS_SMALL, BENCH_RSS_LARGE, BENCH_WORKER_ENTRIES override the sizes.
 package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path
 package.cpath = "build/lua5.4/?.so;" .. package.cpath
 
@@ -276,6 +276,50 @@ local ok, err = pcall(function()
   s8:stop()
 end)
 if not ok then print("\n8. coalesced reads in nginx: not run: " .. tostring(err)) end
+end
+
+------------------------------------------------------------ 11. Redis worker
+-- issue 11: `commprefs worker` draining a Redis Stream of BENCH_WORKER_ENTRIES
+-- (20,000) entries at a limit of 20 requests per 1,000 ms and 150 ms latency,
+-- one worker, then two on one shared budget: entries per second against the
+-- bound ceil(N / 100) / 20 per s (goal: >= 0.9 of it), and 429s.
+if part(11) then
+  local redis = require "support.redis"
+  local N = num("BENCH_WORKER_ENTRIES", 20000)
+  local r = redis.start()
+  local conn = assert(core.redis_connect(r.url, { timeout = 10 }))
+  local bound = math.ceil(N / 100) / 20
+  print(string.format("\n11. commprefs worker: %d stream entries, limit 20 per 1,000 ms, latency 150 ms, default options", N))
+  print(string.format("   bound ceil(N/100)/rate = %d requests / 20 per s = %.1f s = %.0f entries/s", math.ceil(N / 100), bound, N / bound))
+  for _, workers in ipairs { 1, 2 } do
+    sim.reset({ rate = "20/1000", latency = 150 })
+    local stream, results = "bench:in:" .. workers, "bench:out:" .. workers
+    for first = 1, N, 1000 do
+      local cmds = {}
+      for i = first, math.min(first + 999, N) do cmds[#cmds + 1] = { "XADD", stream, "*", "id", "wb" .. i .. "@example.com" } end
+      assert(conn:pipeline(cmds))
+    end
+    local t0 = socket.gettime()
+    for w = 1, workers do
+      os.execute(string.format("HUBSPOT_ACCESS_TOKEN=sim-token lua5.4 bin/commprefs --base-url %s worker --redis %s"
+        .. " --stream %s --group bench --results %s --consumer w%d --idle-exit 1 --quiet%s >/dev/null 2>&1 &",
+        sim.url, r.url, stream, results, w, workers > 1 and " --budget-key bench-budget" or ""))
+    end
+    local deadline = t0 + bound * 4 + 30
+    while conn:command({ "XLEN", results }) < N and socket.gettime() < deadline do socket.sleep(0.02) end
+    local wall = socket.gettime() - t0
+    local done = conn:command({ "XLEN", results })
+    local throttled = sim.admin("GET", "log").throttled
+    print(string.format("   %d worker%s %s %6.2f s, %5.0f entries/s = %.3f of the bound; %d results, %d 429s",
+      workers, workers > 1 and "s" or " ", workers > 1 and "(one budget)" or "            ", wall, done / wall,
+      bound / wall, done, throttled))
+    verdict("worker drain, " .. workers .. " worker" .. (workers > 1 and "s" or ""),
+      bound / wall >= 0.9 and done == N and throttled == 0,
+      string.format("%.3f of the bound, %d 429s", bound / wall, throttled))
+    socket.sleep(1.5) -- the workers see nothing more and exit
+  end
+  conn:close()
+  redis.stop(r)
 end
 
 print("\ngoals:")
