@@ -223,6 +223,13 @@ static int core_caught_signal(lua_State *L) {
   return 1;
 }
 
+/* core.trap_signals(on): true keeps SIGINT/SIGTERM caught (flag cleared) until
+ * core.trap_signals(false) restores their default action; core.caught_signal() reads it. */
+static int core_trap_signals(lua_State *L) {
+  cp_trap_signals(lua_toboolean(L, 1));
+  return 0;
+}
+
 static int client_close(lua_State *L) {
   cp_transport *t = luaL_checkudata(L, 1, CLIENT_MT);
   if (t->active) luaL_error(L, "commprefs: close called from a callback of the running client");
@@ -298,7 +305,8 @@ int luaopen_commprefs_core(lua_State *L) {
   static const luaL_Reg plain[] = {
     {"new", core_new}, {"now", core_now}, {"escape", cp_escape}, {"has_control", cp_has_control},
     {"sane_window", core_sane_window}, {"window_margin_ms", core_window_margin_ms},
-    {"retry_after", core_retry_after}, {"caught_signal", core_caught_signal}, {NULL, NULL}};
+    {"retry_after", core_retry_after}, {"caught_signal", core_caught_signal},
+    {"trap_signals", core_trap_signals}, {NULL, NULL}};
   static int curl_ready = 0; /* curl_global_init once per process */
   if (!curl_ready) {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return luaL_error(L, "curl_global_init failed");

@@ -73,6 +73,19 @@ static void signals_restore(signal_guard *g) {
   if (g->installed_term) sigaction(SIGTERM, &g->old_term, NULL);
 }
 
+/* A scope longer than one perform (the Redis worker's run, which waits in
+ * Redis between performs): on != 0 clears the flag and keeps SIGINT/SIGTERM
+ * caught (performs inside see it as nested); 0 puts the default action back. */
+void cp_trap_signals(int on) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = on ? on_signal : SIG_DFL;
+  sigemptyset(&sa.sa_mask);
+  if (on) caught_signal = 0;
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+}
+
 /* ------------------------------------------------------------ easy handles */
 
 static size_t on_body(char *data, size_t size, size_t n, void *ud) {

@@ -82,5 +82,6 @@ void cp_transport_observe_latency(cp_transport *t, double ms);
 double cp_now_ms(void);
 /* The signal (SIGINT, SIGTERM) that stopped the last perform, or 0. */
 int cp_caught_signal(void);
+void cp_trap_signals(int on);
 
 #endif
