@@ -132,7 +132,7 @@ static int fail(lua_State *L, const path *p, const char *expected, const char *g
 
 static int fail_inexact(lua_State *L, const path *p) {
   push_path(L, p);
-  lua_pushfstring(L, "field %s: not an exact integer (fractional, or beyond 2^53)", lua_tostring(L, -1));
+  lua_pushfstring(L, "field %s is not an exact integer (fractional, or beyond 2^53)", lua_tostring(L, -1));
   return -1;
 }
 

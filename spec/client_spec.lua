@@ -457,9 +457,9 @@ describe("commprefs", function()
       for _, t in ipairs(texts) do assert.is_nil(t:find(TOKEN, 1, true), t) end
     end)
 
-    it("strips credentials from base_url in error urls", function()
-      local c = client { base_url = "http://user:pw@127.0.0.1:1", max_retries = 0 }
-      local _, err = c:get_status("t@example.com")
+    it("refuses credentials in base_url at new, without echoing them", function()
+      local ok, err = pcall(client, { base_url = "http://user:pw@127.0.0.1:1", max_retries = 0 })
+      assert.is_false(ok)
       assert.is_nil(tostring(err):find("pw", 1, true))
     end)
   end)
@@ -508,4 +508,17 @@ describe("commprefs", function()
       assert(c:get_status("a@example.com"))
     end)
   end)
+end)
+
+-- The expectations every transport meets, shared with spec/ngx_transport_spec.lua
+-- (which runs the same cases inside nginx over cosockets).
+describe("commprefs over libcurl meets every shared expectation", function()
+  local expectations = require "support.expectations"
+  before_each(function() sim.reset() end)
+  for _, case in ipairs(expectations.cases) do
+    it(case.name, function()
+      if case.setup then case.setup(sim) end
+      case.check(expectations.run_curl(case, sim), sim, "curl")
+    end)
+  end
 end)
