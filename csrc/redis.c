@@ -19,6 +19,7 @@
 #define CONN_MT "commprefs.core.redis"
 #define LOST_RETRY_MS 250.0    /* while Redis is lost: ask again after this long */
 #define KEY_MAX 200
+#define BUDGET_KEY_FORMAT "commprefs:{%s}:%s" /* one Cluster slot per budget */
 
 /* The budget script. KEYS[1] window (zset), KEYS[2] limits (hash).
  * ARGV[1] = "acquire" (ARGV[2..4] this caller's own max, interval, margin, or
@@ -439,6 +440,53 @@ static int conn_tostring(lua_State *L) {
   return 1;
 }
 
+/* core.redis_url(url) -> {host=, port=, db=, user=, password=}: the one URL
+ * parser, for the cosocket side. Raises on a malformed URL (never echoing it). */
+static int core_redis_url(lua_State *L) {
+  cp_redis r;
+  const char *url = luaL_checkstring(L, 1);
+  if (redis_parse(&r, url) != 0) return luaL_error(L, "commprefs.core.redis_url: bad argument 'url' (%s)", r.err);
+  lua_createtable(L, 0, 5);
+  lua_pushstring(L, r.host);
+  lua_setfield(L, -2, "host");
+  lua_pushinteger(L, r.port);
+  lua_setfield(L, -2, "port");
+  lua_pushinteger(L, r.db);
+  lua_setfield(L, -2, "db");
+  if (r.user) {
+    lua_pushstring(L, r.user);
+    lua_setfield(L, -2, "user");
+  }
+  if (r.pass) {
+    lua_pushstring(L, r.pass);
+    lua_setfield(L, -2, "password");
+  }
+  redis_free_fields(&r);
+  return 1;
+}
+
+static int key_ok(const char *key);
+
+/* core.budget_keys(key) -> window_key, limits_key (raises on a bad key). */
+static int core_budget_keys(lua_State *L) {
+  const char *key = luaL_checkstring(L, 1);
+  if (!key_ok(key)) return luaL_error(L, "commprefs.core.budget_keys: bad argument 'key' (1 to 200 characters, no control characters, no { or })");
+  lua_pushfstring(L, BUDGET_KEY_FORMAT, key, "window");
+  lua_pushfstring(L, BUDGET_KEY_FORMAT, key, "limits");
+  return 2;
+}
+
+static double lost_wait(double lost_for_ms, double limit_ms);
+
+/* core.budget_lost_wait(lost_for_ms, limit_ms) -> ms to wait before asking
+ * again, or nil once Redis has been lost for limit_ms (the budget is gone). */
+static int core_budget_lost_wait(lua_State *L) {
+  double w = lost_wait(luaL_checknumber(L, 1), luaL_checknumber(L, 2));
+  if (w < 0) lua_pushnil(L);
+  else lua_pushnumber(L, w);
+  return 1;
+}
+
 static int core_budget_script(lua_State *L) {
   lua_pushlstring(L, BUDGET_SCRIPT, sizeof(BUDGET_SCRIPT) - 1);
   return 1;
@@ -452,6 +500,14 @@ void cp_register_redis(lua_State *L) {
   lua_setfield(L, -2, "redis_connect");
   lua_pushcfunction(L, core_budget_script);
   lua_setfield(L, -2, "budget_script");
+  lua_pushcfunction(L, core_budget_keys);
+  lua_setfield(L, -2, "budget_keys");
+  lua_pushcfunction(L, core_budget_lost_wait);
+  lua_setfield(L, -2, "budget_lost_wait");
+  lua_pushcfunction(L, core_redis_url);
+  lua_setfield(L, -2, "redis_url");
+  lua_pushnumber(L, CP_REDIS_DEFAULT_WAIT_S);
+  lua_setfield(L, -2, "budget_wait"); /* seconds a lost Redis is waited for, by default */
 }
 
 /* ------------------------------------------------------------ the budget (C3) */
@@ -481,11 +537,19 @@ static redisReply *run_script(redis_budget *b, const char *op, const char *a1, c
   return rep;
 }
 
+/* While Redis is lost: wait LOST_RETRY_MS (never past the limit) and ask
+ * again, until it has been lost for limit_ms: then <0, the budget is gone. */
+static double lost_wait(double lost_for_ms, double limit_ms) {
+  if (lost_for_ms >= limit_ms) return -1;
+  return lost_for_ms + LOST_RETRY_MS > limit_ms ? limit_ms - lost_for_ms : LOST_RETRY_MS;
+}
+
 static double budget_lost(redis_budget *b, const char **err) {
-  double now = cp_now_ms();
+  double now = cp_now_ms(), w;
   if (b->lost_since == 0) b->lost_since = now;
-  if (now - b->lost_since < b->lost_wait_ms) return LOST_RETRY_MS;
-  snprintf(b->err, sizeof(b->err), "the shared budget in Redis was unavailable for %.0f s: %s",
+  w = lost_wait(now - b->lost_since, b->lost_wait_ms);
+  if (w >= 0) return w > 1 ? w : 1;
+  snprintf(b->err, sizeof(b->err), "the shared budget in Redis was unavailable for %g s: %s",
            b->lost_wait_ms / 1000, b->r.err);
   *err = b->err;
   return -1;
@@ -551,9 +615,9 @@ static void budget_close(void *ud) {
 }
 
 static char *budget_key(const char *key, const char *suffix) {
-  size_t n = strlen("commprefs:{}:") + strlen(key) + strlen(suffix) + 1;
+  size_t n = strlen(BUDGET_KEY_FORMAT) + strlen(key) + strlen(suffix) + 1;
   char *k = malloc(n);
-  if (k) snprintf(k, n, "commprefs:{%s}:%s", key, suffix);
+  if (k) snprintf(k, n, BUDGET_KEY_FORMAT, key, suffix);
   return k;
 }
 

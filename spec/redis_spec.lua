@@ -8,6 +8,7 @@ local R = require "support.redis"
 local core = require "commprefs.core"
 local commprefs = require "commprefs"
 
+local cjson_decode = require("cjson").decode
 local vm = sim.vm
 local build = os.getenv("COMMPREFS_BUILD") or ("build/" .. vm)
 
@@ -503,5 +504,140 @@ describe("the command line with --redis and --budget-key", function()
     out, code = cli("--budget-key k unsubscribe-all a@x.com")
     assert.equal(2, code)
     assert.matches("%-%-budget%-key needs %-%-redis", out)
+  end)
+end)
+
+describe("the cosocket side inside nginx (commprefs.ngx.redis, commprefs.ngx.redis_budget)", function()
+  local nginx = require "support.nginx"
+  local r, inst
+  setup(function()
+    r = R.start { password = "ngx-pw-1" }
+    inst = nginx.start { workers = 1, env = { REDIS_URL = r.url, REDIS_PORT = tostring(r.port) } }
+  end)
+  teardown(function()
+    inst:stop()
+    R.stop(r)
+  end)
+
+  local function run(code)
+    local status, body = nginx.run(inst, code)
+    assert.equal(200, status, body)
+    return cjson_decode(body)
+  end
+
+  it("gives the same reply shapes as core.redis_connect", function()
+    local got = run [[
+      local core = require "commprefs.core"
+      local c = assert(require("commprefs.ngx.redis").connect(os.getenv("REDIS_URL"), { timeout = 2 }))
+      local set = c:command { "SET", "x", "1" }
+      local incr = c:command { "INCR", "x" }
+      local null = c:command { "GET", "nope" } == core.redis_null
+      local v, err = c:command { "NOSUCH" }
+      local p = c:pipeline { { "INCR", "x" }, { "HGET", "x", "y" }, { "LRANGE", "none", 0, -1 } }
+      c:close()
+      return { set = set, incr = incr, null = null, v = v == nil, kind = err.kind, msg = err.message,
+        p1 = p[1], p2 = p[2].message, p3 = #p[3], closed_raises = not pcall(c.command, c, { "PING" }) }
+    ]]
+    assert.same({ ok = "OK" }, got.set)
+    assert.equal(2, got.incr)
+    assert.is_true(got.null and got.v and got.closed_raises)
+    assert.equal("redis", got.kind)
+    assert.matches("unknown command", got.msg)
+    assert.equal(3, got.p1)
+    assert.matches("^WRONGTYPE", got.p2)
+    assert.equal(0, got.p3)
+  end)
+
+  it("says clearly when the password is wrong or Redis unreachable, never showing the password", function()
+    local got = run [[
+      local redis = require "commprefs.ngx.redis"
+      local _, e1 = redis.connect("redis://:ngx-pw-WRONG@127.0.0.1:" .. os.getenv("REDIS_PORT"))
+      local _, e2 = redis.connect("redis://:ngx-pw-1@127.0.0.1:1", { connect_timeout = 0.5 })
+      return { e1 = tostring(e1), e2 = tostring(e2) }
+    ]]
+    assert.matches("authentication failed", got.e1)
+    assert.is_nil(got.e1:find("ngx-pw", 1, true))
+    assert.matches("cannot connect", got.e2)
+    assert.is_nil(got.e2:find("ngx-pw", 1, true))
+  end)
+
+  it("runs the same budget script: limits, waits, 429 holds; a lost Redis gives waits, then nil, err", function()
+    local got = run [[
+      local rb = require "commprefs.ngx.redis_budget"
+      local b = rb.new { url = os.getenv("REDIS_URL"), key = "nb" }
+      b:learn(3, 1000)
+      local a = {}
+      for i = 1, 4 do a[i] = b:acquire() end
+      b:throttled(300)
+      a[5] = b:acquire()
+      local gone = rb.new { url = "redis://127.0.0.1:1", key = "nb", wait = 0.3 }
+      local waits, err = 0, nil
+      for _ = 1, 20 do
+        local w, e = gone:acquire()
+        if not w then err = e break end
+        waits = waits + 1
+        ngx.sleep(w / 1000)
+      end
+      return { a = a, waits = waits, err = err,
+        bad = not pcall(rb.new, { url = "redis://x", key = "a{b" }) and not pcall(rb.new, { url = "http://x", key = "k" }) }
+    ]]
+    assert.same({ 0, 0, 0 }, { got.a[1], got.a[2], got.a[3] })
+    assert.is_true(got.a[4] > 900 and got.a[4] <= 1035)
+    assert.is_true(got.a[5] > 200 and got.a[5] <= 300)
+    assert.is_true(got.waits >= 1)
+    assert.matches("unavailable for 0.3 s", got.err)
+    assert.is_true(got.bad)
+    assert.equal("1", R.cli(r, "EXISTS", "commprefs:{nb}:window"))
+  end)
+end)
+
+describe("two nginx workers and one Lua process on one key", function()
+  local nginx = require "support.nginx"
+
+  it("0 429s and every id done, at 20 requests per 1,000 ms with retries off", function()
+    local s = rate_sim()
+    local r = R.start()
+    local inst = nginx.start { workers = 2, env = { SIM_URL = s.url, REDIS_URL = r.url }, conf = [[
+      lua_shared_dict jobs 1m;
+      init_worker_by_lua_block {
+        ngx.timer.at(0, function()
+          local commprefs = require "commprefs"
+          local cjson = require "cjson"
+          local w = ngx.worker.id()
+          local c = commprefs.new { token = "sim-token", base_url = os.getenv("SIM_URL"), max_retries = 0,
+            rate_limit = { redis = os.getenv("REDIS_URL"), key = "mixed" } }
+          local ids = {}
+          for i = 1, 1500 do ids[i] = "w" .. w .. "-" .. i .. "@example.com" end
+          local ok, summary = pcall(c.bulk_unsubscribe_all, c, ids)
+          local st = c:stats()
+          ngx.shared.jobs:set("job" .. w, cjson.encode { ok = ok, done = ok and summary.done,
+            failed = ok and summary.failed, err = not ok and tostring(summary) or nil, throttled = st.throttled })
+        end)
+      }]] }
+    local lua_job = spawn_job(s.url, r.url, "mixed", "lua-", 3000)
+    local res = lua_job:wait()
+    local jobs
+    assert.is_true(wait_until(function()
+      local status, body = nginx.run(inst, [[
+        local a, b = ngx.shared.jobs:get("job0"), ngx.shared.jobs:get("job1")
+        return a and b and ("[" .. a .. "," .. b .. "]") or ""
+      ]])
+      if status == 200 and body ~= "" then jobs = cjson_decode(body) end
+      return jobs ~= nil
+    end, 30), "the nginx jobs did not finish")
+    local sim_429s, requests = sim_log(s).throttled, #sim_log(s).requests
+    local errors = inst:errors()
+    inst:stop()
+    sim.stop(s)
+    R.stop(r)
+    assert.equal(3000, res.done)
+    assert.equal(0, res.failed)
+    for w = 1, 2 do
+      assert.is_true(jobs[w].ok, jobs[w].err)
+      assert.equal(1500, jobs[w].done)
+      assert.equal(0, jobs[w].failed)
+    end
+    assert.equal(60, requests)
+    assert.equal(0, sim_429s, errors)
   end)
 end)
