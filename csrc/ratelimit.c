@@ -8,7 +8,7 @@
 #define RL_MAX_CAP 100000
 
 double cp_rl_margin_ms(long interval_ms) {
-  return 25.0 + interval_ms / 100.0;
+  return 10.0 + interval_ms / 200.0;
 }
 
 static double margin_ms(const cp_ratelimit *rl) {

@@ -11,6 +11,7 @@ local core = require "commprefs.core"
 
 local VM = sim.vm
 local BUILD = os.getenv("COMMPREFS_BUILD") or ("build/" .. VM)
+local CLI_BUILD = (BUILD:gsub("luajit", "lua5.4")) -- bin/commprefs runs on lua5.4
 local TMP = os.getenv("TMPDIR") or "/tmp"
 local GET = "/communication-preferences/2026-03/statuses/a%40example.com/unsubscribe-all?channel=EMAIL"
 
@@ -320,7 +321,7 @@ describe("the command line on SIGINT / SIGTERM (issue 10, defect 4)", function()
     sim.fault { kind = "hang", seconds = 25 }
     local out, codef = tmpfile("cli-out"), tmpfile("cli-code")
     local p = io.popen(string.format("HUBSPOT_ACCESS_TOKEN=sim-token COMMPREFS_BUILD=%s COMMPREFS_BASE_URL=%s "
-      .. "bin/commprefs %s >%s 2>&1 & pid=$!; echo $pid; wait $pid; echo $? >%s", BUILD, sim.url, args, out, codef))
+      .. "bin/commprefs %s >%s 2>&1 & pid=$!; echo $pid; wait $pid; echo $? >%s", CLI_BUILD, sim.url, args, out, codef))
     local pid = p:read("*l")
     socket.sleep(1.0)
     local t0 = socket.gettime()

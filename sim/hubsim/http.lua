@@ -194,33 +194,44 @@ end
 
 ------------------------------------------------------------------ rate limit
 
--- A rolling window per token: timestamps (ms) of the requests it counted.
+-- A rolling window per token: timestamps (ms) of the requests it counted,
+-- and the day's count (SIM_DAILY, like HubSpot's daily limit: once spent,
+-- every request is a 429 with policyName DAILY until POST /__sim/day).
+-- Returns true, or false and the policy that refused.
 local function rate_check(token)
   local rate = config.rate
-  if not rate then return true end
+  if not rate and not config.daily then return true end
   local now = ngx.now() * 1000
   local w = windows[token]
   if not w then w = { first = 1, last = 0, daily = 0 }; windows[token] = w end
-  while w.first <= w.last and w[w.first] <= now - rate.interval do
-    w[w.first] = nil
-    w.first = w.first + 1
+  local day_ok = not config.daily or w.daily < config.daily
+  local ok, used = day_ok, 0
+  if rate then
+    while w.first <= w.last and w[w.first] <= now - rate.interval do
+      w[w.first] = nil
+      w.first = w.first + 1
+    end
+    used = w.last - w.first + 1
+    ok = ok and used < rate.max
   end
-  local used = w.last - w.first + 1
-  local ok = used < rate.max
   if ok then
-    w.last = w.last + 1
-    w[w.last] = now
+    if rate then
+      w.last = w.last + 1
+      w[w.last] = now
+      used = used + 1
+    end
     w.daily = w.daily + 1
-    used = used + 1
   end
-  ngx.header["X-HubSpot-RateLimit-Max"] = tostring(rate.max)
-  ngx.header["X-HubSpot-RateLimit-Remaining"] = tostring(rate.max - used)
-  ngx.header["X-HubSpot-RateLimit-Interval-Milliseconds"] = tostring(rate.interval)
+  if rate then
+    ngx.header["X-HubSpot-RateLimit-Max"] = tostring(rate.max)
+    ngx.header["X-HubSpot-RateLimit-Remaining"] = tostring(math.max(0, rate.max - used))
+    ngx.header["X-HubSpot-RateLimit-Interval-Milliseconds"] = tostring(rate.interval)
+  end
   if config.daily then
     ngx.header["X-HubSpot-RateLimit-Daily"] = tostring(config.daily)
     ngx.header["X-HubSpot-RateLimit-Daily-Remaining"] = tostring(math.max(0, config.daily - w.daily))
   end
-  return ok
+  return ok, not day_ok and "DAILY" or nil
 end
 
 ------------------------------------------------------------------ operations
@@ -439,8 +450,13 @@ function M.api()
     return hs_error(401, "INVALID_AUTHENTICATION",
       "Authentication credentials not found. This API supports OAuth 2.0 authentication.")
   end
-  if not rate_check(token) then
-    log.throttled = (log.throttled or 0) + 1 -- GET /__sim/log says how many
+  local allowed, refused_by = rate_check(token)
+  if not allowed then log.throttled = (log.throttled or 0) + 1 end -- GET /__sim/log says how many
+  if not allowed and refused_by == "DAILY" then
+    return hs_error(429, "RATE_LIMITS", "You have reached your daily limit.", { errorType = "RATE_LIMIT",
+      policyName = "DAILY", groupName = "sim" })
+  end
+  if not allowed then
     local msg = "You have reached your ten_secondly_rolling limit."
     return hs_error(429, "RATE_LIMITS", msg, { errorType = "RATE_LIMIT",
       policyName = config.rate.interval == 1000 and "SECONDLY" or "TEN_SECONDLY_ROLLING", groupName = "sim" })
@@ -511,6 +527,9 @@ function M.admin()
     return send(200, { ok = true })
   elseif what == "config" and method == "POST" then
     return admin_config(body)
+  elseif what == "day" and method == "POST" then -- a new day: daily counts start again
+    for _, w in pairs(windows) do w.daily = 0 end
+    return send(200, { ok = true })
   elseif what == "state" then
     return send(200, { subscribers = state.dump() })
   end

@@ -67,6 +67,7 @@ function M.reset(config)
   if config then M.admin("POST", "config", config) end
 end
 function M.fault(f) return M.admin("POST", "faults", f) end
+function M.new_day() return M.admin("POST", "day", {}) end -- daily limit counts start again
 function M.log() return M.admin("GET", "log").requests end
 function M.state() return M.admin("GET", "state").subscribers end
 
