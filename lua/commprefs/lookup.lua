@@ -190,12 +190,12 @@ M.answer_of = answer_of
 
 ------------------------------------------------------------------ coalescing
 
--- One sender per client and worker (an ngx.timer) sends one batch read per
--- group of waiting ids through client:_perform. It takes the oldest group
--- only once its window has passed (or it is full) AND the pacer would let a
--- request go, so ids keep joining a group while HubSpot's rate limit holds
--- it back. One batch is in flight at a time per client and worker (enough
--- for a rate limit of 10 requests a second at round trips up to ~100 ms).
+-- Senders (ngx.timers, per client and worker) send one batch read per group
+-- of waiting ids through client:_perform. The oldest group leaves only once
+-- its window has passed (or it is full) AND the pacer would let a request
+-- go, so ids keep joining it while HubSpot's rate limit holds it back; more
+-- senders start while batches are in flight, up to the client's in-flight
+-- target.
 
 local BATCH_PATH = "statuses/batch/unsubscribe-all/read"
 local IDLE = 1 -- seconds the source waits for new callers before it ends
@@ -303,6 +303,18 @@ local function wait_for_pacer(client)
   end
 end
 
+-- Sleeps until group g may leave: at once when it is full; else once its
+-- window has passed and no other batch is in flight (a partial batch waiting
+-- for an answer to come back gathers more callers instead of using a slot
+-- of the rate limit early).
+local function wait_until_due(L, client, g)
+  while g.n < client.batch_size do
+    local wait = g.born + L.coalesce - now()
+    if wait <= 0 and L.senders - L.ready == 0 then return end
+    ngx.sleep(wait > 0 and wait or 0.002)
+  end
+end
+
 -- Takes from the oldest groups (of the oldest group's business unit, in
 -- order) the ids someone will still wait for when the answer comes back, up
 -- to batch_size; groups with none left are dropped (their callers time out).
@@ -342,8 +354,7 @@ local function next_batch(L, client)
       L.idle_waiting = false
       if not L.order[1] then return nil end
     else
-      local wait = g.n >= client.batch_size and 0 or g.born + L.coalesce - now()
-      if wait > 0 then ngx.sleep(wait) end
+      wait_until_due(L, client, g)
       wait_for_pacer(client)
       local b = L.order[1] and take_batch(L, client)
       if b then return b end
@@ -351,31 +362,47 @@ local function next_batch(L, client)
   end
 end
 
--- The sender (an ngx.timer callback): sends batch reads through
--- client:_perform, one at a time, until no caller is left.
+-- A sender (an ngx.timer callback). Senders take turns to wait for the next
+-- batch (one at a time, so a batch keeps growing until it may really go),
+-- then send it through client:_perform; while one is in flight another takes
+-- the turn. Ends once no caller has come for IDLE seconds.
 local function sender(premature, L, client)
   while not premature do
-    local ok, b = pcall(next_batch, L, client)
-    if not ok then ngx.log(ngx.ERR, "commprefs: coalesced batch read: ", tostring(b)) end
+    local turn = L.turn:wait(IDLE + L.timeout)
+    local ok, b = false, nil
+    if turn then
+      ok, b = pcall(next_batch, L, client)
+      L.turn:post(1)
+      if not ok then ngx.log(ngx.ERR, "commprefs: coalesced batch read: ", tostring(b)) end
+    end
     if not ok or not b then break end
+    L.ready = L.ready - 1
     local sent, results = pcall(client._perform, client, { b.req })
+    L.ready = L.ready + 1
     L.rtt = 0.7 * L.rtt + 0.3 * (now() - b.started) -- how long an answer takes to come back
     if sent then settle(L, b, results[1])
     else
       settle(L, b, { kind = "network", attempts = 0, message = "the batch read failed: " .. tostring(results) })
     end
   end
-  L.senders = 0
+  L.senders, L.ready = L.senders - 1, L.ready - 1
   if premature then
     for _, g in ipairs(L.order) do g.failed = "the nginx worker is exiting"; wake(g) end
   end
 end
 
+-- Starts a sender when none is free to take the next batch, up to as many
+-- as the client would have requests in flight (h:in_flight_target()).
 local function ensure_sender(L, client)
-  if L.senders > 0 then return true end
+  if L.ready > 0 then return true end
+  local most = client._core.in_flight_target and client._core:in_flight_target() or 1
+  if L.senders >= math.max(1, most) then return true end
   local ok, err = ngx.timer.at(0, sender, L, client)
-  if not ok then return nil, err end
-  L.senders = 1
+  if not ok then
+    if L.senders > 0 then return true end
+    return nil, err
+  end
+  L.senders, L.ready = L.senders + 1, L.ready + 1
   return true
 end
 
@@ -387,7 +414,10 @@ end
 
 -- One caller's share of a batch read: waits for its answer or its timeout.
 local function coalesced(L, client, id, bu)
-  L.arrival = L.arrival or require("ngx.semaphore").new(0) -- made in the worker, at first use
+  if not L.arrival then -- made in the worker, at first use
+    local semaphore = require "ngx.semaphore"
+    L.arrival, L.turn = semaphore.new(0), semaphore.new(1)
+  end
   local g = L.groups[bu_text(bu)]
   if not g then g = new_group(L, bu) end
   local list = g.waiters[id]
@@ -425,7 +455,7 @@ function M.new(client, coalesce, cache, timeout)
   if coalesce == nil and cache == nil then return nil end
   return {
     cache = cache and new_cache(cache, client.api_version), coalesce = coalesce,
-    timeout = timeout or 30, groups = {}, order = {}, senders = 0, requests = 0, rtt = 0,
+    timeout = timeout or 30, groups = {}, order = {}, senders = 0, ready = 0, requests = 0, rtt = 0,
   }
 end
 
