@@ -11,7 +11,8 @@
 --     server = "location /x { return 200; }",     -- lines inside the test server {}
 --     workers = 1,                                -- worker_processes
 --     env = { SIM_URL = sim.url },                -- environment; each gets an `env NAME;`
---   }
+--     trusted_ca = sim.ca_file,                   -- copied into the prefix (workers must read
+--   }                                             -- it) as lua_ssl_trusted_certificate
 --   inst.url, inst.port, inst.pid (master), inst.prefix, inst.tmp (writable by workers)
 --   inst:stop()   inst:log() (the whole error log)   inst:errors() (lines at [error] or worse)
 --   local status, body = nginx.run(inst, "return 1 + 1")   --> 200, "2"
@@ -99,6 +100,8 @@ local RUN_HANDLER = [[
 ]]
 
 local function render(opts, prefix, port, build)
+  local tls = opts.trusted_ca and ("  lua_ssl_trusted_certificate " .. prefix .. "/conf/trusted_ca.pem;\n"
+    .. "  lua_ssl_verify_depth 3;") or ""
   local envs = {}
   for k in pairs(opts.env or {}) do envs[#envs + 1] = "env " .. k .. ";" end
   table.sort(envs)
@@ -122,6 +125,7 @@ local function render(opts, prefix, port, build)
     "  keepalive_requests 1000000;",
     string.format('  lua_package_path "%s/lua/?.lua;%s/lua/?/init.lua;%s/spec/?.lua;;";', ROOT, ROOT, ROOT),
     string.format('  lua_package_cpath "%s/?.so;;";', build),
+    tls,
     opts.conf or "",
     "  server {",
     "    listen 127.0.0.1:" .. port .. ";",
@@ -171,7 +175,7 @@ function Instance:errors()
   return out
 end
 
--- opts: conf, server, workers, env, log_level (see the top of the file).
+-- opts: conf, server, workers, env, trusted_ca, log_level (see the top of the file).
 function M.start(opts)
   opts = opts or {}
   assert(type(opts) == "table", "support.nginx.start: opts must be a table")
@@ -183,6 +187,10 @@ function M.start(opts)
     shell_quote(prefix), shell_quote(prefix), shell_quote(prefix), shell_quote(prefix), shell_quote(prefix),
     shell_quote(prefix)))
   local port = free_port()
+  if opts.trusted_ca then
+    assert(os.execute(string.format("cp %s %s/conf/trusted_ca.pem && chmod 644 %s/conf/trusted_ca.pem",
+      shell_quote(opts.trusted_ca), shell_quote(prefix), shell_quote(prefix))), "support.nginx.start: cannot copy trusted_ca")
+  end
   local conf = prefix .. "/conf/nginx.conf"
   local f = assert(io.open(conf, "w"))
   f:write(render(opts, prefix, port, build))
