@@ -64,6 +64,7 @@ bench: deps
 
 demo: deps
 	$(MAKE) all
+	$(MAKE) all LUA=luajit
 	sh scripts/demo.sh
 
 sim: deps

@@ -30,4 +30,7 @@ echo; echo "== examples/bulk_job.lua: 1,000 addresses, 8 requests in flight"
 lua5.4 examples/bulk_job.lua
 echo; echo "== bin/commprefs status"
 bin/commprefs status ada@example.com grace@example.com nobody@example.com
+
+echo; echo "== examples/openresty: nginx (2 workers, one shared_dict) checks recipients and runs a bulk job, over HTTPS"
+sh scripts/openresty-demo.sh "$out"
 echo; echo "demo done: the simulator on port $port stops now"
