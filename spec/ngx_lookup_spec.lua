@@ -152,6 +152,35 @@ describe("is_unsubscribed_from_all coalesced and cached in nginx", function()
   -- Waits until the simulator's window of 10 per 1,000 ms is empty again.
   local function quiet() require("socket").sleep(1.1) end
 
+  it("after unsubscribe_all through the client the next cached read says true with no request", function()
+    quiet()
+    local before = #api_log(s)
+    local status, body = nginx.run(inst, [[
+      local c = package.loaded.lk_cached
+      local first = c:is_unsubscribed_from_all("u-me@example.com")
+      assert(c:unsubscribe_all("u-me@example.com"))
+      local second = c:is_unsubscribed_from_all("u-me@example.com")
+      local keys, token_seen = ngx.shared.answers:get_keys(0), false
+      for _, k in ipairs(keys) do if k:find("sim-token", 1, true) then token_seen = true end end
+      return { first = first, second = second, token_seen = token_seen, key = c._lookup.cache:key("u-me@example.com") }
+    ]])
+    assert.equals(200, status, body)
+    local t = cjson.decode(body)
+    assert.is_false(t.first)
+    assert.is_true(t.second)
+    assert.is_false(t.token_seen)
+    assert.equals("commprefs:uall:2026-03:0:u-me@example.com", t.key)
+    local log = api_log(s)
+    assert.equals(before + 2, #log) -- the first read and the POST
+    assert.equals("POST", log[#log].method)
+    assert.matches("statuses/u%-me%%40example.com/unsubscribe%-all$", log[#log].path)
+    -- every worker sees it (one shared dict), still with no request
+    local paths = {}
+    for i = 1, 8 do paths[i] = "/check?id=u-me%40example.com" end
+    for _, a in ipairs(nginx.concurrent(inst, paths, 20)) do assert.equals("yes", a.body) end
+    assert.equals(before + 2, #api_log(s))
+  end)
+
   it("gives each caller what a single GET gives; business units never share a batch", function()
     quiet()
     local c = require("commprefs").new { token = "sim-token", base_url = s.url }
