@@ -68,24 +68,30 @@ end
 
 ------------------------------------------------------------------ stores
 
--- A bounded in-process map with expiry: two generations (the current one
--- and the previous one); an entry read from the previous generation moves
--- to the current one, and when the current one is full the previous one is
--- dropped. At most max_entries entries, least recently used go first.
+-- A bounded in-process map with expiry: two generations of at most max/2
+-- entries each (the current one and the previous one); an entry read from
+-- the previous generation moves to the current one, and when the current
+-- one is full the previous one is dropped whole (O(1)). Recently used
+-- entries stay, as in an LRU; never more than max entries.
 local Bounded = {}
 Bounded.__index = Bounded
 
-local function bounded(max_entries)
-  return setmetatable({ half = math.max(1, math.ceil(max_entries / 2)), cur = {}, old = {}, n = 0 }, Bounded)
+local function bounded(max)
+  local half = math.max(1, math.floor(max / 2))
+  return setmetatable({ half = half, keep_old = 2 * half <= max, cur = {}, old = {}, n_cur = 0, n_old = 0 }, Bounded)
 end
 
 function Bounded:put(k, v, ttl)
   local e = self.cur[k]
   if e then e[1], e[2] = v, now() + ttl; return end
-  if self.n >= self.half then self.old, self.cur, self.n = self.cur, {}, 0 end
-  self.old[k] = nil
+  if self.old[k] then self.old[k] = nil; self.n_old = self.n_old - 1 end
+  if self.n_cur >= self.half then
+    if self.keep_old then self.old, self.n_old = self.cur, self.n_cur
+    else self.old, self.n_old = {}, 0 end
+    self.cur, self.n_cur = {}, 0
+  end
   self.cur[k] = { v, now() + ttl }
-  self.n = self.n + 1
+  self.n_cur = self.n_cur + 1
 end
 
 function Bounded:get(k)
@@ -94,21 +100,21 @@ function Bounded:get(k)
     e = self.old[k]
     if not e then return nil end
     self.old[k] = nil
-    if e[2] > now() then self:put(k, e[1], e[2] - now()) end
+    self.n_old = self.n_old - 1
+    if e[2] <= now() then return nil end
+    self:put(k, e[1], e[2] - now())
   end
   if e[2] <= now() then self:delete(k); return nil end
   return e[1]
 end
 
 function Bounded:delete(k)
-  if self.cur[k] then self.cur[k] = nil; self.n = self.n - 1 end
-  self.old[k] = nil
+  if self.cur[k] then self.cur[k] = nil; self.n_cur = self.n_cur - 1 end
+  if self.old[k] then self.old[k] = nil; self.n_old = self.n_old - 1 end
 end
 
 function Bounded:count()
-  local n = self.n
-  for _ in pairs(self.old) do n = n + 1 end
-  return n
+  return self.n_cur + self.n_old
 end
 
 -- The same three methods over a lua_shared_dict (which bounds itself by its
@@ -117,7 +123,8 @@ local Shared = {}
 Shared.__index = Shared
 
 function Shared:put(k, v, ttl)
-  self.dict:set(k, v, ttl)
+  local ok = self.dict:set(k, v, ttl)
+  if not ok then self.dict:delete(k) end -- full of fresh entries: never leave an older answer
 end
 
 function Shared:get(k)
@@ -265,8 +272,16 @@ local function settle(L, b, res)
       for _, id in ipairs(type(ctx) == "table" and ctx or {}) do errs[id] = errs[id] or item_error(e, req) end
     end
   end
+  local lower -- HubSpot may answer with the address in lower case
   for _, id in ipairs(b.ids) do
     local r = by_id[id]
+    if not r and not errs[id] and env then
+      if not lower then
+        lower = {}
+        for k, v in pairs(by_id) do lower[k:lower()] = v end
+      end
+      r = lower[id:lower()]
+    end
     if r then deliver(L, b, id, answer_of(r.wideStatuses))
     elseif errs[id] then deliver(L, b, id, nil, errs[id])
     else
@@ -408,8 +423,8 @@ end
 
 local function timeout_error(L, id)
   return Error.new { kind = "timeout",
-    message = string.format("no answer for %s within %g s (the batch read is waiting for HubSpot's rate limit)",
-      id, L.timeout) }
+    message = string.format("no answer for %s within %g s (the client's timeout): its batch read was still"
+      .. " waiting for HubSpot's rate limit or answer", id, L.timeout) }
 end
 
 -- One caller's share of a batch read: waits for its answer or its timeout.
