@@ -437,3 +437,40 @@ describe("commprefs worker (command line)", function()
     end
   end)
 end)
+
+describe("commprefs.worker inside OpenResty", function()
+  setup(function()
+    R = R or redis.start()
+    conn = conn or assert(core.redis_connect(R.url, { timeout = 10 }))
+  end)
+  before_each(function() sim.reset() end)
+
+  it("drains a stream through cosockets (commprefs.ngx.redis and the cosocket transport)", function()
+    local nginx = require "support.nginx"
+    local inst = nginx.start { env = { SIM_URL = sim.url, REDIS_URL = R.url } }
+    local k = keys()
+    local ids = add(k.stream, addresses(250, "ngx"))
+    local status, body = nginx.run(inst, string.format([[
+      local commprefs = require "commprefs"
+      local worker = require "commprefs.worker"
+      local redis = require "commprefs.ngx.redis"
+      local client = commprefs.new { token = "sim-token", base_url = os.getenv("SIM_URL") }
+      local url = os.getenv("REDIS_URL")
+      local w = worker.new(client, { connect = function() return redis.connect(url) end,
+        stream = %q, group = %q, results = %q, batch_size = 50 })
+      local s = assert(w:run { idle_exit = 0.3, stop = function() return ngx.worker.exiting() end })
+      w:close()
+      return { results = s.results, changed = s.changed, batches = s.batches, stopped = s.stopped,
+        cosockets = client._ngx ~= nil }
+    ]], k.stream, k.group, k.results))
+    local errors = inst:errors()
+    inst:stop()
+    assert.equal(200, status, body)
+    local s = require("cjson").decode(body)
+    assert.same({ results = 250, changed = 250, batches = 5, stopped = "idle", cosockets = true }, s)
+    assert.equal("", table.concat(errors, "\n"))
+    one_each(k, ids)
+    assert.equal(0, group_pending(k))
+    assert.equal(5, #sim.log())
+  end)
+end)

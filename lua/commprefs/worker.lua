@@ -212,6 +212,11 @@ function M.new(client, opts)
     held = {},           -- entry id -> true while its batch is in flight here
     recover = true,      -- the next read re-reads this consumer's own pending entries
     claim_cursor = "0-0", claim_due = 0,
+    -- Inside nginx the client sends through cosockets in light threads, and its
+    -- callbacks must not yield on a socket of their own (lua-nginx-module would
+    -- hand a finished thread's results to that socket operation): there the
+    -- worker reads a round of batches, sends them together, then commits them.
+    rounds = ngx ~= nil and client._ngx ~= nil, round_size = client.max_concurrency or 8,
   }, Worker)
   if w.stream == w.results then raise("the results stream must not be the source stream") end
   w.summary = { read = 0, results = 0, duplicates = 0, failed = 0, bad = 0, batches = 0, claimed = 0, reconnects = 0 }
@@ -263,12 +268,16 @@ function Worker:_connected()
   local deadline, delay, last = core.now() + self.redis_wait, 0.05, nil
   while true do
     local ok, conn, err = pcall(self.connect)
-    if ok and conn then
+    if not ok then error(conn, 0) end -- a mistake (bad URL, bad option), not an outage
+    if conn then
       self.conn = conn
       self.recover = true -- a read may have been delivered and its reply lost
       return conn
     end
-    last = ok and err or conn
+    last = err
+    if message(err):find("authentication failed", 1, true) then -- a wrong password does not heal
+      return nil, redis_error(message(err))
+    end
     if core.now() + delay > deadline then
       return nil, redis_error("Redis unreachable for " .. self.redis_wait .. " s: " .. message(last))
     end
@@ -488,7 +497,16 @@ end
 -- error or nil, perform's stop reason or nil, and the batches it stopped
 -- before they were answered.
 function Worker:_drain(ready, gather, stop, on_progress)
-  local batches, seq, fatal, stopped, unanswered = {}, 0, nil, nil, {}
+  local batches, seq, fatal, stopped, unanswered, answered = {}, 0, nil, nil, {}, {}
+  if self.rounds and gather then -- cosockets: read a round of batches first (see M.new)
+    while #ready < self.round_size and not stop() do
+      local batch, err = self:_gather(nil)
+      if batch == nil then return err, nil, ready end
+      if not batch then break end
+      ready[#ready + 1] = batch
+    end
+    gather = false
+  end
   local function generate()
     if fatal or stopped then return nil end
     local batch = table.remove(ready, 1) -- read already: sent even after stop()
@@ -510,6 +528,7 @@ function Worker:_drain(ready, gather, stop, on_progress)
       unanswered[#unanswered + 1] = batch
       return
     end
+    if self.rounds then answered[#answered + 1] = { batch, res }; return end
     local ok, err = self:_settle(batch, res)
     if not ok then fatal = fatal or err end
     if on_progress then on_progress(self.summary) end
@@ -518,6 +537,11 @@ function Worker:_drain(ready, gather, stop, on_progress)
   if not ok then
     for _, b in pairs(batches) do self:_release(b) end -- whatever stopped perform, let others take these
     error(perr, 0)
+  end
+  for _, a in ipairs(answered) do
+    local sok, err = self:_settle(a[1], a[2])
+    if not sok then fatal = fatal or err end
+    if on_progress then on_progress(self.summary) end
   end
   for _, b in ipairs(ready) do unanswered[#unanswered + 1] = b end
   return fatal, stopped or (type(perr) == "string" and perr or reason), unanswered
