@@ -9,6 +9,8 @@
 --      a sequential loop of the same calls for comparison.
 --   4. Peak RSS of a bulk job streaming 100,000 versus 1,000,000 ids from a
 --      file (goal: within 1.2x).
+--   5. Bulk with default options (no max_concurrency) at 20 requests/s and 50,
+--      150 and 1,000 ms latency: ratio to the bound (goal: >= 0.95, 0 429s).
 --   8. is_unsubscribed_from_all with coalesce = 0.01 inside nginx, limit 10 per
 --      1,000 ms, 50 ms latency, 200 / 1,000 / 5,000 distinct reads/s for 5 s: reads
 --      per HubSpot request, 429s, p50/p99 (goals at 1,000/s: >= 50 reads per request,
@@ -199,6 +201,110 @@ local projected = swall / SEQ_IDS * BULK_IDS
 print(string.format("   sequential loop       %d ids in %.2f s (%.0f ids/s): %d ids would take %.0f s, %.1fx the bulk job",
   SEQ_IDS, swall, SEQ_IDS / swall, BULK_IDS, projected, projected / wall))
 sc:close()
+end
+
+------------------------------------------------------------ 5. default options at the limit
+-- Issue 9: no max_concurrency, no rate_limit: one request until HubSpot's headers
+-- give the window, then learned rate x observed latency in flight.
+if part(5) then
+
+local rate5, per_s = "20/1000", 20
+print(string.format("\n5. bulk with default options, rate limit %s (%d requests/s), latency +-20%%", rate5, per_s))
+print("   bound = ceil(N/100) / rate; the first request goes alone (its answer gives the window),")
+print("   which costs one latency: the 1,000 ms job is 60 s long so that start weighs 1.7%")
+for _, case in ipairs { { 50, 20000 }, { 150, 20000 }, { 1000, 120000 } } do
+  local latency, n = case[1], case[2]
+  sim.reset({ rate = rate5, latency = latency })
+  local ids = {}
+  for i = 1, n do ids[i] = "d" .. latency .. "-" .. i .. "@example.com" end
+  local bound = math.ceil(n / 100) / per_s
+  local dc = commprefs.new { token = "sim-token", base_url = sim.url }
+  local _, wall, summary = timed(function() return dc:bulk_unsubscribe_all(ids) end)
+  local st = dc:stats()
+  dc:close()
+  local seen429 = sim.admin("GET", "log").throttled or 0
+  print(string.format("   %4d ms: %6d ids, bound %5.1f s, wall %6.2f s = %.3f of the bound; %d failed, %d 429s, %d in flight at the end",
+    latency, n, bound, wall, bound / wall, summary.failed, seen429, st.in_flight_target))
+  verdict(string.format("default options at %d ms", latency), bound / wall >= 0.95 and seen429 == 0 and summary.failed == 0,
+    string.format("%.3f of the bound, %d 429s", bound / wall, seen429))
+end
+end
+
+------------------------------------------------------------ 4. peak RSS
+if part(4) then
+
+sim.reset({ rate = "off", latency = 0 })
+local function rss_run(n)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  local buf = {}
+  for i = 1, n do
+    buf[#buf + 1] = "rss" .. i .. "@example.com"
+    if #buf == 10000 then f:write(table.concat(buf, "\n"), "\n"); buf = {} end
+  end
+  if #buf > 0 then f:write(table.concat(buf, "\n"), "\n") end
+  f:close()
+  local p = io.popen(string.format("lua5.4 bench/rss_job.lua %s %s", sim.url, path))
+  local out = p:read("*a")
+  p:close()
+  os.remove(path)
+  local done, kb = out:match("done=(%d+) failed=%d+ peak_kb=(%d+)")
+  if not kb then error("the RSS job failed:\n" .. out) end
+  return tonumber(done), tonumber(kb)
+end
+local d1, k1 = rss_run(RSS_SMALL)
+sim.reset({ rate = "off", latency = 0 })
+local d2, k2 = rss_run(RSS_LARGE)
+print(string.format("\n4. peak RSS of a bulk job streaming ids from a file (8 in flight, batches of 100)"))
+print(string.format("   %8d ids: %6.1f MB (%d done)", RSS_SMALL, k1 / 1024, d1))
+print(string.format("   %8d ids: %6.1f MB (%d done)", RSS_LARGE, k2 / 1024, d2))
+print(string.format("   ratio = %.2f (goal <= 1.2)", k2 / k1))
+verdict("memory bounded", k2 / k1 <= 1.2 and d1 == RSS_SMALL and d2 == RSS_LARGE, string.format("%.2fx", k2 / k1))
+end
+
+-- 8. issue 8: is_unsubscribed_from_all with coalesce = 0.01 in one nginx worker,
+-- HubSpot's limit 10 per 1,000 ms, 50 ms latency, distinct ids at 200, 1,000 and
+-- 5,000 reads/s for 5 s (bench/lookup_load.lua; callers wait at most timeout = 2 s).
+if part(8) then
+local ok, err = pcall(function()
+  local nginx = require "support.nginx"
+  local s8 = sim.start { SIM_RATE = "10/1000", SIM_LATENCY = "50", SIM_JITTER = "0" }
+  local inst = nginx.start { env = { SIM_URL = s8.url }, conf = [[
+    init_by_lua_block {
+      package.loaded.bench8 = require("commprefs").new { token = "sim-token", base_url = os.getenv("SIM_URL"),
+        coalesce = 0.01, timeout = 2 }
+    }]] }
+  local f = assert(io.open("bench/lookup_load.lua"))
+  local load = f:read("*a")
+  f:close()
+  print("\n8. coalesced is_unsubscribed_from_all in nginx: limit 10/1000 ms, 50 ms latency, 5 s of distinct reads")
+  print("   offered/s  answered  reads/request  429s  p50 ms  p99 ms  timeouts  other errors  peak waiting  peak Lua MB")
+  for _, rate in ipairs { 200, 1000, 5000 } do
+    socket.sleep(1.1) -- an empty window at HubSpot
+    local status, body = nginx.run(inst, string.format("local RATE, SECONDS, PREFIX, CLIENT = %d, 5, %q, 'bench8'\n",
+      rate, "b" .. rate .. "-") .. load, 180)
+    assert(status == 200, body)
+    local r = cjson.decode(body)
+    local other = 0
+    for k, v in pairs(r.errors) do if k ~= "timeout" then other = other + v end end
+    local per = r.answered / math.max(1, r.requests)
+    print(string.format("   %9d  %8d  %13.1f  %4d  %6.0f  %6.0f  %8d  %12d  %12d  %11.1f", rate, r.answered, per,
+      r.throttled, r.p50_ms, r.p99_ms, r.errors.timeout or 0, other, r.peak_waiting, r.peak_mem_kb / 1024))
+    if rate == 1000 then
+      verdict("coalesced reads at 1,000/s", per >= 50 and r.throttled == 0 and r.p99_ms <= 1100 and other == 0,
+        string.format("%.1f reads/request (goal >= 50), %d 429s, p99 %.0f ms (goal <= 1,000 ms window + 2 x 50 ms)",
+          per, r.throttled, r.p99_ms))
+    elseif rate == 5000 then
+      verdict("coalesced reads beyond capacity (5,000/s)", r.throttled == 0 and other == 0
+        and r.answered + (r.errors.timeout or 0) == r.offered,
+        string.format("%d answered, %d timeout errors, %d other errors, %d 429s, peak %.1f MB of Lua memory",
+          r.answered, r.errors.timeout or 0, other, r.throttled, r.peak_mem_kb / 1024))
+    end
+  end
+  inst:stop()
+  s8:stop()
+end)
+if not ok then print("\n8. coalesced reads in nginx: not run: " .. tostring(err)) end
 end
 
 ------------------------------------------------------------ 4. peak RSS

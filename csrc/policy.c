@@ -66,11 +66,18 @@ static int retryable_failure(const cp_outcome *o) {
 
 /* A 429: hold every send for Retry-After, else for a free slot of the known
  * window or the backoff, whichever is longer (a garbage Retry-After never
- * shrinks the window). */
+ * shrinks the window). With the window known, a first 429 is most likely a
+ * few ms of clock skew at the window's edge: it holds sends for a twentieth
+ * of the interval (jittered), not a whole backoff. */
 static double throttled_delay(cp_policy *p, cp_ratelimit *rl, const cp_outcome *o, double now) {
   double wait;
   if (o->retry_after_ms > 0) return o->retry_after_ms;
-  wait = cp_policy_backoff_ms(p, o->attempts);
+  if (rl->max > 0 && o->attempts <= 1) {
+    double edge = rl->interval_ms / 20.0;
+    wait = edge / 2 + uniform(p) * edge / 2;
+  } else {
+    wait = cp_policy_backoff_ms(p, o->attempts);
+  }
   if (rl->max > 0) {
     double slot = cp_rl_wait(rl, now);
     if (slot > wait) wait = slot;
