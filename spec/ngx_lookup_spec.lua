@@ -20,19 +20,6 @@ local function api_log(s)
   return out
 end
 
--- The most API requests the simulator saw in any `window_ms`.
-local function busiest_window(log, window_ms)
-  local times = {}
-  for _, r in ipairs(log) do times[#times + 1] = r.time * 1000 end
-  table.sort(times)
-  local most, first = 0, 1
-  for last = 1, #times do
-    while times[last] - times[first] >= window_ms do first = first + 1 end
-    most = math.max(most, last - first + 1)
-  end
-  return most
-end
-
 -- Runs one concurrent caller (ngx.thread) per case {id, bu} of client `name`
 -- (package.loaded, made in init_by_lua) inside one request. Returns the list
 -- of {v = true|false|nil, kind, status, category, message}, the seconds taken
@@ -132,8 +119,7 @@ describe("is_unsubscribed_from_all coalesced and cached in nginx", function()
     end
     local requests = #log
     assert.is_true(requests <= 20, requests .. " requests")
-    assert.equals(0, stats.throttled)
-    assert.is_true(busiest_window(log, 1000) <= 10)
+    assert.equals(0, stats.throttled) -- no 429
     for _, r in ipairs(log) do assert.matches("statuses/batch/unsubscribe%-all/read$", r.path) end
     assert.is_true(seconds < 4, string.format("%.2f s", seconds))
     -- the same 600 again, from the cache: nothing reaches the simulator
