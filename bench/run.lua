@@ -15,6 +15,9 @@
 --      1,000 ms, 50 ms latency, 200 / 1,000 / 5,000 distinct reads/s for 5 s: reads
 --      per HubSpot request, 429s, p50/p99 (goals at 1,000/s: >= 50 reads per request,
 --      0 429s, p99 <= 1,100 ms; at 5,000/s: timeouts, no 429s, bounded memory).
+--   9. Three processes on one token, default options, limit 20 per 1,000 ms, 150 ms
+--      latency, BENCH_BUDGET_IDS (6,000) ids each: without and with the Redis budget
+--      (rate_limit.redis): ratio to the bound and 429s (goal with it: >= 0.85, 0 429s).
 -- Environment: BENCH_GETS, BENCH_BULK_IDS, BENCH_RATE (e.g. 100/1000),
 -- BENCH_SEQ_IDS, BENCH_RSS_SMALL, BENCH_RSS_LARGE, BENCH_WORKER_ENTRIES override the sizes.
 package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path
@@ -305,6 +308,45 @@ local ok, err = pcall(function()
   s8:stop()
 end)
 if not ok then print("\n8. coalesced reads in nginx: not run: " .. tostring(err)) end
+end
+
+------------------------------------------------------------ 9. one budget, three processes
+-- issue 9: a cron job, a script and a batch on one token each learn the limit
+-- alone (429s, retries, a slower job) unless they share the Redis budget.
+if part(9) then
+  local redis = require "support.redis"
+  local PER = num("BENCH_BUDGET_IDS", 6000)
+  local r = redis.start()
+  local requests = 3 * math.ceil(PER / 100)
+  local bound = requests / 20
+  print(string.format("\n9. 3 processes x %d ids on one token, limit 20 per 1,000 ms, latency 150 ms, default options", PER))
+  print(string.format("   bound = %d requests / 20 per s = %.2f s", requests, bound))
+  for _, shared in ipairs { false, true } do
+    sim.reset({ rate = "20/1000", latency = 150 })
+    local jobs = {}
+    for p = 1, 3 do
+      jobs[p] = io.popen(string.format("lua5.4 bench/budget_job.lua %s %s budget-bench %s %d 2>&1", sim.url,
+        shared and r.url or "-", (shared and "s" or "n") .. p .. "-", PER))
+    end
+    local t0, t1, failed, retries = math.huge, 0, 0, 0
+    for p = 1, 3 do
+      local out = jobs[p]:read("*a")
+      jobs[p]:close()
+      local ok, res = pcall(cjson.decode, out:match("(%b{})%s*$") or "")
+      if not ok then error("a budget job failed:\n" .. out) end
+      t0, t1 = math.min(t0, res.t0), math.max(t1, res.t1)
+      failed, retries = failed + res.failed, retries + res.retries
+    end
+    local throttled = sim.admin("GET", "log").throttled or 0
+    local wall = t1 - t0
+    print(string.format("   %-24s wall %6.2f s = %.3f of the bound; %d 429s, %d retries, %d failed",
+      shared and "with the Redis budget" or "each process alone", wall, bound / wall, throttled, retries, failed))
+    if shared then
+      verdict("3 processes on one Redis budget", bound / wall >= 0.85 and throttled == 0 and failed == 0,
+        string.format("%.3f of the bound, %d 429s", bound / wall, throttled))
+    end
+  end
+  redis.stop(r)
 end
 
 ------------------------------------------------------------ 11. Redis worker
