@@ -60,6 +60,7 @@ check-memory: deps
 # deps first, then a sub-make: pkg-config flags are read when make starts
 bench: deps
 	$(MAKE) all
+	$(MAKE) all LUA=luajit
 	lua5.4 bench/run.lua
 
 demo: deps
