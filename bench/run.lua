@@ -11,6 +11,10 @@
 --      file (goal: within 1.2x).
 --   5. Bulk with default options (no max_concurrency) at 20 requests/s and 50,
 --      150 and 1,000 ms latency: ratio to the bound (goal: >= 0.95, 0 429s).
+--   6. OpenResty: reads/s through the cosocket transport in one nginx worker versus
+--      a proxy_pass location to the same simulator, wrk against both (goal >= 0.6x).
+--   7. OpenResty: 40 concurrent reads at 200 ms latency in one worker: wall time and
+--      /ping latency meanwhile (goals <= 1.0 s, <= 0.1 s), beside libcurl (blocking).
 --   8. is_unsubscribed_from_all with coalesce = 0.01 inside nginx, limit 10 per
 --      1,000 ms, 50 ms latency, 200 / 1,000 / 5,000 distinct reads/s for 5 s: reads
 --      per HubSpot request, 429s, p50/p99 (goals at 1,000/s: >= 50 reads per request,
@@ -263,6 +267,94 @@ print(string.format("   %8d ids: %6.1f MB (%d done)", RSS_SMALL, k1 / 1024, d1))
 print(string.format("   %8d ids: %6.1f MB (%d done)", RSS_LARGE, k2 / 1024, d2))
 print(string.format("   ratio = %.2f (goal <= 1.2)", k2 / k1))
 verdict("memory bounded", k2 / k1 <= 1.2 and d1 == RSS_SMALL and d2 == RSS_LARGE, string.format("%.2fx", k2 / k1))
+end
+
+------------------------------------------------------------ 6, 7. OpenResty
+-- issue 7, in one nginx worker (spec/support/nginx.lua; the core from build/luajit):
+--   6. reads/s through the cosocket transport (is_unsubscribed_from_all in
+--      content_by_lua, one client made in init_by_lua) versus a proxy_pass location
+--      to the same simulator (nginx's own HTTP client: the ceiling inside nginx),
+--      wrk -t1 -c32 against both, latency 0 (goal: >= 0.6x of proxy_pass).
+--   7. 40 concurrent reads at 200 ms latency: wall time, and the latency of an
+--      unrelated /ping sent meanwhile (goals: <= 1.0 s and <= 0.1 s), beside the
+--      same through the blocking libcurl transport (the issue measured 8.06 s, 7.9 s).
+local function openresty_nginx()
+  local nginx = require "support.nginx"
+  local inst = nginx.start { env = { SIM_URL = sim.url }, conf = string.format([[
+    upstream hubsim { server 127.0.0.1:%s; keepalive 64; }
+    init_by_lua_block {
+      local commprefs = require "commprefs"
+      package.loaded.bench_ngx = commprefs.new { token = "sim-token", base_url = os.getenv("SIM_URL") }
+      package.loaded.bench_curl = commprefs.new { token = "sim-token", base_url = os.getenv("SIM_URL"), transport = "curl" }
+    }]], port), server = [[
+    location = /ping { return 200 "pong"; }
+    location = /read { content_by_lua_block {
+      local client = ngx.var.arg_via == "curl" and package.loaded.bench_curl or package.loaded.bench_ngx
+      local yes, err = client:is_unsubscribed_from_all(ngx.unescape_uri(ngx.var.arg_id or "bench@example.com"))
+      if yes == nil then ngx.status = 502; ngx.say(tostring(err)); return end
+      ngx.print(yes and "yes" or "no")
+    } }
+    location = /proxy {
+      proxy_pass http://hubsim/communication-preferences/2026-03/statuses/bench%40example.com/unsubscribe-all?channel=EMAIL;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer sim-token";
+      proxy_set_header Accept "application/json";
+    }]] }
+  return nginx, inst
+end
+
+local function wrk(url, seconds)
+  local p = io.popen(string.format("wrk -t1 -c32 -d%ds %s 2>&1", seconds, url))
+  local out = p:read("*a")
+  p:close()
+  local rps = tonumber(out:match("Requests/sec:%s*([%d%.]+)"))
+  if not rps then error("wrk failed:\n" .. out) end
+  return rps, tonumber(out:match("Non%-2xx or 3xx responses:%s*(%d+)")) or 0, out:match("Socket errors:[^\n]*")
+end
+
+if part(6) then
+  sim.reset({ rate = "off", latency = 0 })
+  local _, inst = openresty_nginx()
+  local seconds = num("BENCH_WRK_SECONDS", 5)
+  wrk(inst.url .. "/read", 1); wrk(inst.url .. "/proxy", 1) -- warm up both
+  -- a fresh simulator day before each run: its daily limit (250,000) is within reach
+  sim.reset({ rate = "off", latency = 0 })
+  local cos, cos_bad, cos_err = wrk(inst.url .. "/read", seconds)
+  sim.reset({ rate = "off", latency = 0 })
+  local prox, prox_bad, prox_err = wrk(inst.url .. "/proxy", seconds)
+  inst:stop()
+  print(string.format("\n6. reads/s in one nginx worker, simulator latency 0, wrk -t1 -c32 -d%ds", seconds))
+  print(string.format("   cosocket transport (is_unsubscribed_from_all)  %8.0f reads/s  (%d non-2xx%s)", cos, cos_bad,
+    cos_err and ", " .. cos_err or ""))
+  print(string.format("   nginx proxy_pass to the same GET              %8.0f reads/s  (%d non-2xx%s)", prox, prox_bad,
+    prox_err and ", " .. prox_err or ""))
+  print(string.format("   ratio = %.2f (goal >= 0.6)", cos / prox))
+  verdict("cosocket reads vs proxy_pass", cos / prox >= 0.6 and cos_bad == 0 and prox_bad == 0,
+    string.format("%.2fx (%.0f vs %.0f reads/s)", cos / prox, cos, prox))
+end
+
+if part(7) then
+  sim.reset({ rate = "off", latency = 200 })
+  local nginx, inst = openresty_nginx()
+  print("\n7. 40 concurrent reads at 200 ms latency in one nginx worker, /ping sent 50 ms after them")
+  for _, via in ipairs { "ngx", "curl" } do
+    local paths = {}
+    for i = 1, 40 do paths[i] = "/read?via=" .. via .. "&id=nb" .. i .. "%40example.com" end
+    local t0 = socket.gettime()
+    local answers = nginx.concurrent(inst, paths, 60, { after = { delay = 0.05, path = "/ping" } })
+    local wall = socket.gettime() - t0
+    local right = 0
+    for i = 1, 40 do if answers[i].status == 200 and answers[i].body == "no" then right = right + 1 end end
+    local ping = answers.after.seconds or math.huge
+    print(string.format("   %-28s wall %5.2f s, %d/40 answered right, /ping %6.3f s", via == "ngx"
+      and "cosocket transport (auto)" or "libcurl (transport = curl)", wall, right, ping))
+    if via == "ngx" then
+      verdict("non-blocking in nginx", wall <= 1.0 and ping <= 0.1 and right == 40,
+        string.format("40 reads in %.2f s (goal <= 1.0), /ping %.3f s (goal <= 0.1)", wall, ping))
+    end
+  end
+  inst:stop()
 end
 
 -- 8. issue 8: is_unsubscribed_from_all with coalesce = 0.01 in one nginx worker,
