@@ -138,14 +138,15 @@ local RATE_LIMIT_OPTIONS = { max = true, interval = true, redis = true, key = tr
   redis_timeout = true, redis_wait = true }
 
 -- rate_limit = {max =, interval =} by hand and/or {redis = URL, key = K} (a budget
--- shared through Redis, see csrc/redis.c; redis_timeout and redis_wait in seconds).
--- Messages never show the URL: it may hold a password.
-local function check_rate_limit(rl)
+-- shared through Redis, see csrc/redis.c; redis_timeout and redis_wait in seconds);
+-- with shared_dict, key alone names the dict's window. Messages never show the URL:
+-- it may hold a password.
+local function check_rate_limit(rl, shared_dict)
   if rl == nil then return end
   for k in pairs(rl) do
     if not RATE_LIMIT_OPTIONS[k] then raise("new", "bad option 'rate_limit' (unknown field '" .. tostring(k) .. "')") end
   end
-  if (rl.max ~= nil or rl.interval ~= nil or rl.redis == nil)
+  if (rl.max ~= nil or rl.interval ~= nil or (rl.redis == nil and rl.key == nil))
     and (not is_integer(rl.max) or rl.max < 1 or type(rl.interval) ~= "number" or rl.interval <= 0) then
     raise("new", "bad option 'rate_limit' ({max = requests, interval = seconds} expected)")
   end
@@ -154,7 +155,9 @@ local function check_rate_limit(rl)
   end
   if rl.redis ~= nil and rl.key == nil then raise("new", "bad option 'rate_limit.key' (required with rate_limit.redis)") end
   if rl.key ~= nil then
-    if rl.redis == nil then raise("new", "bad option 'rate_limit.key' (only with rate_limit.redis)") end
+    if rl.redis == nil and shared_dict == nil then
+      raise("new", "bad option 'rate_limit.key' (names a shared budget: with rate_limit.redis or shared_dict)")
+    end
     check_text("new", "rate_limit.key", rl.key)
     if #rl.key > 200 or rl.key:find("[{}]") then
       raise("new", "bad option 'rate_limit.key' (at most 200 characters, no { or })")
@@ -215,7 +218,7 @@ function M.new(opts)
   end
   if opts.user_agent then check_text("new", "user_agent", opts.user_agent) end
   local rl = opts.rate_limit
-  check_rate_limit(rl)
+  check_rate_limit(rl, opts.shared_dict)
   local transport = opts.transport or "auto"
   if transport ~= "auto" and transport ~= "curl" and transport ~= "ngx" then
     raise("new", "bad option 'transport' (\"auto\", \"curl\" or \"ngx\" expected, got " .. transport .. ")")
