@@ -346,6 +346,31 @@ describe("commprefs.worker", function()
   end)
 end)
 
+
+describe("commprefs.worker when Redis is unreachable", function()
+  it("gives up after redis_wait with a clear error and sends nothing", function()
+    local port = (function()
+      local srv = assert(socket.bind("127.0.0.1", 0))
+      local _, p = srv:getsockname()
+      srv:close()
+      return p
+    end)()
+    sim.reset()
+    local c = client()
+    local w = worker.new(c, { redis = "redis://127.0.0.1:" .. port, stream = "s", group = "g", results = "r",
+      redis_wait = 0.5 })
+    local t0 = socket.gettime()
+    local s, err = w:run { idle_exit = 5 }
+    c:close()
+    assert.is_nil(s)
+    assert.equal("redis", err.kind)
+    assert.matches("Redis unreachable for 0.5 s: .*cannot connect", err.message)
+    assert.equal("redis", err.summary.stopped)
+    assert.is_true(socket.gettime() - t0 < 4)
+    assert.equal(0, #sim.log())
+  end)
+end)
+
 describe("commprefs worker (command line)", function()
   setup(function()
     R = R or redis.start()
@@ -412,6 +437,37 @@ describe("commprefs worker (command line)", function()
     assert.equal(0, code, err)
     assert.matches("[1-9]%d* Redis reconnects", err)
     one_each(k, ids)
+    assert.equal(0, group_pending(k))
+  end)
+
+  it("fails at once on a wrong Redis password (exit 1) and never prints it", function()
+    local R2 = redis.start { password = "pw-right-8431" }
+    local p = spawn(string.format("--redis redis://:pw-wrong-5517@127.0.0.1:%d --stream s --group g --results r"
+      .. " --idle-exit 1", R2.port))
+    local code, out, err = wait(p, 20)
+    redis.stop(R2)
+    assert.equal(1, code, err)
+    assert.equal("", out)
+    assert.matches("authentication failed", err)
+    assert.is_nil(err:find("pw-wrong-5517", 1, true))
+    assert.is_nil(err:find("pw-right-8431", 1, true))
+    assert.equal(0, #sim.log())
+  end)
+
+  it("stops at HubSpot's daily limit (exit 3) leaving the rest pending, and a second run finishes once each", function()
+    local k = keys()
+    sim.reset({ daily = 3 })
+    local ids = add(k.stream, addresses(1000, "daily"))
+    local code, _, err = cli(worker_args(k, "--idle-exit 1 --quiet --claim-idle 1"))
+    assert.equal(3, code, err)
+    assert.matches("daily limit is spent", err)
+    assert.equal(300, #results(k.results)) -- three requests answered, nothing failed for the limit
+    for _, r in ipairs(results(k.results)) do assert.equal("changed", r.outcome) end
+    sim.reset({ daily = 100 }) -- a new day
+    local code2, _, err2 = cli(worker_args(k, "--idle-exit 1 --quiet --claim-idle 1"))
+    assert.equal(0, code2, err2)
+    local by_entry = one_each(k, ids)
+    for _, id in ipairs(ids) do assert.is_true(by_entry[id].outcome ~= "failed", by_entry[id].error) end
     assert.equal(0, group_pending(k))
   end)
 

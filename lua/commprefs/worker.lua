@@ -275,6 +275,7 @@ function Worker:_connected()
       return conn
     end
     last = err
+    if self.stop and self.stop() then return nil, redis_error("stopped while Redis was unreachable: " .. message(err)) end
     if message(err):find("authentication failed", 1, true) then -- a wrong password does not heal
       return nil, redis_error(message(err))
     end
@@ -523,8 +524,8 @@ function Worker:_drain(ready, gather, stop, on_progress)
   local function on_done(i, res)
     local batch = batches[i]
     batches[i] = nil
-    if res.stopped then -- not answered: the daily limit, the budget, an interrupt
-      stopped = stopped or res.stopped
+    if res.stopped or res.daily_limit then -- not answered: the daily limit, the budget, an interrupt
+      stopped = stopped or res.stopped or "daily_limit"
       unanswered[#unanswered + 1] = batch
       return
     end
@@ -594,11 +595,13 @@ function Worker:run(opts)
     return user_stop()
   end
   if signals then core.trap_signals(true) end
+  self.stop = stop -- also ends a wait for Redis
   local s = self.summary
   local started = core.now()
   local idle_since = started
   local function finish(reason, err)
     if signals then core.trap_signals(false) end
+    self.stop = nil
     s.elapsed = core.now() - started
     s.signal = self.signal
     s.stopped = self.signal and "signal" or reason
