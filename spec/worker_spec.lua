@@ -264,6 +264,7 @@ describe("commprefs.worker", function()
       { with { batch_size = 0 }, "bad option 'batch_size'" },
       { with { claim_idle = -1 }, "bad option 'claim_idle'" },
       { with { redis = "http://x" }, "bad option 'redis'" },
+      { with { redis = "redis://127.0.0.1:port" }, "bad option 'redis' (redis://[user:pass@]host:port[/db] expected: bad port" },
       { with { redis = false }, "exactly one of 'redis'" },
       { with { color = "red" }, "unknown option 'color'" },
     }
@@ -387,12 +388,15 @@ describe("commprefs worker (command line)", function()
       { worker_args(k, "--claim-idle 0"), "--claim-idle must be above 0" },
       { worker_args(k, "extra"), "unexpected argument 'extra'" },
       { worker_args(k, "--stream " .. k.results), "must not be the source stream" },
+      { worker_args(k, "--redis redis://:pw-in-url-77@127.0.0.1:notaport"), "bad port in the redis URL" },
+      { worker_args(k, "--redis http://127.0.0.1:6379"), "bad option 'redis'" },
     }
     for _, case in ipairs(cases) do
       local code, out, err = cli(case[1])
       assert.equal(2, code, err)
       assert.equal("", out)
       assert.matches(case[2]:gsub("%p", "%%%0"), err)
+      assert.is_nil(err:find("pw-in-url-77", 1, true))
     end
     assert.equal(0, cmd({ "EXISTS", k.stream, k.results }))
     assert.equal(0, #sim.log())

@@ -185,7 +185,11 @@ function M.new(client, opts)
   local block = check_seconds(opts, "block", 1)
   if opts.redis ~= nil then
     local url = check_name(opts, "redis", true)
-    if not url:match("^rediss?://") then raise("bad option 'redis' (redis://[user:pass@]host:port[/db] expected)") end
+    local ok, why = pcall(core.redis_url, url) -- the one URL parser (never echoes the password)
+    if not url:match("^redis://") or not ok then
+      raise("bad option 'redis' (redis://[user:pass@]host:port[/db] expected" ..
+        (why and not ok and (": " .. tostring(why):match("%(([^()]*)%)%s*$") or "") or "") .. ")")
+    end
     connect = function()
       return core.redis_connect(url, { connect_timeout = timeout, timeout = timeout + block })
     end
