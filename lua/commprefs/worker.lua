@@ -19,9 +19,23 @@
 --     claim_idle = 30,       -- seconds an entry stays pending before another worker takes it over
 --     redis_wait = 30,       -- seconds Redis may stay unreachable before run() gives up
 --   })
---   local summary, err = w:run{ idle_exit = 5, stop = function() return false end,
---                               on_progress = function(summary) end }
+--   local summary, err = w:run{
+--     idle_exit = 5,         -- return once nothing was read for 5 s and nothing is pending
+--                            -- in the group (nil: run until stop)
+--     stop = function() return false end,  -- polled between batches (ngx.worker.exiting)
+--     signals = true,        -- plain Lua: SIGINT/SIGTERM stop it the same way (the CLI)
+--     on_progress = function(summary) end,
+--   }
+--   -- summary: read, results, duplicates (commits skipped: the entry had its result),
+--   -- failed, bad, batches, claimed, reconnects, elapsed, signal, the op's counts, and
+--   -- stopped = "idle" | "stop" | "signal" | "daily_limit" | "budget" | "interrupted";
+--   -- nil, err (err.summary) when Redis stayed unreachable for redis_wait seconds.
 --   w:close()
+--
+-- Stopping finishes and commits what is in flight; batches a stop leaves
+-- unanswered (daily limit, budget, a second signal) stay pending and are
+-- made claimable at once. Inside nginx (the client's cosocket transport) the
+-- worker reads, sends and commits in rounds of max_concurrency (or 8) batches.
 --
 -- Each entry carries the address in its field `id`. For every entry exactly
 -- one entry is appended to the results stream: `id`, `entry` (the source
