@@ -125,6 +125,46 @@ describe("commprefs in nginx", function()
     end)
   end)
 
+  describe("limits learned into the shared_dict", function()
+    -- client A learns HubSpot's 20 per 1,000 ms from one answer; client B (its own
+    -- C window, 30 in flight by hand) never saw a header and sends 30 GETs at once.
+    local function burst(shared_dict)
+      local s = sim.start { SIM_RATE = "20/1000", SIM_LATENCY = "20" }
+      local inst = nginx.start { conf = "lua_shared_dict pace 1m;", env = { SIM_URL = s.url } }
+      local status, body = nginx.run(inst, string.format([[
+        local commprefs = require "commprefs"
+        local opts = { token = "sim-token", base_url = os.getenv("SIM_URL"), shared_dict = %s }
+        local a = commprefs.new(opts)
+        assert(a:is_unsubscribed_from_all("learner@example.com") == false)
+        opts.max_concurrency, opts.batch_size = 30, 1
+        local b = commprefs.new(opts)
+        local ids = {}
+        for i = 1, 30 do ids[i] = "burst" .. i .. "@example.com" end
+        local env, err = b:batch_get_unsubscribe_all_status(ids)
+        return { results = env and #env.results, err = err and tostring(err), throttled = b:stats().throttled }
+      ]], shared_dict and '"pace"' or "nil"), 30)
+      local busiest = busiest_window(s, 1000)
+      local sim_429s = admin(s, "GET", "log").throttled
+      inst:stop()
+      s:stop()
+      assert.equals(200, status, body)
+      return cjson.decode(body), busiest, sim_429s
+    end
+
+    it("paces a client that never saw HubSpot's headers by the limit another learned", function()
+      local r, busiest, sim_429s = burst(true)
+      assert.equals(30, r.results, r.err)
+      assert.equals(0, r.throttled)
+      assert.equals(0, sim_429s)
+      assert.is_true(busiest <= 20, busiest .. " requests in one second")
+    end)
+
+    it("without shared_dict that client runs into HubSpot's limit", function()
+      local r, _, sim_429s = burst(false)
+      assert.is_true(sim_429s > 0 and r.throttled > 0, "no 429 seen")
+    end)
+  end)
+
   describe("two workers, one shared_dict", function()
     -- bulk jobs from ngx.timer.at in every worker; the simulator allows 20
     -- requests per 1,000 ms; the limit is learned from its headers.

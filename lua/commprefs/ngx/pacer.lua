@@ -13,7 +13,7 @@
 -- core.window_margin_ms and core.sane_window.
 --
 --   local p = pacer.new(handle, { shared_dict = "name", rate_limit = { max =,
---                                  interval = seconds, redis = url, key =, timeout = } })
+--     interval = seconds, redis = url, key =, redis_timeout =, redis_wait = } })
 --   (rate_limit is the client's option as given; max/interval set by hand are
 --   never replaced by learned limits; key names the window, one per HubSpot app)
 --   p:wait()       -> ms before the next request may go (0 = now)[, "daily_limit"
@@ -174,7 +174,8 @@ local Redis = {}
 Redis.__index = Redis
 
 local function new_redis(rl)
-  local budget = require("commprefs.ngx.redis_budget").new { url = rl.redis, key = rl.key, timeout = rl.timeout }
+  local budget = require("commprefs.ngx.redis_budget").new { url = rl.redis, key = rl.key,
+    timeout = rl.redis_timeout, wait = rl.redis_wait }
   return setmetatable({ budget = budget }, Redis)
 end
 
