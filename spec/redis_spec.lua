@@ -641,3 +641,30 @@ describe("two nginx workers and one Lua process on one key", function()
     assert.equal(0, sim_429s, errors)
   end)
 end)
+
+describe("the cosocket budget across a Redis restart", function()
+  local nginx = require "support.nginx"
+
+  it("goes on at once after a restart: NOSCRIPT (empty script cache) reloads it, pooled connections are replaced", function()
+    local r = R.start()
+    local inst = nginx.start { workers = 1, env = { REDIS_URL = r.url } }
+    local code = [[
+      local rb = require "commprefs.ngx.redis_budget"
+      package.loaded.rb_restart = package.loaded.rb_restart or rb.new { url = os.getenv("REDIS_URL"), key = "rs" }
+      local b = package.loaded.rb_restart
+      local out = {}
+      for i = 1, 3 do out[i] = b:acquire() end
+      return out
+    ]]
+    local status, body = nginx.run(inst, code)
+    assert.equal(200, status, body)
+    assert.same({ 0, 0, 0 }, cjson_decode(body))
+    R.restart(r) -- the worker's pooled connection is dead now, and the script cache empty
+    status, body = nginx.run(inst, code)
+    local errors = inst:errors()
+    inst:stop()
+    R.stop(r)
+    assert.equal(200, status, body)
+    assert.same({ 0, 0, 0 }, cjson_decode(body), errors)
+  end)
+end)

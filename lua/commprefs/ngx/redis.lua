@@ -132,7 +132,8 @@ function M.connect(url, opts)
     self.sock = nil
     return nil, Error.new { kind = "redis", message = string.format("%s:%d: cannot connect: %s", u.host, u.port, tostring(err)) }
   end
-  if (sock:getreusedtimes() or 0) == 0 then
+  self.reused = (sock:getreusedtimes() or 0) > 0 -- from the pool: it may have died meanwhile
+  if not self.reused then
     local done, serr = true, nil
     if u.password then
       done, serr = setup(self, u.user and { "AUTH", u.user, u.password } or { "AUTH", u.password }, "authentication")

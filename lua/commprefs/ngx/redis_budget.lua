@@ -30,15 +30,23 @@ local function now_ms()
   return ngx.now() * 1000
 end
 
--- Runs the budget script: EVALSHA, EVAL after NOSCRIPT. reply | nil, err
+-- Runs the budget script: EVALSHA, EVAL after NOSCRIPT. reply | nil, err.
+-- A pooled connection that died meanwhile (Redis restarted) gets one fresh retry.
 function Budget:run(op, a1, a2, a3)
+  local v, err, reused = self:run_once(op, a1, a2, a3)
+  if v == nil and reused then v, err = self:run_once(op, a1, a2, a3) end
+  return v, err
+end
+
+function Budget:run_once(op, a1, a2, a3)
   local conn, err = redis.connect(self.url, { connect_timeout = self.timeout, timeout = self.timeout })
   if not conn then return nil, err end
   if not self.sha then
     local sha, lerr = conn:command { "SCRIPT", "LOAD", SCRIPT }
     if not sha then
+      local lost = conn.sock == nil
       conn:close()
-      return nil, lerr
+      return nil, lerr, lost and conn.reused
     end
     self.sha = sha
   end
@@ -48,8 +56,9 @@ function Budget:run(op, a1, a2, a3)
     args[1], args[2] = "EVAL", SCRIPT
     v, rerr = conn:command(args)
   end
+  local lost = v == nil and conn.sock == nil -- the socket failed (an error reply keeps it open)
   conn:close()
-  return v, rerr
+  return v, rerr, lost and conn.reused
 end
 
 function Budget:lost(err)
