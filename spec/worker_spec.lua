@@ -494,6 +494,22 @@ describe("commprefs worker (command line)", function()
     assert.equal(0, group_pending(k))
   end)
 
+  it("carries on when Redis comes back empty (no persistence): nothing to commit, exit 0", function()
+    local k = keys()
+    sim.reset({ rate = "20/1000", latency = 100 })
+    add(k.stream, addresses(2000, "empty"))
+    local p = spawn(worker_args(k, "--batch-size 20 --idle-exit 2 --quiet"))
+    socket.sleep(1.5)
+    conn:close()
+    redis.restart(R)
+    conn = assert(core.redis_connect(R.url, { timeout = 10 }))
+    local code, _, err = wait(p, 60)
+    assert.equal(0, code, err)
+    assert.matches("stopped: idle", err)
+    assert.equal(0, cmd({ "XLEN", k.results })) -- the results went with the rest of the data
+    assert.equal(0, cmd({ "XLEN", k.stream })) -- the group was created again on an empty stream
+  end)
+
   it("finishes and commits the batches in flight on SIGTERM (exit 0) and SIGINT (exit 130)", function()
     for _, sig in ipairs { { "TERM", 0 }, { "INT", 130 } } do
       local k = keys()
