@@ -257,3 +257,20 @@ describe("is_unsubscribed_from_all coalesced and cached in nginx", function()
     assert.same({}, inst:errors())
   end)
 end)
+
+describe("coalesced reads when HubSpot is slow", function()
+  it("full batches go out together: 1,000 callers at 300 ms latency answered well within 10 round trips", function()
+    local s = sim.start { SIM_RATE = "off", SIM_LATENCY = "300", SIM_JITTER = "0" }
+    local inst = nginx.start { env = { SIM_URL = s.url }, conf = [[
+      init_by_lua_block {
+        package.loaded.lk_coalesce = require("commprefs").new { token = "sim-token",
+          base_url = os.getenv("SIM_URL"), coalesce = 0.01 }
+      }]] }
+    finally(function() inst:stop(); s:stop() end)
+    local answers, seconds = read_all(inst, "lk_coalesce", numbered("o", 1000))
+    for i = 1, 1000 do assert.is_false(answers[i].v, "o" .. i .. ": " .. tostring(answers[i].message)) end
+    assert.equals(10, #api_log(s))
+    assert.is_true(seconds < 1.5, string.format("%.2f s (one batch after another: 3 s)", seconds))
+    assert.same({}, inst:errors())
+  end)
+end)

@@ -377,6 +377,8 @@ local function next_batch(L, client)
   end
 end
 
+local ensure_sender
+
 -- A sender (an ngx.timer callback). Senders take turns to wait for the next
 -- batch (one at a time, so a batch keeps growing until it may really go),
 -- then send it through client:_perform; while one is in flight another takes
@@ -392,6 +394,7 @@ local function sender(premature, L, client)
     end
     if not ok or not b then break end
     L.ready = L.ready - 1
+    if L.order[1] then ensure_sender(L, client) end -- someone to take the next turn
     local sent, results = pcall(client._perform, client, { b.req })
     L.ready = L.ready + 1
     L.rtt = 0.7 * L.rtt + 0.3 * (now() - b.started) -- how long an answer takes to come back
@@ -408,7 +411,7 @@ end
 
 -- Starts a sender when none is free to take the next batch, up to as many
 -- as the client would have requests in flight (h:in_flight_target()).
-local function ensure_sender(L, client)
+function ensure_sender(L, client)
   if L.ready > 0 then return true end
   local most = client._core.in_flight_target and client._core:in_flight_target() or 1
   if L.senders >= math.max(1, most) then return true end
