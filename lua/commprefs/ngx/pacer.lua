@@ -35,7 +35,9 @@
 -- expired one is gone). Each ticket key is written by its one owner (pending
 -- mark at start, send time at sent), so there is no read-modify-write. A
 -- ticket waits for a still-pending n - max, so any max + 1 tickets in a row
--- span more than one window. A 429 sets a "blocked" key with `add` (the first
+-- span more than one window. (An unsent ticket frees the turn of ticket
+-- n + max, not of the very next one: rare attempts that never reached the
+-- wire cost a little speed, never a 429.) A 429 sets a "blocked" key with `add` (the first
 -- hold wins, it is never shortened) whose ttl every worker reads.
 local core = require "commprefs.core"
 
