@@ -43,6 +43,8 @@ install: $(CORE)
 	install -d $(DESTDIR)$(LIBDIR)/commprefs $(DESTDIR)$(LUADIR)/commprefs $(DESTDIR)$(BINDIR)
 	install -m 755 $(CORE) $(DESTDIR)$(LIBDIR)/commprefs/core.so
 	install -m 644 lua/commprefs/*.lua $(DESTDIR)$(LUADIR)/commprefs/
+	install -d $(DESTDIR)$(LUADIR)/commprefs/ngx
+	install -m 644 lua/commprefs/ngx/*.lua $(DESTDIR)$(LUADIR)/commprefs/ngx/
 	install -m 755 bin/commprefs $(DESTDIR)$(BINDIR)/commprefs
 	install -d $(DESTDIR)$(SHAREDIR)/commprefs/sim/hubsim
 	install -m 755 sim/run sim/daemon $(DESTDIR)$(SHAREDIR)/commprefs/sim/
