@@ -8,11 +8,11 @@
 #define RL_MAX_CAP 100000
 
 double cp_rl_margin_ms(long interval_ms) {
-  return 10.0 + interval_ms / 200.0;
+  return 10.0 + interval_ms / 100.0;
 }
 
 static double margin_ms(const cp_ratelimit *rl) {
-  return cp_rl_margin_ms(rl->interval_ms);
+  return cp_rl_margin_ms(rl->interval_ms) + rl->skew_ms;
 }
 
 static int rl_resize(cp_ratelimit *rl, int cap) {
@@ -36,6 +36,7 @@ int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms) {
   rl->blocked_until = 0;
   rl->pending = 0;
   rl->daily_left = -1;
+  rl->skew_ms = 0;
   rl->max = max > 0 ? max : 0;
   rl->interval_ms = interval_ms > 0 ? interval_ms : 10000;
   rl->manual = max > 0;
@@ -99,6 +100,12 @@ void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms) {
 
 void cp_rl_throttled(cp_ratelimit *rl, double now, double hold_ms) {
   if (hold_ms > 0 && now + hold_ms > rl->blocked_until) rl->blocked_until = now + hold_ms;
+}
+
+void cp_rl_skewed(cp_ratelimit *rl) {
+  double most = rl->interval_ms / 20.0;
+  rl->skew_ms = rl->skew_ms > 0 ? rl->skew_ms * 2 : 10.0;
+  if (rl->skew_ms > most) rl->skew_ms = most;
 }
 
 void cp_rl_daily(cp_ratelimit *rl, long remaining) {

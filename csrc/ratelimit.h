@@ -12,6 +12,7 @@ typedef struct {
   int pending;        /* attempts started but not yet on the wire: they count too */
   double blocked_until; /* after a 429: no sends before this time */
   long daily_left;    /* HubSpot's Daily-Remaining less what was sent since; -1 unknown */
+  double skew_ms;     /* margin learned from 429s inside the known window (clock skew) */
 } cp_ratelimit;
 
 /* The margin (ms) added to the window for the trip to the server. */
@@ -29,6 +30,9 @@ void cp_rl_unsent(cp_ratelimit *rl);
 void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms);
 /* A 429 arrived: hold every send for hold_ms (policy.c decides how long). */
 void cp_rl_throttled(cp_ratelimit *rl, double now, double hold_ms);
+/* A 429 although the known window had room: widen the margin (doubling, at most
+ * a twentieth of the interval), for the rest of this window's life. */
+void cp_rl_skewed(cp_ratelimit *rl);
 /* X-HubSpot-RateLimit-Daily-Remaining said `remaining`; spent = it reached 0. */
 void cp_rl_daily(cp_ratelimit *rl, long remaining);
 int cp_rl_daily_spent(const cp_ratelimit *rl);
