@@ -8,8 +8,9 @@
  * The budget keeps two keys in one Redis Cluster slot (hash tag {K}):
  * commprefs:{K}:window, a sorted set of the times (Redis TIME, ms) requests
  * were granted in the current rolling window, and commprefs:{K}:limits, a
- * hash with HubSpot's learned max, interval and margin (ms) and a 429's
- * blocked-until time. Both expire. Only numbers are written: never the token. */
+ * hash with HubSpot's learned max, interval and margin (ms: ratelimit.c's
+ * plus CP_BUDGET_SLACK_MS, see redis.h) and a 429's blocked-until time.
+ * Both expire. Only numbers are written: never the token. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
@@ -487,6 +488,16 @@ static int core_budget_lost_wait(lua_State *L) {
   return 1;
 }
 
+double cp_budget_margin_ms(long interval_ms) {
+  return cp_rl_margin_ms(interval_ms) + CP_BUDGET_SLACK_MS;
+}
+
+/* core.budget_margin_ms(interval_ms) -> ms */
+static int core_budget_margin_ms(lua_State *L) {
+  lua_pushnumber(L, cp_budget_margin_ms((long)luaL_checknumber(L, 1)));
+  return 1;
+}
+
 static int core_budget_script(lua_State *L) {
   lua_pushlstring(L, BUDGET_SCRIPT, sizeof(BUDGET_SCRIPT) - 1);
   return 1;
@@ -506,6 +517,8 @@ void cp_register_redis(lua_State *L) {
   lua_setfield(L, -2, "budget_lost_wait");
   lua_pushcfunction(L, core_redis_url);
   lua_setfield(L, -2, "redis_url");
+  lua_pushcfunction(L, core_budget_margin_ms);
+  lua_setfield(L, -2, "budget_margin_ms");
   lua_pushnumber(L, CP_REDIS_DEFAULT_WAIT_S);
   lua_setfield(L, -2, "budget_wait"); /* seconds a lost Redis is waited for, by default */
 }
@@ -563,7 +576,7 @@ static double budget_acquire(void *ud, const char **err) {
   if (b->max > 0) {
     snprintf(max, sizeof(max), "%ld", b->max);
     snprintf(interval, sizeof(interval), "%ld", b->interval_ms);
-    snprintf(margin, sizeof(margin), "%.3f", cp_rl_margin_ms(b->interval_ms));
+    snprintf(margin, sizeof(margin), "%.3f", cp_budget_margin_ms(b->interval_ms));
   }
   rep = run_script(b, "acquire", max, interval, margin);
   if (!rep) return budget_lost(b, err);
@@ -589,7 +602,7 @@ static void budget_learn(void *ud, long max, long interval_ms) {
   b->interval_ms = interval_ms;
   snprintf(a1, sizeof(a1), "%ld", max);
   snprintf(a2, sizeof(a2), "%ld", interval_ms);
-  snprintf(a3, sizeof(a3), "%.3f", cp_rl_margin_ms(interval_ms));
+  snprintf(a3, sizeof(a3), "%.3f", cp_budget_margin_ms(interval_ms));
   rep = run_script(b, "learn", a1, a2, a3);
   b->written = rep && rep->type == REDIS_REPLY_INTEGER;
   if (rep) freeReplyObject(rep);

@@ -13,6 +13,14 @@
 
 /* The most elements a reply array may announce (bigger: a protocol error). */
 #define CP_RESP_MAX_ELEMENTS (1 << 20)
+/* The budget counts a request when it grants it, before it is sent, and its
+ * participants are other processes and hosts: the spread between a grant and
+ * the request reaching HubSpot is wider than inside one process, so the
+ * budget's window adds this much to ratelimit.c's margin (cp_rl_margin_ms).
+ * Measured need on a loaded 2-core host: up to ~55 ms for ratelimit.c's 35. */
+#define CP_BUDGET_SLACK_MS 50.0
+/* The margin (ms) the shared budget adds to HubSpot's interval: core.budget_margin_ms. */
+double cp_budget_margin_ms(long interval_ms);
 /* How long a budget waits for a lost Redis before perform stops with
  * "budget", unless set with cp_redis_budget_wait (seconds). */
 #define CP_REDIS_DEFAULT_WAIT_S 30.0

@@ -1,7 +1,7 @@
 -- commprefs.ngx.redis_budget: the shared HubSpot budget (contract C3's
 -- shape) over cosockets, for nginx workers. It runs the very script the C
 -- side runs (core.budget_script()) on the same keys (core.budget_keys), with
--- the margin from C (core.window_margin_ms) and C's rule for a lost Redis
+-- the margin from C (core.budget_margin_ms) and C's rule for a lost Redis
 -- (core.budget_lost_wait): nothing of the budget's logic lives here, only I/O.
 --
 --   local budget = require("commprefs.ngx.redis_budget").new {
@@ -74,7 +74,7 @@ function Budget:acquire()
   local max, interval, margin = "", "", ""
   if self.max then
     max, interval = tostring(self.max), tostring(self.interval_ms)
-    margin = string.format("%.3f", core.window_margin_ms(self.interval_ms))
+    margin = string.format("%.3f", core.budget_margin_ms(self.interval_ms))
   end
   local v, err = self:run("acquire", max, interval, margin)
   if type(v) ~= "number" then return self:lost(err or "unexpected reply to the budget script") end
@@ -87,7 +87,7 @@ function Budget:learn(max, interval_ms)
   if self.written and max == self.max and interval_ms == self.interval_ms then return end
   self.max, self.interval_ms = max, interval_ms
   local v = self:run("learn", tostring(max), tostring(interval_ms),
-    string.format("%.3f", core.window_margin_ms(interval_ms)))
+    string.format("%.3f", core.budget_margin_ms(interval_ms)))
   self.written = type(v) == "number"
 end
 
