@@ -117,7 +117,7 @@ function Dict:start()
   if not n then return nil, "lua_shared_dict '" .. self.name .. "': " .. tostring(err) end
   local key = self.ticket_prefix .. n
   self.dict:set(key, -1, self.pending_ttl)
-  self.owned[coroutine.running()] = n
+  self.owned[coroutine.running() or self] = n
   self.queue[#self.queue + 1] = n
   while true do
     local w = self:wait_for(n, now_ms())
@@ -128,7 +128,7 @@ end
 
 -- The ticket of the running thread (else the oldest this worker holds).
 function Dict:take_ticket()
-  local co = coroutine.running()
+  local co = coroutine.running() or self -- LuaJIT's main thread has no coroutine
   local n = self.owned[co]
   self.owned[co] = nil
   for i, q in ipairs(self.queue) do
