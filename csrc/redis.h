@@ -17,7 +17,7 @@
  * participants are other processes and hosts: the spread between a grant and
  * the request reaching HubSpot is wider than inside one process, so the
  * budget's window adds this much to ratelimit.c's margin (cp_rl_margin_ms).
- * Measured need on a loaded 2-core host: up to ~55 ms for ratelimit.c's 35. */
+ * Measured on a 2-core host under heavy load: the spread reached ~55 ms. */
 #define CP_BUDGET_SLACK_MS 50.0
 /* The margin (ms) the shared budget adds to HubSpot's interval: core.budget_margin_ms. */
 double cp_budget_margin_ms(long interval_ms);
