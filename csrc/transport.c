@@ -38,7 +38,12 @@ double cp_now_ms(void) {
  * handler can only talk to the code it interrupted through a static
  * volatile sig_atomic_t. It holds the number of the SIGINT/SIGTERM caught
  * while a perform ran (0: none). perform installs the handler only for its
- * own duration (unless the signal is ignored) and restores the previous one. */
+ * own duration (unless the signal is ignored), stops within SIGNAL_CHECK_MS
+ * when it fires, and restores the previous handler. Then, unless a caller
+ * asked for signals to be kept (core.trap_signals, the CLI's bulk jobs and
+ * the worker: perform is then "nested"), the signal is raised again, so it
+ * does what it would have done without commprefs (lua's "interrupted!",
+ * the default termination) right after perform returns. */
 static volatile sig_atomic_t caught_signal = 0;
 
 static void on_signal(int sig) { caught_signal = sig; }
@@ -47,7 +52,7 @@ int cp_caught_signal(void) { return (int)caught_signal; }
 
 typedef struct {
   struct sigaction old_int, old_term;
-  int installed_int, installed_term;
+  int installed_int, installed_term, nested;
 } signal_guard;
 
 static int install_one(int sig, struct sigaction *old) {
@@ -60,10 +65,9 @@ static int install_one(int sig, struct sigaction *old) {
 }
 
 static void signals_install(signal_guard *g) {
-  int nested = 0;
   struct sigaction cur;
-  if (sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == on_signal) nested = 1;
-  if (!nested) caught_signal = 0; /* an outer perform keeps what it caught */
+  g->nested = sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == on_signal;
+  if (!g->nested) caught_signal = 0; /* an outer perform or a trap keeps what it caught */
   g->installed_int = install_one(SIGINT, &g->old_int);
   g->installed_term = install_one(SIGTERM, &g->old_term);
 }
@@ -71,6 +75,11 @@ static void signals_install(signal_guard *g) {
 static void signals_restore(signal_guard *g) {
   if (g->installed_int) sigaction(SIGINT, &g->old_int, NULL);
   if (g->installed_term) sigaction(SIGTERM, &g->old_term, NULL);
+}
+
+/* After perform has put the client in order: the signal goes on to its usual action. */
+static void signals_reraise(const signal_guard *g) {
+  if (!g->nested && (g->installed_int || g->installed_term) && caught_signal) raise(caught_signal);
 }
 
 /* A scope longer than one perform (the Redis worker's run, which waits in
@@ -622,9 +631,8 @@ int cp_transport_perform(lua_State *L, cp_transport *t) {
   rc = lua_pcall(L, 3, 2, 0);
   if (t->handle_signals) signals_restore(&g);
   t->active = 0;
-  if (rc != 0) {
-    cleanup_running(t);
-    return lua_error(L);
-  }
+  if (rc != 0) cleanup_running(t);
+  if (t->handle_signals) signals_reraise(&g);
+  if (rc != 0) return lua_error(L);
   return 2;
 }

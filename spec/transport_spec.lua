@@ -227,11 +227,13 @@ print("status", res[1].status or res[1].kind, res[2].status, reason)
   end)
 
   describe("signals (issue 10, defect 4)", function()
-    local function interrupted_child(setup, sig)
+    -- A child that keeps signals (core.trap_signals, as the CLI's bulk jobs do) and
+    -- reports how perform stopped; without the trap the signal does its usual action.
+    local function interrupted_child(setup, sig, no_trap)
       local child = spawn([[
 local core = require "commprefs.core"
 local socket = require "socket"
-]] .. setup .. [[
+]] .. (no_trap and "" or "core.trap_signals(true)\n") .. setup .. [[
 local t0 = socket.gettime()
 local res, reason = h:perform(reqs)
 io.write("reason=", tostring(reason), " stopped=", tostring(res[#res].stopped), " signal=",
@@ -257,6 +259,20 @@ io.write("reason=", tostring(reason), " stopped=", tostring(res[#res].stopped), 
         "local h = core.new { token = 'sim-token', rate_max = 1, rate_interval = 86400 }\n"
         .. "local reqs = { { method = 'GET', url = %q }, { method = 'GET', url = %q } }\n", sim.url .. GET, sim.url .. GET), "TERM")
       assert.matches("reason=interrupted stopped=interrupted signal=15", out, 1, true)
+      assert.is_true(took < 1.5, "took " .. took .. " s after SIGTERM")
+    end)
+
+    it("without a trap, do their usual action as soon as perform has returned", function()
+      sim.fault { kind = "hang", seconds = 25 }
+      local setup = string.format(
+        "local h = core.new { token = 'sim-token' }\nlocal reqs = { { method = 'GET', url = %q } }\n", sim.url .. GET)
+      local took, out = interrupted_child(setup, "INT", true)
+      assert.matches("interrupted!", out, 1, true) -- the interpreter's own SIGINT error
+      assert.is_nil(out:find("reason=", 1, true))
+      assert.is_true(took < 1.5, "took " .. took .. " s after SIGINT")
+      sim.fault { kind = "hang", seconds = 25 }
+      took, out = interrupted_child(setup, "TERM", true)
+      assert.equal("", out) -- terminated by SIGTERM, as without commprefs
       assert.is_true(took < 1.5, "took " .. took .. " s after SIGTERM")
     end)
   end)
