@@ -13,7 +13,7 @@ command line. Ships a local HubSpot simulator for tests and demos.
   license = "MIT",
 }
 dependencies = { "lua >= 5.1", "lua-cjson >= 2.1" } -- Debian: lua-cjson
-external_dependencies = { CURL = { library = "curl" } }
+external_dependencies = { CURL = { library = "curl" }, HIREDIS = { header = "hiredis/hiredis.h", library = "hiredis" } } -- Debian: libcurl4-openssl-dev, libhiredis-dev
 build = {
   type = "make",
   build_variables = { CFLAGS = "$(CFLAGS)", LUA = "lua$(LUA_VERSION)" },
