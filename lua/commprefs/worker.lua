@@ -103,22 +103,24 @@ return added
 
 ------------------------------------------------------------------ checks
 
-local function raise(msg) error("commprefs.worker.new: " .. msg, 3) end
+-- Raises a mistake of worker.new's caller (depth: helpers between it and new).
+local function raise(msg, depth) error("commprefs.worker.new: " .. msg, 3 + (depth or 0)) end
 
-local function check_name(opts, k, required)
+local function check_name(opts, k, required, depth)
   local v = opts[k]
   if v == nil and not required then return nil end
   if type(v) ~= "string" or v == "" or core.has_control(v) then
-    raise("bad option '" .. k .. "' (non-empty string without control characters expected)")
+    raise("bad option '" .. k .. "' (non-empty string without control characters expected)", 1 + (depth or 0))
   end
   return v
 end
 
-local function check_seconds(opts, k, default, allow_zero)
+local function check_seconds(opts, k, default, allow_zero, depth)
   local v = opts[k]
   if v == nil then return default end
   if type(v) ~= "number" or v < 0 or (v == 0 and not allow_zero) or v ~= v then
-    raise("bad option '" .. k .. "' (" .. (allow_zero and "non-negative" or "positive") .. " number of seconds expected)")
+    raise("bad option '" .. k .. "' (" .. (allow_zero and "non-negative" or "positive") .. " number of seconds expected)",
+      1 + (depth or 0))
   end
   return v
 end
@@ -184,6 +186,26 @@ local Worker = {}
 Worker.__index = Worker
 Worker.__name = "commprefs.worker"
 
+-- The function that opens a connection: opts.connect, or one over
+-- core.redis_connect for opts.redis (checked here with the one URL parser,
+-- which never echoes the password).
+local function connector(opts, block)
+  local connect = opts.connect
+  if connect ~= nil and type(connect) ~= "function" then raise("bad option 'connect' (function expected)", 1) end
+  if (connect == nil) == (opts.redis == nil) then raise("give exactly one of 'redis' (a URL) and 'connect'", 1) end
+  if connect then return connect end
+  local timeout = check_seconds(opts, "redis_timeout", 5, false, 1)
+  local url = check_name(opts, "redis", true, 1)
+  local ok, why = pcall(core.redis_url, url)
+  if not url:match("^redis://") or not ok then
+    raise("bad option 'redis' (redis://[user:pass@]host:port[/db] expected" ..
+      (why and not ok and (": " .. tostring(why):match("%(([^()]*)%)%s*$") or "") or "") .. ")", 1)
+  end
+  return function()
+    return core.redis_connect(url, { connect_timeout = timeout, timeout = timeout + block })
+  end
+end
+
 function M.new(client, opts)
   if type(client) ~= "table" or type(client._core) ~= "userdata" and type(client._core) ~= "table" then
     raise("bad argument 'client' (a commprefs client expected)")
@@ -192,22 +214,8 @@ function M.new(client, opts)
   for k in pairs(opts) do
     if not ALLOWED[k] then raise("unknown option '" .. tostring(k) .. "'") end
   end
-  local connect = opts.connect
-  if connect ~= nil and type(connect) ~= "function" then raise("bad option 'connect' (function expected)") end
-  if (connect == nil) == (opts.redis == nil) then raise("give exactly one of 'redis' (a URL) and 'connect'") end
-  local timeout = check_seconds(opts, "redis_timeout", 5)
   local block = check_seconds(opts, "block", 1)
-  if opts.redis ~= nil then
-    local url = check_name(opts, "redis", true)
-    local ok, why = pcall(core.redis_url, url) -- the one URL parser (never echoes the password)
-    if not url:match("^redis://") or not ok then
-      raise("bad option 'redis' (redis://[user:pass@]host:port[/db] expected" ..
-        (why and not ok and (": " .. tostring(why):match("%(([^()]*)%)%s*$") or "") or "") .. ")")
-    end
-    connect = function()
-      return core.redis_connect(url, { connect_timeout = timeout, timeout = timeout + block })
-    end
-  end
+  local connect = connector(opts, block)
   local opname = OPS[opts.op or "unsubscribe-all"]
   if not opname then raise("bad option 'op' (\"unsubscribe-all\" or \"status\" expected)") end
   local size = opts.batch_size or client.batch_size or 100
