@@ -191,6 +191,21 @@ describe("core.redis_connect (C4)", function()
     c:close()
   end)
 
+  it("a command on a Redis that stopped answering fails after the command timeout, then recovers", function()
+    local c = assert(core.redis_connect(r.url, { timeout = 0.3 }))
+    os.execute("kill -STOP " .. r.pid)
+    local t0 = core.now()
+    local v, err = c:command { "PING" }
+    local took = core.now() - t0
+    os.execute("kill -CONT " .. r.pid)
+    assert.is_nil(v)
+    assert.equal("redis", err.kind)
+    assert.matches("connection lost", err.message)
+    assert.is_true(took >= 0.25 and took < 3, "took " .. took .. " s")
+    assert.same({ ok = "PONG" }, c:command { "PING" })
+    c:close()
+  end)
+
   it("selects the database of the URL", function()
     local c1 = assert(core.redis_connect(r.url .. "/3"))
     c1:command { "SET", "db3", "x" }
