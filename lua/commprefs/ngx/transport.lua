@@ -10,9 +10,10 @@
 -- pacer, commprefs.ngx.pacer), how many in flight (h:in_flight_target).
 --
 -- Which nginx phases can use it: see M.YIELDABLE. A client may be created
--- anywhere (init_by_lua included) and used from any request or timer: no
--- socket outlives one perform, except idle keep-alive connections, which
--- nginx keeps per worker in its pool, so nothing crosses requests.
+-- anywhere (init_by_lua included) and used from any request or timer, by
+-- several at once: no socket outlives one perform (cosockets cannot cross
+-- requests), except idle keep-alive connections, which nginx keeps in its
+-- per-worker pool and hands to whichever request connects next.
 local core = require "commprefs.core"
 
 local M = {}
@@ -64,7 +65,7 @@ local function new_pacer(handle, opts)
   end
   return {
     wait = function() return handle:pace_wait() end,
-    start = function() handle:pace_start() end,
+    start = function() handle:pace_start(); return true end,
     sent = function() handle:pace_sent() end,
     unsent = function() handle:pace_unsent() end,
     learn = function() end,
@@ -89,7 +90,7 @@ end
 -- Returns the result (C2 fields, no attempts) and whether it was on the wire.
 local function exchange(t, req, pacer)
   local scheme, host, port, authority, path = split_url(req.url)
-  if not scheme then return { kind = "network", message = "bad URL: " .. req.url, fatal = true }, false end
+  if not scheme then return { kind = "network", message = "bad URL: " .. req.url }, false end
   local tls = scheme == "https"
   local s = t.settings
   local started = now_ms()
@@ -97,7 +98,8 @@ local function exchange(t, req, pacer)
   local sock = ngx.socket.tcp()
   sock:settimeouts(math.min(s.connect_timeout_ms, s.timeout_ms), s.timeout_ms, s.timeout_ms)
   local pool = string.format("commprefs:%s:%s:%d:%s", scheme, host, port, tls and (s.verify_tls and "verify" or "noverify") or "")
-  local ok, err = sock:connect(host, port, { pool = pool })
+  -- nginx resolves names only through its `resolver` directive; localhost is loopback by definition
+  local ok, err = sock:connect(host == "localhost" and "127.0.0.1" or host, port, { pool = pool })
   if not ok then return no_answer(err, "connect to " .. host .. ":" .. port, started), false end
   local reused = sock:getreusedtimes() > 0
   if tls and not reused then
@@ -154,25 +156,24 @@ end
 -- already closed is replaced at once (not an attempt), as libcurl does.
 local function run(t, req, pacer, st)
   local h = t.handle
-  local attempts = 0
+  local attempts, last = 0, nil
   while true do
     local wait, stop = pacer:wait()
     while not stop and wait and wait > 0 do
       ngx.sleep(wait / 1000)
       wait, stop = pacer:wait()
     end
-    if wait == nil and not stop then stop = "budget" end
-    if stop then
+    local started = not stop and pacer:start()
+    if not started then
+      stop = stop or "budget"
       st.stop = st.stop or stop -- pull no more
-      if attempts == 0 then return { stopped = stop, attempts = 0 } end
+      return last or { stopped = stop, attempts = 0 }
     end
-    pacer:start()
     local t0 = now_ms()
     local res, on_wire, stale
-    for _ = 1, 4 do
+    for _ = 1, 4 do -- a pooled connection the server had closed: replaced at once, not an attempt
       res, on_wire, stale = exchange(t, req, pacer)
-      if not stale then break end
-      pacer:start()
+      if not stale or not pacer:start() then break end
     end
     if not on_wire then pacer:unsent() end
     attempts = attempts + 1
@@ -182,9 +183,9 @@ local function run(t, req, pacer, st)
       if res.rate_max and res.rate_interval_ms then pacer:learn(res.rate_max, res.rate_interval_ms) end
     end
     local retry, delay_ms = h:decide(res)
-    if res.status == 429 then pacer:throttled(res.retry_after and res.retry_after * 1000 or 0) end
-    res.fatal = nil
+    if res.status == 429 then pacer:throttled(res.retry_after and res.retry_after * 1000 or delay_ms) end
     if not retry then return res end
+    last = res
     if delay_ms and delay_ms > 0 then ngx.sleep(delay_ms / 1000) end
   end
 end
@@ -203,9 +204,7 @@ local function perform(t, source, on_done)
   if on_done ~= nil and type(on_done) ~= "function" then
     error("bad argument #2 to 'perform' (function expected)", 2)
   end
-  if t.active then error("perform: the client is busy (called from its own callback)", 2) end
   M.check_phase(ngx.get_phase())
-  t.active = true
   t.pacer = t.pacer or new_pacer(t.handle, t.pacer_opts)
   local pacer = t.pacer
   local st = { next = 1 }
@@ -250,14 +249,13 @@ local function perform(t, source, on_done)
     end
     if #live == 0 then break end
     local ok, i, res = ngx.thread.wait(unpack(live))
-    if not ok then t.active = false; error(i, 0) end -- a bug in this file: nginx closes its sockets
+    if not ok then error(i, 0) end -- a bug in this file: nginx closes its sockets
     for k = 1, #live do
       if live[k] == slot_of[i] then table.remove(live, k); break end
     end
     slot_of[i] = nil
     if not st.err then deliver(i, res) end
   end
-  t.active = false
   if st.err then error(st.err, 0) end
   if results then return results, st.stop end
   return nil, st.stop

@@ -1,0 +1,21 @@
+-- support.ngx_phases: loaded inside the nginx of spec/ngx_transport_spec.lua
+-- from init_by_lua, init_worker_by_lua, log_by_lua, ... : try(phase) makes a
+-- client with transport "auto", calls get_status once and records in the
+-- lua_shared_dict spec_phases what happened ("ok <n results>", "error ...",
+-- or "raised: <message>"). The client made in init_by_lua is kept as
+-- package.loaded.spec_phases_client for later requests.
+local M = {}
+
+function M.try(phase)
+  local commprefs = require "commprefs"
+  local c = commprefs.new { token = "sim-token", base_url = os.getenv("SIM_URL"), max_retries = 0 }
+  local ok, env, err = pcall(c.get_status, c, phase .. "@example.com")
+  local text
+  if not ok then text = "raised: " .. tostring(env)
+  elseif env then text = "ok " .. #env.results
+  else text = "error " .. tostring(err) end
+  if phase == "init" then package.loaded.spec_phases_client = c end
+  ngx.shared.spec_phases:set(phase, text)
+end
+
+return M
