@@ -552,6 +552,7 @@ function Worker:_drain(ready, gather, stop, on_progress)
     batches[i] = nil
     if res.stopped or res.daily_limit then -- not answered: the daily limit, the budget, an interrupt
       stopped = stopped or res.stopped or "daily_limit"
+      self.summary.stop_message = self.summary.stop_message or res.message -- why, when the budget says
       unanswered[#unanswered + 1] = batch
       return
     end
