@@ -42,7 +42,8 @@ local t0 = core.now()
 local s = c:bulk_unsubscribe_all(ids, { journal = journal ~= "-" and journal or nil })
 local st = c:stats()
 print(core.encode { done = s.done, failed = s.failed, stopped = s.stopped or false,
-  remaining = s.remaining or false, t0 = t0, t1 = core.now(), throttled = st.throttled, sent = st.sent })
+  remaining = s.remaining or false, t0 = t0, t1 = core.now(), throttled = st.throttled, sent = st.sent,
+  stop_message = s.stop_message or false })
 ]]
 local job_file = tmpname("job.lua")
 do
@@ -376,6 +377,7 @@ describe("one budget across processes (rate_limit.redis)", function()
     local res = job:wait()
     R.restart(r)
     assert.equal("budget", res.stopped)
+    assert.matches("the shared budget in Redis was unavailable for 1 s: 127%.0%.0%.1:%d+: ", res.stop_message)
     assert.equal(0, res.failed)
     assert.equal(6000, res.done + res.remaining)
     local journaled, lines = {}, 0

@@ -212,6 +212,7 @@ function M.run(client, fname, opname, source, opts)
     chunks[i] = nil
     if res.stopped or res.daily_limit then -- neither failed nor journaled: a rerun sends them
       unsent = unsent + #chunk
+      summary.stop_message = summary.stop_message or res.message -- why (the budget says), if known
       return
     end
     M.classify(op, url, res, chunk, record)
