@@ -84,7 +84,7 @@ function M.run_ngx(insts, case, sim)
   local nginx = require "support.nginx"
   local inst = case.tls == "none" and insts.none or insts.ca
   local status, body = nginx.run(inst, M.ngx_source(case, sim))
-  assert(status == 200, "nginx answered " .. tostring(status) .. ": " .. tostring(body))
+  assert(status == 200, "nginx answered " .. tostring(status) .. ": " .. tostring(body) .. "\n" .. inst:log())
   return decode(body)
 end
 

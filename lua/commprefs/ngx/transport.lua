@@ -103,7 +103,10 @@ local function exchange(t, req, pacer)
   if not ok then return no_answer(err, "connect to " .. host .. ":" .. port, started), false end
   local reused = sock:getreusedtimes() > 0
   if tls and not reused then
-    local sess, herr = sock:sslhandshake(nil, host, s.verify_tls)
+    -- pcall: lua-resty-core 0.1.25 asserts (instead of returning nil, err) when a
+    -- handshake that finished at once then failed verification
+    local ok_call, sess, herr = pcall(sock.sslhandshake, sock, nil, host, s.verify_tls)
+    if not ok_call then sess, herr = nil, "certificate verification failed" end
     if not sess then
       sock:close()
       if herr == "timeout" then return no_answer(herr, "TLS handshake with " .. host, started), false end
