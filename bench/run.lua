@@ -218,8 +218,8 @@ if part(5) then
 local rate5, per_s = "20/1000", 20
 print(string.format("\n5. bulk with default options, rate limit %s (%d requests/s), latency +-20%%", rate5, per_s))
 print("   bound = ceil(N/100) / rate; the first request goes alone (its answer gives the window),")
-print("   which costs one latency: the 1,000 ms job is 60 s long so that start weighs 1.7%")
-for _, case in ipairs { { 50, 20000 }, { 150, 20000 }, { 1000, 120000 } } do
+print("   which costs one latency: the 1,000 ms job is 120 s long so that start weighs 0.9%")
+for _, case in ipairs { { 50, 20000 }, { 150, 20000 }, { 1000, 240000 } } do
   local latency, n = case[1], case[2]
   sim.reset({ rate = rate5, latency = latency })
   local ids = {}

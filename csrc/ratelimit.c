@@ -8,7 +8,7 @@
 #define RL_MAX_CAP 100000
 
 double cp_rl_margin_ms(long interval_ms) {
-  return 10.0 + interval_ms / 100.0;
+  return 25.0 + interval_ms / 100.0;
 }
 
 static double margin_ms(const cp_ratelimit *rl) {
@@ -103,7 +103,7 @@ void cp_rl_throttled(cp_ratelimit *rl, double now, double hold_ms) {
 }
 
 void cp_rl_skewed(cp_ratelimit *rl) {
-  double most = rl->interval_ms / 20.0;
+  double most = rl->interval_ms / 10.0;
   rl->skew_ms = rl->skew_ms > 0 ? rl->skew_ms * 2 : 10.0;
   if (rl->skew_ms > most) rl->skew_ms = most;
 }

@@ -30,8 +30,9 @@ void cp_rl_unsent(cp_ratelimit *rl);
 void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms);
 /* A 429 arrived: hold every send for hold_ms (policy.c decides how long). */
 void cp_rl_throttled(cp_ratelimit *rl, double now, double hold_ms);
-/* A 429 although the known window had room: widen the margin (doubling, at most
- * a twentieth of the interval), for the rest of this window's life. */
+/* A 429 although the known window had room (the server counted an earlier
+ * request later than we sent it: scheduling or network delay): widen the margin
+ * (10 ms, doubling, at most a tenth of the interval) for this window's life. */
 void cp_rl_skewed(cp_ratelimit *rl);
 /* X-HubSpot-RateLimit-Daily-Remaining said `remaining`; spent = it reached 0. */
 void cp_rl_daily(cp_ratelimit *rl, long remaining);
