@@ -25,7 +25,7 @@
 -- Environment: BENCH_GETS, BENCH_BULK_IDS, BENCH_RATE (e.g. 100/1000),
 -- BENCH_SEQ_IDS, BENCH_RSS_SMALL, BENCH_RSS_LARGE, BENCH_WORKER_ENTRIES override the sizes.
 package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path
-package.cpath = "build/lua5.4/?.so;" .. package.cpath
+package.cpath = (os.getenv("COMMPREFS_BUILD") or "build/lua5.4") .. "/?.so;" .. package.cpath
 
 local commprefs = require "commprefs"
 local core = require "commprefs.core"
