@@ -207,6 +207,16 @@ describe("core.redis_connect (C4)", function()
     c:close()
   end)
 
+  it("authenticates an ACL user with redis://user:pass@ (AUTH user pass), percent-decoded", function()
+    assert.equal("OK", R.cli(r, "ACL", "SETUSER", "app1", "on", ">p@ss/w:rd", "~*", "+@all"))
+    local c = assert(core.redis_connect("redis://app1:p%40ss%2Fw%3Ard@127.0.0.1:" .. r.port))
+    assert.equal("app1", c:command { "ACL", "WHOAMI" })
+    c:close()
+    local none, err = core.redis_connect("redis://app1:nope@127.0.0.1:" .. r.port)
+    assert.is_nil(none)
+    assert.matches("authentication failed", err.message)
+  end)
+
   it("selects the database of the URL", function()
     local c1 = assert(core.redis_connect(r.url .. "/3"))
     c1:command { "SET", "db3", "x" }
