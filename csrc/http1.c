@@ -105,6 +105,8 @@ static int on_headers_complete(http_parser *p) {
   end_value(r);
   r->field_len = 0;
   r->last_was_value = 0;
+  if (p->status_code < 100 || p->status_code > 999)
+    return fail_with(r, "network", "invalid HTTP response: the status is not three digits");
   if (p->status_code / 100 == 1) return 0; /* informational: the real answer follows */
   r->status = p->status_code;
   if (r->max_body && p->content_length != ULLONG_MAX && p->content_length > r->max_body)

@@ -79,6 +79,12 @@ describe("core.http1_response", function()
     assert.is_nil(done)
     assert.equal("network", kind)
     assert.matches("^invalid HTTP response: ", err)
+    for _, raw in ipairs { "HTTP/1.1 000 x\r\nContent-Length: 0\r\n\r\n", "HTTP/1.0 5 x\r\n\r\n" } do
+      _, done, err, kind = parse { raw } -- found by fuzz/http1_fuzz.c
+      assert.is_nil(done, raw)
+      assert.equal("network", kind)
+      assert.matches("status is not three digits", err)
+    end
   end)
 
   it("enforces max_body whether the length is announced or chunked", function()
