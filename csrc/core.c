@@ -63,6 +63,7 @@ static int open_redis_budget(lua_State *L, cp_transport *t) {
     return 2;
   }
   cp_redis_budget_wait(&b, wait_s);
+  if (t->rl.manual) b.learn(b.ud, t->rl.max, t->rl.interval_ms); /* limits set by hand: for everyone */
   t->budget = b;
   return 1;
 }

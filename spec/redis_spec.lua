@@ -467,6 +467,12 @@ describe("commprefs.new with rate_limit.redis", function()
     assert.equal("1", R.cli(r, "-n", "2", "EXISTS", "commprefs:{k2}:window"))
   end)
 
+  it("limits set by hand (rate_limit.max/interval) are written to the budget for every participant", function()
+    local c = assert(new { redis = r.url, key = "manual", max = 7, interval = 2 })
+    c:close()
+    assert.equal("7\n2000", R.cli(r, "HMGET", "commprefs:{manual}:limits", "max", "interval"))
+  end)
+
   it("raises on bad options, naming them, without echoing the URL", function()
     assert.has_error(function() new { redis = r.url } end, "commprefs.new: bad option 'rate_limit.key' (required with rate_limit.redis)")
     assert.has_error(function() new { key = "k" } end)
