@@ -450,6 +450,22 @@ case { name = "does not retry a Retry-After beyond max_retry_after, and reports 
     assert.equal(1, #sim.log())
   end }
 
+case { name = "HubSpot's daily limit stops a bulk job: no failures, nothing more sent, the rest counted",
+  setup = function(sim) sim.reset { daily = 5 } end,
+  call = [[
+    local list = {}
+    for i = 1, 300 do list[i] = "daily" .. i .. "@example.com" end
+    local s = c:bulk_unsubscribe_all(list, { batch_size = 10 })
+    return { stopped = s.stopped, done = s.done, failed = s.failed, remaining = s.remaining }]],
+  check = function(r, sim)
+    assert.equal("daily_limit", r.stopped, cjson.encode(r))
+    assert.equal(0, r.failed)
+    assert.equal(50, r.done) -- the 5 requests the day allowed
+    assert.equal(250, r.remaining)
+    local n = #sim.log()
+    assert.is_true(n >= 5 and n <= 5 + 8, n .. " requests reached the simulator")
+  end }
+
 ------------------------------------------------------------------ secrecy
 
 case { name = "the token appears in no error, pretty output or log",
