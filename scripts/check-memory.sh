@@ -12,6 +12,7 @@ SPECS="spec/client_spec.lua spec/bulk_spec.lua spec/redis_spec.lua spec/transpor
 
 echo "== valgrind memcheck (Lua 5.4)"
 make -s all
+make -s all LUA=luajit # nginx (LuaJIT) in the Redis spec loads this build
 valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
   --show-leak-kinds=definite --keep-debuginfo=yes --num-callers=30 \
   lua5.4 /usr/bin/busted -o TAP $SPECS > build/valgrind.tap 2> build/valgrind.log || {
