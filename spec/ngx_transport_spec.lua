@@ -270,6 +270,32 @@ describe("the cosocket transport in nginx", function()
     end)
   end)
 
+  describe("keep-alive pools", function()
+    it("are named by host and TLS settings, never by token: two tokens share a connection", function()
+      assert.equal("3 3", run([[
+        local commprefs = require "commprefs"
+        local a = commprefs.new { token = "sim-token", base_url = SIM_URL }
+        local b = commprefs.new { token = "sim-read-only", base_url = SIM_URL }
+        return #assert(a:get_status("p@example.com")).results .. " " .. #assert(b:get_status("p@example.com")).results]]))
+      local log = sim.log()
+      assert.equal(2, #log)
+      assert.equal(log[1].port, log[2].port)
+    end)
+
+    it("a connection made without verification is never reused by a verifying client", function()
+      local text = run([[
+        local commprefs = require "commprefs"
+        local url = os.getenv("SIM_TLS_URL")
+        local loose = commprefs.new { token = "sim-token", base_url = url, verify_tls = false }
+        local strict = commprefs.new { token = "sim-token", base_url = url, max_retries = 0 }
+        assert(loose:get_status("p@example.com"))
+        local env, err = strict:get_status("p@example.com")
+        return env and "reused!" or err.kind]], insts.none)
+      assert.equal("tls", text)
+      assert.equal(1, #sim.log())
+    end)
+  end)
+
   describe("concurrency", function()
     it("runs batches in parallel up to max_concurrency (ngx.thread)", function()
       sim.reset { latency = 200 }
