@@ -81,6 +81,30 @@ describe("support.nginx", function()
     assert.is_true(socket.gettime() - t0 < 5)
   end)
 
+  it("lets workers read the simulator's CA, given as trusted_ca or in conf", function()
+    local sim = require "support.sim"
+    local s = sim.start { SIM_RATE = "off" }
+    local code = [[
+      local port = tonumber(os.getenv("SIM_TLS"):match(":(%d+)$"))
+      local s = ngx.socket.tcp()
+      assert(s:connect("127.0.0.1", port))
+      local ok, err = s:sslhandshake(nil, "127.0.0.1", true)
+      s:close()
+      return ok and "verified" or tostring(err)
+    ]]
+    for _, opts in ipairs {
+      { trusted_ca = s.ca_file, env = { SIM_TLS = s.tls_url } },
+      { conf = "lua_ssl_trusted_certificate " .. s.ca_file .. ";", env = { SIM_TLS = s.tls_url } },
+    } do
+      local other = nginx.start(opts)
+      local status, body = nginx.run(other, code)
+      other:stop()
+      assert.equals(200, status, body)
+      assert.equals("verified", body)
+    end
+    s:stop()
+  end)
+
   it("fails clearly on a bad configuration, leaving no prefix behind", function()
     local ok, err = pcall(nginx.start, { conf = "this_is_no_directive on;" })
     assert.is_false(ok)

@@ -13,6 +13,7 @@
 --     env = { SIM_URL = sim.url },                -- environment; each gets an `env NAME;`
 --     trusted_ca = sim.ca_file,                   -- copied into the prefix (workers must read
 --   }                                             -- it) as lua_ssl_trusted_certificate
+--   (a lua_ssl_trusted_certificate written in conf/server is pointed at such a copy too)
 --   inst.url, inst.port, inst.pid (master), inst.prefix, inst.tmp (writable by workers)
 --   inst:stop()   inst:log() (the whole error log)   inst:errors() (lines at [error] or worse)
 --   local status, body = nginx.run(inst, "return 1 + 1")   --> 200, "2"
@@ -99,6 +100,8 @@ local RUN_HANDLER = [[
       if res ~= nil then ngx.print(tostring(res)) end
 ]]
 
+local readable_copy, with_readable_certificates
+
 local function render(opts, prefix, port, build)
   local tls = opts.trusted_ca and ("  lua_ssl_trusted_certificate " .. prefix .. "/conf/trusted_ca.pem;\n"
     .. "  lua_ssl_verify_depth 3;") or ""
@@ -175,6 +178,30 @@ function Instance:errors()
   return out
 end
 
+-- A copy of `path` at `to` that nginx's workers (nobody, under a root master) can read.
+function readable_copy(path, to)
+  local ok = os.execute(string.format("cp %s %s && chmod 644 %s", shell_quote(path), shell_quote(to), shell_quote(to)))
+  assert(ok == true or ok == 0, "support.nginx.start: cannot copy " .. path)
+end
+
+-- Workers load lua_ssl_trusted_certificate after dropping root, and the
+-- simulator's prefix is private: point each such directive at a readable copy.
+function with_readable_certificates(opts, prefix)
+  local copy, n = {}, 0
+  for k, v in pairs(opts) do copy[k] = v end
+  for _, field in ipairs { "conf", "server" } do
+    if type(copy[field]) == "string" then
+      copy[field] = copy[field]:gsub("(lua_ssl_trusted_certificate%s+)([^;%s]+)", function(directive, path)
+        n = n + 1
+        local to = string.format("%s/conf/trusted_%d.pem", prefix, n)
+        readable_copy(path, to)
+        return directive .. to
+      end)
+    end
+  end
+  return copy
+end
+
 -- opts: conf, server, workers, env, trusted_ca, log_level (see the top of the file).
 function M.start(opts)
   opts = opts or {}
@@ -187,10 +214,8 @@ function M.start(opts)
     shell_quote(prefix), shell_quote(prefix), shell_quote(prefix), shell_quote(prefix), shell_quote(prefix),
     shell_quote(prefix)))
   local port = free_port()
-  if opts.trusted_ca then
-    assert(os.execute(string.format("cp %s %s/conf/trusted_ca.pem && chmod 644 %s/conf/trusted_ca.pem",
-      shell_quote(opts.trusted_ca), shell_quote(prefix), shell_quote(prefix))), "support.nginx.start: cannot copy trusted_ca")
-  end
+  if opts.trusted_ca then readable_copy(opts.trusted_ca, prefix .. "/conf/trusted_ca.pem") end
+  opts = with_readable_certificates(opts, prefix)
   local conf = prefix .. "/conf/nginx.conf"
   local f = assert(io.open(conf, "w"))
   f:write(render(opts, prefix, port, build))
