@@ -192,6 +192,21 @@ describe("the token", function()
     c:close()
   end)
 
+  it("is redacted from a 2xx answer that echoes it, verbatim or escaped", function()
+    local escaped = TOKEN:gsub(".", function(ch) return string.format("\\u%04x", ch:byte()) end)
+    for _, echo in ipairs { TOKEN, escaped } do
+      local body = '{"status":"COMPLETE","results":[{"subscriberIdString":"a@b.co","status":"x ' .. echo
+        .. '","wideStatusType":"PORTAL_WIDE","channel":"EMAIL","timestamp":"t"}],"startedAt":"a","completedAt":"b"}'
+      local c = commprefs.new { token = TOKEN, max_retries = 0,
+        base_url = srv.url .. "/" .. hostile.respond(200, "application/json", body) }
+      local env = assert(c:get_unsubscribe_all_status("a@b.co"))
+      hostile.assert_no_token(env, "envelope")
+      assert.equal("x <redacted>", env.results[1].status)
+      assert.is_falsy(commprefs.pretty(env):find(TOKEN, 1, true))
+      c:close()
+    end
+  end)
+
   it("never reaches the CLI's stderr, --json output or journal", function()
     local journal = tmpfile("journal")
     for _, fmt in ipairs { "--table", "--json", "--jsonl" } do

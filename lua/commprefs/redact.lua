@@ -49,7 +49,7 @@ end
 -- Redacts a decoded value in place (strings, and keys of tables); returns it.
 function M.value(v, seen)
   if type(v) == "string" then return M.text(v) end
-  if type(v) ~= "table" then return v end
+  if type(v) ~= "table" or next(live) == nil then return v end
   seen = seen or {}
   if seen[v] then return v end
   seen[v] = true

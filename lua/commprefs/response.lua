@@ -61,7 +61,8 @@ local function success(req, res)
     return decode_error(req, res, string.format("invalid answer (HTTP %d): %s: %s", status,
       redact.text(tostring(err)), snippet(body)))
   end
-  if redact.found(body) then redact.value(v) end
+  -- a token echoed verbatim, or possibly \u-escaped: clean the decoded strings too
+  if redact.found(body) or body:find("\\u", 1, true) then redact.value(v) end
   return v
 end
 
