@@ -11,9 +11,12 @@
  *                                 object; fields of the wrong type are dropped,
  *                                 so whatever is kept has its documented type.
  * Unknown fields pass through (null removed). Integers must be exact: cjson
- * reads numbers as doubles, and 2^53 + 1 rounds to 2^53 before we see it, so
- * |n| >= 2^53 in an integer field is refused (error or dropped), never
- * silently changed. Lua 5.4 gets Lua integers; LuaJIT exact doubles. */
+ * reads numbers as doubles (Debian's lua-cjson 2.1.0 has no big-number mode:
+ * its only decode options are decode_invalid_numbers and decode_max_depth),
+ * and 2^53 + 1 rounds to 2^53 before we see it, so |n| >= 2^53 in an integer
+ * field is refused (error or dropped), never silently changed; LuaJIT could
+ * not hold such an integer anyway. Lua 5.4 gets Lua integers; LuaJIT exact
+ * doubles. */
 #include <string.h>
 #include "codec.h"
 
