@@ -220,8 +220,7 @@ end
 
 -- A group: the ids of one business unit waiting to go out in one batch read.
 local function new_group(L, bu)
-  local g = { bu = bu, ids = {}, waiters = {}, n = 0, live = 0, born = now(),
-    sema = require("ngx.semaphore").new(0) }
+  local g = { bu = bu, ids = {}, waiters = {}, sent = {}, answered = {}, n = 0, born = now() }
   L.groups[bu_text(bu)] = g
   L.order[#L.order + 1] = g
   if L.idle_waiting then L.arrival:post(1) end
@@ -238,15 +237,15 @@ local function deliver(L, b, id, answer, err)
     L.cache:remember(L.cache:key(id, b.bu), answer, b.started)
   end
   for _, g in ipairs(b.groups) do
-    for _, w in ipairs(g.waiters[id] or {}) do
-      w.done, w.answer, w.err = true, answer, err
+    local list = g.waiters[id]
+    if list then
+      g.answered[id] = { answer, err }
+      for _, w in ipairs(list) do
+        w.done, w.answer, w.err = true, answer, err
+        w.sema:post(1)
+      end
     end
   end
-end
-
-local function wake(g)
-  g.done = true
-  g.sema:post(g.live + 1)
 end
 
 -- The Error a caller gets for a per-id error of the batch read: what the
@@ -289,18 +288,18 @@ local function settle(L, b, res)
         url = response.strip_userinfo(req.url), message = "the batch read did not mention this id" })
     end
   end
-  for _, g in ipairs(b.groups) do wake(g) end
 end
 
--- The ids of g that someone will still wait for at time `cutoff` (an answer
--- arriving later would be too late for all of them), not yet in `seen`.
+-- The ids of g not sent yet that someone will still wait for at time
+-- `cutoff` (an answer arriving later would be too late for all of them),
+-- and not yet in `seen`.
 local function hopeful_ids(g, cutoff, seen)
   local ids = {}
   for i = 1, g.n do
     local id = g.ids[i]
-    if not seen[id] then
+    if not seen[id] and not g.sent[id] and not g.answered[id] then
       for _, w in ipairs(g.waiters[id]) do
-        if not w.gone and w.deadline > cutoff then ids[#ids + 1] = id; break end
+        if not w.gone and not w.done and w.deadline > cutoff then ids[#ids + 1] = id; break end
       end
     end
   end
@@ -332,21 +331,25 @@ end
 
 -- Takes from the oldest groups (of the oldest group's business unit, in
 -- order) the ids someone will still wait for when the answer comes back, up
--- to batch_size; groups with none left are dropped (their callers time out).
+-- to batch_size (the last group may give only some; it stays first in line).
+-- Groups with none left are dropped: their callers time out.
 local function take_batch(L, client)
   local cutoff, first = now() + L.rtt, L.order[1]
   local b = { groups = {}, ids = {}, bu = first.bu }
   local seen = {}
-  while L.order[1] do
+  while L.order[1] and #b.ids < client.batch_size do
     local g = L.order[1]
     if g.bu ~= b.bu then break end
     local ids = hopeful_ids(g, cutoff, seen)
-    if #b.ids + #ids > client.batch_size then break end
-    table.remove(L.order, 1)
-    close_group(L, g)
-    if #ids > 0 then
-      b.groups[#b.groups + 1] = g
-      for _, id in ipairs(ids) do b.ids[#b.ids + 1] = id; seen[id] = true end
+    local room = client.batch_size - #b.ids
+    if #ids <= room then
+      table.remove(L.order, 1)
+      close_group(L, g)
+    end
+    if #ids > 0 then b.groups[#b.groups + 1] = g end
+    for i = 1, math.min(#ids, room) do
+      local id = ids[i]
+      b.ids[#b.ids + 1], seen[id], g.sent[id] = id, true, true
     end
   end
   if #b.ids == 0 then return nil end
@@ -405,7 +408,11 @@ local function sender(premature, L, client)
   end
   L.senders, L.ready = L.senders - 1, L.ready - 1
   if premature then
-    for _, g in ipairs(L.order) do g.failed = "the nginx worker is exiting"; wake(g) end
+    for _, g in ipairs(L.order) do
+      for _, list in pairs(g.waiters) do
+        for _, w in ipairs(list) do w.failed = "the nginx worker is exiting"; w.sema:post(1) end
+      end
+    end
   end
 end
 
@@ -432,8 +439,8 @@ end
 
 -- One caller's share of a batch read: waits for its answer or its timeout.
 local function coalesced(L, client, id, bu)
+  local semaphore = require "ngx.semaphore"
   if not L.arrival then -- made in the worker, at first use
-    local semaphore = require "ngx.semaphore"
     L.arrival, L.turn = semaphore.new(0), semaphore.new(1)
   end
   local g = L.groups[bu_text(bu)]
@@ -445,24 +452,24 @@ local function coalesced(L, client, id, bu)
     g.n = g.n + 1
     g.ids[g.n] = id
     if g.n >= client.batch_size then close_group(L, g) end
+  elseif g.answered[id] then -- a part of g went out already, with id: its fresh answer
+    return g.answered[id][1], g.answered[id][2]
   end
-  local w = { deadline = now() + L.timeout }
+  local w = { deadline = now() + L.timeout, sema = semaphore.new(0) }
   list[#list + 1] = w
-  g.live = g.live + 1
   local ok, terr = ensure_sender(L, client)
   if not ok then
-    w.gone, g.live = true, g.live - 1
+    w.gone = true
     return nil, Error.new { kind = "network", message = "cannot start the batch reader: " .. tostring(terr) }
   end
-  while not w.done and not g.failed do
+  while not w.done and not w.failed do
     local left = w.deadline - now()
     if left <= 0 then break end
-    if g.done then ngx.sleep(left) else g.sema:wait(left) end -- done without w: w's id came too late
+    w.sema:wait(left)
   end
   if w.done then return w.answer, w.err end
   w.gone = true
-  g.live = g.live - 1
-  if g.failed then return nil, Error.new { kind = "network", message = g.failed } end
+  if w.failed then return nil, Error.new { kind = "network", message = w.failed } end
   return nil, timeout_error(L, id)
 end
 
