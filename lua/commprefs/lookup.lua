@@ -197,12 +197,14 @@ M.answer_of = answer_of
 
 ------------------------------------------------------------------ coalescing
 
--- Senders (ngx.timers, per client and worker) send one batch read per group
--- of waiting ids through client:_perform. The oldest group leaves only once
--- its window has passed (or it is full) AND the pacer would let a request
--- go, so ids keep joining it while HubSpot's rate limit holds it back; more
--- senders start while batches are in flight, up to the client's in-flight
--- target.
+-- Callers of one business unit join the open group (up to batch_size ids)
+-- and wait on their own semaphore. Senders (ngx.timers, per client and
+-- worker) send batch reads through client:_perform: the oldest group leaves
+-- once its window has passed and no other batch is in flight (or at once
+-- when full) AND the pacer would let a request go, so ids keep joining it
+-- while HubSpot's rate limit holds it back. A batch carries only ids whose
+-- callers will still wait when the answer returns. More senders start while
+-- batches are in flight, up to the client's in-flight target.
 
 local BATCH_PATH = "statuses/batch/unsubscribe-all/read"
 local IDLE = 1 -- seconds the source waits for new callers before it ends
