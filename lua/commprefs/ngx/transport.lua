@@ -88,7 +88,7 @@ end
 
 -- Sends one request on a pooled or new connection and reads the answer.
 -- Returns the result (C2 fields, no attempts) and whether it was on the wire.
-local function exchange(t, req, pacer)
+local function exchange(t, req, pacer, resent)
   local scheme, host, port, authority, path = split_url(req.url)
   if not scheme then return { kind = "network", message = "bad URL: " .. req.url }, false end
   local tls = scheme == "https"
@@ -115,7 +115,7 @@ local function exchange(t, req, pacer)
   end
   local body = req.body
   local post = req.method == "POST"
-  pacer:sent()
+  if not resent then pacer:sent() end -- a replacement for a stale pooled connection is the same send
   local bytes, serr = sock:send(t.head(post and "POST" or (req.method or "GET"), path, authority, post and (body or "") or nil))
   if not bytes then
     sock:close()
@@ -173,11 +173,13 @@ local function run(t, req, pacer, st)
       return last or { stopped = stop, attempts = 0 }
     end
     local t0 = now_ms()
-    local res, on_wire, stale
-    for _ = 1, 4 do -- a pooled connection the server had closed: replaced at once, not an attempt
-      res, on_wire, stale = exchange(t, req, pacer)
-      if not stale or not pacer:start() then break end
+    local res, on_wire, stale, was_sent
+    for k = 1, 4 do -- a pooled connection the server had closed: replaced at once, not an attempt
+      res, on_wire, stale = exchange(t, req, pacer, was_sent)
+      was_sent = was_sent or on_wire
+      if not stale then break end
     end
+    on_wire = was_sent
     if not on_wire then pacer:unsent() end
     attempts = attempts + 1
     res.attempts = attempts
@@ -185,7 +187,7 @@ local function run(t, req, pacer, st)
       h:observe_latency(now_ms() - t0)
       if res.rate_max and res.rate_interval_ms then pacer:learn(res.rate_max, res.rate_interval_ms) end
     end
-    local retry, delay_ms = h:decide(res)
+    local retry, delay_ms = h:decide(res, on_wire)
     if res.status == 429 then pacer:throttled(res.retry_after and res.retry_after * 1000 or delay_ms) end
     if not retry then return res end
     last = res
