@@ -73,10 +73,6 @@ local function new_pacer(handle, opts)
   }
 end
 
-local function settings_of(handle)
-  return handle:settings()
-end
-
 local function no_answer(err, what, started)
   if err == "timeout" then
     return { kind = "timeout", message = string.format("%s timed out after %d ms", what, now_ms() - started) }
@@ -87,7 +83,9 @@ end
 ------------------------------------------------------------------ one attempt
 
 -- Sends one request on a pooled or new connection and reads the answer.
--- Returns the result (C2 fields, no attempts) and whether it was on the wire.
+-- Returns the result (C2 fields, no attempts), whether it was on the wire, and
+-- whether a pooled connection failed before any byte of an answer (stale: the
+-- server had closed it). resent: the replacement of a stale attempt.
 local function exchange(t, req, pacer, resent)
   local scheme, host, port, authority, path = split_url(req.url)
   if not scheme then return { kind = "network", message = "bad URL: " .. req.url }, false end
@@ -119,7 +117,7 @@ local function exchange(t, req, pacer, resent)
   local bytes, serr = sock:send(t.head(post and "POST" or (req.method or "GET"), path, authority, post and (body or "") or nil))
   if not bytes then
     sock:close()
-    return no_answer(serr, "sending to " .. host, started), true, reused
+    return no_answer(serr, "sending to " .. host, started), true, reused and serr ~= "timeout"
   end
   local parser = core.http1_response { max_body = s.max_response_size }
   local got = 0
@@ -138,7 +136,7 @@ local function exchange(t, req, pacer, resent)
       sock:close()
       parser:close()
       return no_answer(rerr, string.format("reading the answer from %s (%d bytes received)", host, got), started),
-        true, reused and got == 0
+        true, reused and got == 0 and rerr ~= "timeout"
     end
     if done == nil then
       sock:close()
@@ -270,7 +268,7 @@ end
 -- The token lives only in the closure that writes request heads.
 function M.new(handle, token, opts)
   opts = opts or {}
-  local settings = settings_of(handle)
+  local settings = handle:settings()
   local fixed = "User-Agent: " .. settings.user_agent .. "\r\nAuthorization: Bearer " .. token
     .. "\r\nAccept: application/json\r\n"
   local t = { handle = handle, settings = settings }
