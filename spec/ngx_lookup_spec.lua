@@ -214,6 +214,22 @@ describe("is_unsubscribed_from_all coalesced and cached in nginx", function()
     assert.is_true(invalid_with_others)
   end)
 
+  it("callers asking about the same id share one input", function()
+    quiet()
+    local c = require("commprefs").new { token = "sim-token", base_url = s.url }
+    assert(c:unsubscribe_all("same@example.com"))
+    c:close()
+    local cases = numbered("d", 50)
+    for _ = 1, 50 do cases[#cases + 1] = { "same@example.com" } end
+    local before = #api_log(s)
+    local answers = read_all(inst, "lk_coalesce", cases)
+    for i = 1, 50 do assert.is_false(answers[i].v) end
+    for i = 51, 100 do assert.is_true(answers[i].v) end
+    local log = api_log(s)
+    assert.equals(before + 1, #log)
+    assert.equals(51, #cjson.decode(log[#log].body).inputs)
+  end)
+
   it("a failed request is an error for exactly the callers in it", function()
     quiet()
     admin(s, "POST", "faults", { kind = "status", status = 500, match = "batch/unsubscribe%-all/read", count = 1 })
