@@ -137,6 +137,7 @@ static int client_decide(lua_State *L) {
   o.rate_max = field_long(L, 2, "rate_max");
   o.rate_interval_ms = field_long(L, 2, "rate_interval_ms");
   o.daily_remaining = field_long(L, 2, "daily_remaining");
+  cp_rl_answered(&t->rl); /* the attempt h:pace_sent announced has ended */
   retry = cp_transport_decide(t, &o, &delay);
   if (o.daily_limit) {
     lua_pushboolean(L, 1);

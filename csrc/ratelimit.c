@@ -36,6 +36,7 @@ int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms) {
   rl->blocked_until = 0;
   rl->pending = 0;
   rl->daily_left = -1;
+  rl->on_wire = 0;
   rl->skew_ms = 0;
   rl->max = max > 0 ? max : 0;
   rl->interval_ms = interval_ms > 0 ? interval_ms : 10000;
@@ -83,7 +84,7 @@ void cp_rl_start(cp_ratelimit *rl) { rl->pending++; }
 
 void cp_rl_sent(cp_ratelimit *rl, double now) {
   if (rl->pending > 0) rl->pending--;
-  if (rl->daily_left > 0) rl->daily_left--;
+  rl->on_wire++;
   rl_record(rl, now);
 }
 
@@ -108,10 +109,23 @@ void cp_rl_skewed(cp_ratelimit *rl) {
   if (rl->skew_ms > most) rl->skew_ms = most;
 }
 
+void cp_rl_answered(cp_ratelimit *rl) {
+  if (rl->on_wire > 0) rl->on_wire--;
+}
+
+/* More than answers out of order can explain: a new day. */
+#define RL_NEW_DAY_JUMP 1000
+
 void cp_rl_daily(cp_ratelimit *rl, long remaining) {
-  rl->daily_left = remaining < 0 ? -1 : remaining;
+  if (remaining < 0) return;
+  if (rl->daily_left < 0 || remaining < rl->daily_left || remaining > rl->daily_left + RL_NEW_DAY_JUMP)
+    rl->daily_left = remaining;
 }
 
 int cp_rl_daily_spent(const cp_ratelimit *rl) {
-  return rl->daily_left == 0;
+  return rl->daily_left >= 0 && rl->daily_left <= rl->on_wire;
+}
+
+int cp_rl_daily_room(const cp_ratelimit *rl) {
+  return rl->daily_left < 0 || rl->daily_left > rl->on_wire + rl->pending;
 }

@@ -11,7 +11,8 @@ typedef struct {
   int cap, head, count;
   int pending;        /* attempts started but not yet on the wire: they count too */
   double blocked_until; /* after a 429: no sends before this time */
-  long daily_left;    /* HubSpot's Daily-Remaining less what was sent since; -1 unknown */
+  long daily_left;    /* the lowest Daily-Remaining answered (the latest count); -1 unknown */
+  int on_wire;        /* sent and not answered yet */
   double skew_ms;     /* margin learned from 429s inside the known window (clock skew) */
 } cp_ratelimit;
 
@@ -34,8 +35,18 @@ void cp_rl_throttled(cp_ratelimit *rl, double now, double hold_ms);
  * request later than we sent it: scheduling or network delay): widen the margin
  * (10 ms, doubling, at most a tenth of the interval) for this window's life. */
 void cp_rl_skewed(cp_ratelimit *rl);
-/* X-HubSpot-RateLimit-Daily-Remaining said `remaining`; spent = it reached 0. */
+/* A request that was on the wire has ended (answered or failed). */
+void cp_rl_answered(cp_ratelimit *rl);
+/* X-HubSpot-RateLimit-Daily-Remaining said `remaining` (call after cp_rl_answered).
+ * HubSpot's count only goes down within a day, but answers come out of order: the
+ * lowest value is the latest count, and every request still on the wire may be
+ * counted after it. What is left = daily_left - on_wire (exact once nothing is on
+ * the wire). A value far above the lowest (more than reordering explains) is a
+ * new day and is taken. spent = nothing left. */
 void cp_rl_daily(cp_ratelimit *rl, long remaining);
 int cp_rl_daily_spent(const cp_ratelimit *rl);
+/* 1 when one more attempt may start without passing the daily limit (attempts
+ * started but not yet sent count). */
+int cp_rl_daily_room(const cp_ratelimit *rl);
 
 #endif

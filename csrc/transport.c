@@ -511,6 +511,7 @@ static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc) {
   curl_multi_remove_handle(t->multi, s->easy);
   if (!s->on_wire) cp_rl_unsent(&t->rl);
   s->attempts++;
+  if (s->on_wire) cp_rl_answered(&t->rl);
   read_outcome(s, rc, &o);
   if (o.status > 0 && s->on_wire) cp_transport_observe_latency(t, now - s->sent_at);
   if (cp_transport_decide(t, &o, &delay)) {
@@ -547,7 +548,12 @@ static double ask_budget(cp_transport *t, source_state *src) {
 static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
   double wake = 1000, now = cp_now_ms();
   int i, target = cp_transport_target(t), in_use = slots_in_use(t);
-  if (!src->stop && cp_rl_daily_spent(&t->rl)) src->stop = "daily_limit";
+  /* daily limit spent: nothing new goes; once nothing is on the wire (the last
+   * answers may say some remain after all), perform stops */
+  if (!src->stop && cp_rl_daily_spent(&t->rl)) {
+    if (t->rl.on_wire == 0) src->stop = "daily_limit";
+    else return wake;
+  }
   for (i = 0; i < t->nslots && !src->stop; i++) {
     cp_slot *s = &t->slots[i];
     double w;
@@ -560,6 +566,7 @@ static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
       if (s->not_before - now < wake) wake = s->not_before - now;
       continue;
     }
+    if (!cp_rl_daily_room(&t->rl)) break; /* what is left of the day is on its way */
     w = cp_rl_wait(&t->rl, now);
     if (w == 0) w = ask_budget(t, src);
     if (w != 0) {
@@ -580,6 +587,7 @@ static int perform_loop(lua_State *L) {
   lua_newtable(L); /* ST_RESULTS */
   lua_createtable(L, t->nslots, 0); /* ST_INFLIGHT */
   t->rl.daily_left = -1; /* the day may have turned since the last perform */
+  t->rl.on_wire = 0;     /* nothing runs between performs */
   for (;;) {
     CURLMsg *msg;
     int left, delivered = 0;
