@@ -23,6 +23,7 @@ static const char *CHECK =
   "  if env then\n"
   "    assert(type(env) == 'table', 'envelope is not a table')\n"
   "    assert(type(pretty(env)) == 'string')\n"
+  "    assert(not pretty(env):find('fuzz-secret-token', 1, true), 'token in pretty(env)')\n"
   "  else\n"
   "    assert(type(tostring(err)) == 'string' and type(pretty(err)) == 'string')\n"
   "    assert(not tostring(err):find('fuzz-secret-token', 1, true), 'token in tostring(err)')\n"
