@@ -247,6 +247,38 @@ describe("a journal", function()
     os.remove(path)
   end)
 
+  it("shared by two command-line jobs at once: the second stops at once, each id done once", function()
+    local socket = require "socket"
+    sim.reset { latency = 200 }
+    local path, list = tmpfile("journal"), tmpfile("ids")
+    local f = assert(io.open(list, "w"))
+    for i = 1, 4000 do f:write("two", i, "@example.com\n") end
+    f:close()
+    local args = "unsubscribe-all --quiet --concurrency 2 --journal " .. path .. " --file " .. list
+    local p = io.popen(string.format("sh -c 'echo $$; %s HUBSPOT_ACCESS_TOKEN=sim-token COMMPREFS_BASE_URL=%s exec bin/commprefs %s >/dev/null 2>&1'",
+      CLI_BUILD, sim.url, args))
+    local first_pid = p:read("*l")
+    local deadline = socket.gettime() + 30
+    while #(slurp(path) or "") == 0 and socket.gettime() < deadline do socket.sleep(0.02) end
+    local t0 = socket.gettime()
+    local code, _, err = cli(args)
+    local took = socket.gettime() - t0
+    p:read("*a") -- the first job has ended
+    p:close()
+    assert.equal(2, code, err)
+    assert.matches("is in use by another job (process " .. first_pid .. ")", err, 1, true)
+    assert.is_true(took < 5, "the second job took " .. took .. " s to give up")
+    local seen, n = {}, 0
+    for line in io.lines(path) do
+      local rec = cjson.decode(line)
+      assert.is_nil(seen[rec.id], rec.id .. " journaled twice")
+      seen[rec.id], n = true, n + 1
+    end
+    assert.equal(4000, n)
+    sim.reset()
+    os.remove(path); os.remove(list)
+  end)
+
   it("that cannot be opened stops the CLI with one line naming it, exit 2, nothing sent", function()
     local dir = tmpfile("dir")
     assert(exec("mkdir " .. dir) == 0)
