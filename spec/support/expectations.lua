@@ -466,6 +466,18 @@ case { name = "HubSpot's daily limit stops a bulk job: no failures, nothing more
     assert.is_true(n >= 5 and n <= 5 + 8, n .. " requests reached the simulator")
   end }
 
+case { name = "a closed client raises and sends nothing",
+  call = [[
+    c:close()
+    c:close()
+    local ok, err = pcall(c.get_status, c, "a@example.com")
+    return { ok = ok, err = tostring(err) }]],
+  check = function(r, sim)
+    assert.is_false(r.ok)
+    assert.matches("commprefs: the client is closed", r.err, 1, true)
+    assert.same({}, sim.log())
+  end }
+
 ------------------------------------------------------------------ secrecy
 
 case { name = "the token appears in no error, pretty output or log",
