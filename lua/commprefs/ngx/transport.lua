@@ -148,7 +148,8 @@ local function exchange(t, req, pacer, resent)
   local res = parser:result()
   parser:close()
   if res.keepalive then sock:setkeepalive() else sock:close() end
-  res.keepalive, res.location = nil, nil
+  res.keepalive = nil
+  if res.status < 300 or res.status > 399 then res.location = nil end -- C2: location= only on a redirect
   return res, true
 end
 
