@@ -198,6 +198,9 @@ M.CASES = {
       assert(err.status == 302, "status " .. tostring(err.status))
       assert(err.message:find("does not follow redirects", 1, true), "message: " .. err.message)
       assert(not err.message:find("secret", 1, true), "credentials of the Location in: " .. err.message)
+      if err.message:find("redirect to", 1, true) then -- the transport gave the Location
+        assert(err.message:find("redirect to http://elsewhere.invalid/x?token=", 1, true), err.message)
+      end
     end },
   { name = "an endless chunked body stops at max_response_size", path = "endless-chunked",
     opts = { max_response_size = 1048576 }, run = function(c, commprefs)
