@@ -241,6 +241,19 @@ local function perform(t, source, on_done)
   -- One light thread per request in flight; results are delivered here, in
   -- the caller's coroutine, as they complete. After an error nothing more is
   -- pulled or delivered; what is in flight finishes first.
+  -- What perform returns once everything pulled is delivered (or raises).
+  local function ending()
+    if st.err then error(st.err, 0) end
+    if results then return results, st.stop end
+    return nil, st.stop
+  end
+
+  if type(source) == "table" and source[2] == nil then -- one request (every single call): no thread
+    local i, req = pull()
+    if i then deliver(i, run(t, req, pacer, st)) end
+    return ending()
+  end
+
   local function one(i, req) return i, run(t, req, pacer, st) end
   local live, slot_of = {}, {}
   local unpack = table.unpack or unpack
@@ -260,9 +273,7 @@ local function perform(t, source, on_done)
     slot_of[i] = nil
     if not st.err then deliver(i, res) end
   end
-  if st.err then error(st.err, 0) end
-  if results then return results, st.stop end
-  return nil, st.stop
+  return ending()
 end
 
 -- new(handle, token, opts) -> transport with :perform(source, on_done).
