@@ -116,7 +116,8 @@ static long field_long(lua_State *L, int idx, const char *k) {
   return v;
 }
 
-/* client:decide(result) -> retry, delay_ms (sets result.daily_limit = true when so) */
+/* client:decide(result[, on_wire]) -> retry, delay_ms (sets result.daily_limit = true when so).
+ * on_wire = false: the attempt never went on the wire (h:pace_unsent was called). */
 static int client_decide(lua_State *L) {
   cp_transport *t = check_open(L);
   cp_outcome o;
@@ -137,8 +138,10 @@ static int client_decide(lua_State *L) {
   o.rate_max = field_long(L, 2, "rate_max");
   o.rate_interval_ms = field_long(L, 2, "rate_interval_ms");
   o.daily_remaining = field_long(L, 2, "daily_remaining");
-  cp_rl_answered(&t->rl); /* the attempt h:pace_sent announced has ended */
+  if (lua_isnoneornil(L, 3) || lua_toboolean(L, 3))
+    cp_rl_answered(&t->rl); /* the attempt h:pace_sent announced has ended */
   retry = cp_transport_decide(t, &o, &delay);
+  if (retry) t->retries++; /* as transport.c's finish() counts for libcurl */
   if (o.daily_limit) {
     lua_pushboolean(L, 1);
     lua_setfield(L, 2, "daily_limit");
@@ -148,13 +151,22 @@ static int client_decide(lua_State *L) {
   return 2;
 }
 
-/* client:pace_wait() -> ms (0: send now)[, "daily_limit" while HubSpot's daily limit is spent] */
+#define DAILY_POLL_MS 10 /* while the day's last requests are on the wire */
+
+/* client:pace_wait() -> ms (0: send now)[, "daily_limit" once HubSpot's daily limit is spent
+ * and nothing is on the wire]. The daily rules of transport.c's start_ready: no new start
+ * without room for it, and no stop while answers may still say some remain. */
 static int client_pace_wait(lua_State *L) {
   cp_transport *t = check_open(L);
-  lua_pushnumber(L, cp_rl_wait(&t->rl, cp_now_ms()));
-  if (!cp_rl_daily_spent(&t->rl)) return 1;
-  lua_pushliteral(L, "daily_limit");
-  return 2;
+  double w = cp_rl_wait(&t->rl, cp_now_ms());
+  if (cp_rl_daily_spent(&t->rl) && t->rl.on_wire == 0) {
+    lua_pushnumber(L, w);
+    lua_pushliteral(L, "daily_limit");
+    return 2;
+  }
+  if (!cp_rl_daily_room(&t->rl) && w < DAILY_POLL_MS) w = DAILY_POLL_MS;
+  lua_pushnumber(L, w);
+  return 1;
 }
 
 static int client_pace_start(lua_State *L) { cp_rl_start(&check_open(L)->rl); return 0; }
