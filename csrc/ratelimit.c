@@ -38,6 +38,7 @@ int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms) {
   rl->daily_left = -1;
   rl->on_wire = 0;
   rl->skew_ms = 0;
+  rl->skewed_at = 0;
   rl->max = max > 0 ? max : 0;
   rl->interval_ms = interval_ms > 0 ? interval_ms : 10000;
   rl->manual = max > 0;
@@ -103,8 +104,10 @@ void cp_rl_throttled(cp_ratelimit *rl, double now, double hold_ms) {
   if (hold_ms > 0 && now + hold_ms > rl->blocked_until) rl->blocked_until = now + hold_ms;
 }
 
-void cp_rl_skewed(cp_ratelimit *rl) {
+void cp_rl_skewed(cp_ratelimit *rl, double now) {
   double most = rl->interval_ms / 10.0;
+  if (rl->skew_ms > 0 && now - rl->skewed_at < rl->interval_ms) return;
+  rl->skewed_at = now;
   rl->skew_ms = rl->skew_ms > 0 ? rl->skew_ms * 2 : 10.0;
   if (rl->skew_ms > most) rl->skew_ms = most;
 }

@@ -14,6 +14,7 @@ typedef struct {
   long daily_left;    /* the lowest Daily-Remaining answered (the latest count); -1 unknown */
   int on_wire;        /* sent and not answered yet */
   double skew_ms;     /* margin learned from 429s inside the known window (clock skew) */
+  double skewed_at;   /* when skew_ms last grew */
 } cp_ratelimit;
 
 /* The margin (ms) added to the window for the trip to the server. */
@@ -33,8 +34,9 @@ void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms);
 void cp_rl_throttled(cp_ratelimit *rl, double now, double hold_ms);
 /* A 429 although the known window had room (the server counted an earlier
  * request later than we sent it: scheduling or network delay): widen the margin
- * (10 ms, doubling, at most a tenth of the interval) for this window's life. */
-void cp_rl_skewed(cp_ratelimit *rl);
+ * (10 ms, doubling, at most a tenth of the interval; once per interval, as the
+ * 429s of one late burst arrive together) for this window's life. */
+void cp_rl_skewed(cp_ratelimit *rl, double now);
 /* A request that was on the wire has ended (answered or failed). */
 void cp_rl_answered(cp_ratelimit *rl);
 /* X-HubSpot-RateLimit-Daily-Remaining said `remaining` (call after cp_rl_answered).
