@@ -140,6 +140,7 @@ describe("the cosocket transport in nginx", function()
     local phases = [[
       location = /phase/log { return 200 "x"; log_by_lua_block { require("support.ngx_phases").try("log") } }
       location = /phase/header_filter { return 200 "x"; header_filter_by_lua_block { require("support.ngx_phases").try("header_filter") } }
+      location = /phase/set { set_by_lua_block $phase_set { require("support.ngx_phases").try("set") return "1" } return 200 $phase_set; }
       location = /phase/body_filter { return 200 "x"; body_filter_by_lua_block { require("support.ngx_phases").try("body_filter") } }
       location = /phase/access { access_by_lua_block { require("support.ngx_phases").try("access") } content_by_lua_block { ngx.print("x") } }
       location = /kept { content_by_lua_block {
@@ -172,6 +173,12 @@ describe("the cosocket transport in nginx", function()
         case.check(expectations.run_ngx(insts, case, sim), sim, "ngx")
       end)
     end
+
+    it("and nginx's error logs never show the token", function()
+      for _, inst in ipairs { insts.ca, insts.none } do
+        assert.is_nil(inst:log():find(expectations.TOKEN, 1, true))
+      end
+    end)
   end)
 
   local function run(code, inst)
@@ -185,7 +192,7 @@ describe("the cosocket transport in nginx", function()
       return run(("return ngx.shared.spec_phases:get(%q) or 'nothing recorded'"):format(phase))
     end
 
-    for _, phase in ipairs { "init_worker", "log", "header_filter", "body_filter" } do
+    for _, phase in ipairs { "init_worker", "set", "log", "header_filter", "body_filter" } do
       it(phase .. " raises, naming the phase and ngx.timer.at, and sends nothing", function()
         if phase ~= "init_worker" then nginx.request(insts.ca, "GET", "/phase/" .. phase) end
         local text
