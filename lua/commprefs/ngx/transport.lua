@@ -43,18 +43,37 @@ local function now_ms()
   return ngx.now() * 1000
 end
 
--- scheme, host (no brackets), port, "host[:port]" for the Host header, path+query
-local function split_url(url)
-  local scheme, rest = url:match("^(https?)://(.*)$")
-  if not scheme then return nil end
-  local authority, path = rest:match("^([^/?#]*)(.*)$")
+-- Where "scheme://authority" points: {tls=, host= (no brackets), addr= (what to
+-- connect to), port=, authority= ("host[:port]" for the Host header), pool=},
+-- or nil. The keep-alive pool is named by all that decides whether a
+-- connection may be reused: scheme, host, port and TLS verification.
+local function parse_origin(origin, verify_tls)
+  local scheme, authority = origin:match("^(https?)://(.*)$")
   authority = authority:gsub("^.*@", "")
   local host, port = authority:match("^%[([^%]]+)%]:?(%d*)$")
   if not host then host, port = authority:match("^([^:]+):?(%d*)$") end
   if not host or host == "" then return nil end
-  port = tonumber(port) or (scheme == "https" and 443 or 80)
-  if path == "" or path:sub(1, 1) ~= "/" then path = "/" .. path end
-  return scheme, host, port, authority, (path:gsub("#.*$", ""))
+  local tls = scheme == "https"
+  port = tonumber(port) or (tls and 443 or 80)
+  return { tls = tls, host = host, port = port, authority = authority,
+    -- nginx resolves names only through its `resolver` directive; localhost is loopback by definition
+    addr = host == "localhost" and "127.0.0.1" or host,
+    pool = { pool = string.format("commprefs:%s:%s:%d:%s", scheme, host, port,
+      tls and (verify_tls and "verify" or "noverify") or "") } }
+end
+
+-- The target of a request URL (parsed once per origin) and its path+query.
+local function target(t, url)
+  local origin, path = url:match("^(https?://[^/?#]*)(.*)$")
+  if not origin then return nil end
+  local tg = t.targets[origin]
+  if tg == nil then
+    tg = parse_origin(origin, t.settings.verify_tls) or false
+    if t.ntargets < 16 then t.targets[origin], t.ntargets = tg, t.ntargets + 1 end
+  end
+  if not tg then return nil end
+  if path == "" or path:byte(1) ~= 47 then path = "/" .. path end -- 47: "/"
+  return tg, path:find("#", 1, true) and path:gsub("#.*$", "") or path
 end
 
 -- The pacer of a client handle: ngxenv's commprefs.ngx.pacer when it is
@@ -87,17 +106,15 @@ end
 -- whether a pooled connection failed before any byte of an answer (stale: the
 -- server had closed it). resent: the replacement of a stale attempt.
 local function exchange(t, req, pacer, resent)
-  local scheme, host, port, authority, path = split_url(req.url)
-  if not scheme then return { kind = "network", message = "bad URL: " .. req.url }, false end
-  local tls = scheme == "https"
+  local tg, path = target(t, req.url)
+  if not tg then return { kind = "network", message = "bad URL: " .. req.url }, false end
+  local tls, host, port = tg.tls, tg.host, tg.port
   local s = t.settings
   local started = now_ms()
   local deadline = started + s.timeout_ms
   local sock = ngx.socket.tcp()
   sock:settimeouts(math.min(s.connect_timeout_ms, s.timeout_ms), s.timeout_ms, s.timeout_ms)
-  local pool = string.format("commprefs:%s:%s:%d:%s", scheme, host, port, tls and (s.verify_tls and "verify" or "noverify") or "")
-  -- nginx resolves names only through its `resolver` directive; localhost is loopback by definition
-  local ok, err = sock:connect(host == "localhost" and "127.0.0.1" or host, port, { pool = pool })
+  local ok, err = sock:connect(tg.addr, port, tg.pool)
   if not ok then return no_answer(err, "connect to " .. host .. ":" .. port, started), false end
   local reused = sock:getreusedtimes() > 0
   if tls and not reused then
@@ -114,7 +131,7 @@ local function exchange(t, req, pacer, resent)
   local body = req.body
   local post = req.method == "POST"
   if not resent then pacer:sent() end -- a replacement for a stale pooled connection is the same send
-  local bytes, serr = sock:send(t.head(post and "POST" or (req.method or "GET"), path, authority, post and (body or "") or nil))
+  local bytes, serr = sock:send(t.head(post and "POST" or (req.method or "GET"), path, tg.authority, post and (body or "") or nil))
   if not bytes then
     sock:close()
     return no_answer(serr, "sending to " .. host, started), true, reused and serr ~= "timeout"
@@ -283,7 +300,7 @@ function M.new(handle, token, opts)
   local settings = handle:settings()
   local fixed = "User-Agent: " .. settings.user_agent .. "\r\nAuthorization: Bearer " .. token
     .. "\r\nAccept: application/json\r\n"
-  local t = { handle = handle, settings = settings }
+  local t = { handle = handle, settings = settings, targets = {}, ntargets = 0 }
   t.head = function(method, path, authority, body)
     if body then
       return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", fixed,
