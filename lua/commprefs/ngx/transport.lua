@@ -182,11 +182,12 @@ local function run(t, req, pacer, st)
       ngx.sleep(wait / 1000)
       wait, stop = pacer:wait()
     end
-    local started = not stop and pacer:start()
+    local started, why
+    if not stop then started, why = pacer:start() end
     if not started then
       stop = stop or "budget"
       st.stop = st.stop or stop -- pull no more
-      return last or { stopped = stop, attempts = 0 }
+      return last or { stopped = stop, attempts = 0, message = why }
     end
     local t0 = now_ms()
     local res, on_wire, stale, was_sent
@@ -204,7 +205,8 @@ local function run(t, req, pacer, st)
       if res.rate_max and res.rate_interval_ms then pacer:learn(res.rate_max, res.rate_interval_ms) end
     end
     local retry, delay_ms = h:decide(res, on_wire)
-    if res.status == 429 then pacer:throttled(res.retry_after and res.retry_after * 1000 or delay_ms) end
+    -- the hold the policy decided, as transport.c tells its budget
+    if res.status == 429 and not res.daily_limit then pacer:throttled(delay_ms) end
     if not retry then return res end
     last = res
     if delay_ms and delay_ms > 0 then ngx.sleep(delay_ms / 1000) end
@@ -255,9 +257,6 @@ local function perform(t, source, on_done)
     if not ok then st.err = st.err or err end
   end
 
-  -- One light thread per request in flight; results are delivered here, in
-  -- the caller's coroutine, as they complete. After an error nothing more is
-  -- pulled or delivered; what is in flight finishes first.
   -- What perform returns once everything pulled is delivered (or raises).
   local function ending()
     if st.err then error(st.err, 0) end
@@ -271,6 +270,9 @@ local function perform(t, source, on_done)
     return ending()
   end
 
+  -- One light thread per request in flight; results are delivered here, in
+  -- the caller's coroutine, as they complete. After an error nothing more is
+  -- pulled or delivered; what is in flight finishes first.
   local function one(i, req) return i, run(t, req, pacer, st) end
   local live, slot_of = {}, {}
   local unpack = table.unpack or unpack
