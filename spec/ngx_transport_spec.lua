@@ -304,6 +304,17 @@ describe("the cosocket transport in nginx", function()
   end)
 
   describe("concurrency", function()
+    it("a client closed by another request while a batch runs: the batch raises once its requests end", function()
+      sim.reset { latency = 200 }
+      local text = run([[
+        local c = require("commprefs").new { token = "sim-token", base_url = SIM_URL, max_concurrency = 2, batch_size = 1 }
+        ngx.thread.spawn(function() ngx.sleep(0.05); c:close() end)
+        local ok, err = pcall(c.batch_get_unsubscribe_all_status, c, { "a@x.com", "b@x.com", "c@x.com", "d@x.com" })
+        return tostring(ok) .. " " .. tostring(err)]])
+      sim.reset()
+      assert.matches("^false .*commprefs: the client is closed", text)
+    end)
+
     it("runs batches in parallel up to max_concurrency (ngx.thread)", function()
       sim.reset { latency = 200 }
       local text = run([[

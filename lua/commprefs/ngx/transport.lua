@@ -285,12 +285,18 @@ local function perform(t, source, on_done)
     end
     if #live == 0 then break end
     local ok, i, res = ngx.thread.wait(unpack(live))
-    if not ok then error(i, 0) end -- a bug in this file: nginx closes its sockets
-    for k = 1, #live do
-      if live[k] == slot_of[i] then table.remove(live, k); break end
+    if ok then
+      for k = 1, #live do
+        if live[k] == slot_of[i] then table.remove(live, k); break end
+      end
+      slot_of[i] = nil
+      if not st.err then deliver(i, res) end
+    else -- a request raised (the client was closed meanwhile, ...): let the others end, then raise
+      st.err = st.err or i
+      for k = #live, 1, -1 do
+        if coroutine.status(live[k]) == "dead" then table.remove(live, k) end
+      end
     end
-    slot_of[i] = nil
-    if not st.err then deliver(i, res) end
   end
   return ending()
 end
