@@ -111,7 +111,8 @@ static int on_headers_complete(http_parser *p) {
   r->status = p->status_code;
   if (r->max_body && p->content_length != ULLONG_MAX && p->content_length > r->max_body)
     return fail_with(r, "too_large", "the response body is larger than max_response_size");
-  if (p->content_length != ULLONG_MAX && p->content_length > 0 && p->content_length <= (1u << 24)) {
+  /* an announced length up to 1 MiB is reserved at once; a larger body grows as it comes */
+  if (p->content_length != ULLONG_MAX && p->content_length > 0 && p->content_length <= (1u << 20)) {
     if (grow(&r->body, &r->body_cap, (size_t)p->content_length + 1) != 0)
       return fail_with(r, "network", "out of memory reading the response body");
   }
