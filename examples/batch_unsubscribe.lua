@@ -6,7 +6,6 @@ local commprefs = require "commprefs"
 local client = commprefs.new {
   base_url = os.getenv("COMMPREFS_BASE_URL"),
   ca_file = os.getenv("COMMPREFS_CA_FILE"),
-  max_concurrency = 4,
 }
 local ids = #arg > 0 and arg or { "ada@example.com", "grace@example.com", "not-an-address" }
 

@@ -6,7 +6,7 @@ local commprefs = require "commprefs"
 local client = commprefs.new {
   base_url = os.getenv("COMMPREFS_BASE_URL"),
   ca_file = os.getenv("COMMPREFS_CA_FILE"),
-  max_concurrency = 8,
+  -- no max_concurrency: as many in flight as HubSpot's rate and the latency need
 }
 local path, journal = arg[1], arg[2]
 local source
