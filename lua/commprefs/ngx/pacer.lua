@@ -27,7 +27,6 @@
 --   p:learn(max, interval_ms)   limits from X-HubSpot-RateLimit-* headers
 --   p:throttled(hold_ms)        a 429 arrived: hold every sender that long
 --                               (<= 0: until a slot of the full window frees)
--- The methods also work when called with a dot (p.wait()).
 --
 -- The shared window, with atomic dict operations only: every attempt takes a
 -- ticket n = incr(seq); ticket n may go once ticket n - max was sent at least
@@ -199,53 +198,56 @@ function Redis:throttled(hold_ms) self.budget:throttled(hold_ms) end
 
 ------------------------------------------------------------------ the pacer
 
+local Pacer = {}
+Pacer.__index = Pacer
+
+function Pacer:wait()
+  local w, why = self.handle:pace_wait() -- why: "daily_limit" while HubSpot's daily limit is spent
+  local shared = self.shared
+  if shared and w <= 0 and not why then w = shared:wait() end
+  return w, why
+end
+
+function Pacer:start()
+  local shared = self.shared
+  if shared then
+    local ok, err = shared:start()
+    if not ok then return nil, err end
+  end
+  self.handle:pace_start()
+  return true
+end
+
+function Pacer:sent()
+  self.handle:pace_sent()
+  if self.shared then self.shared:sent() end
+end
+
+function Pacer:unsent()
+  self.handle:pace_unsent()
+  if self.shared then self.shared:unsent() end
+end
+
+function Pacer:learn(max, interval_ms) -- the C window learns in h:decide
+  if self.shared and max and interval_ms then self.shared:learn(max, interval_ms) end
+end
+
+function Pacer:throttled(hold_ms) -- the C window is held by h:decide
+  if self.shared then self.shared:throttled(hold_ms) end
+end
+
 -- pacer.new(handle, opts): see the top of the file.
 function M.new(handle, opts)
   opts = opts or {}
   local settings = handle.settings and handle:settings() or {}
   local rl = opts.rate_limit or {}
-  local shared
+  local shared, backing = nil, "window"
   if rl.redis then
-    shared = new_redis(rl)
+    shared, backing = new_redis(rl), "redis"
   elseif opts.shared_dict then
-    shared = new_dict(opts.shared_dict, rl, settings)
+    shared, backing = new_dict(opts.shared_dict, rl, settings), "shared_dict"
   end
-  local p = { backing = shared and (rl.redis and "redis" or "shared_dict") or "window" }
-  -- p:x(...) and p.x(...) both work: drop p when it is the first argument
-  local function method(f)
-    return function(a, ...)
-      if a == p then return f(...) end
-      return f(a, ...)
-    end
-  end
-  p.wait = method(function()
-    local w, why = handle:pace_wait() -- why: "daily_limit" while HubSpot's daily limit is spent
-    if shared and w <= 0 and not why then w = shared:wait() end
-    return w, why
-  end)
-  p.start = method(function()
-    if shared then
-      local ok, err = shared:start()
-      if not ok then return nil, err end
-    end
-    handle:pace_start()
-    return true
-  end)
-  p.sent = method(function()
-    handle:pace_sent()
-    if shared then shared:sent() end
-  end)
-  p.unsent = method(function()
-    handle:pace_unsent()
-    if shared then shared:unsent() end
-  end)
-  p.learn = method(function(max, interval_ms) -- the C window learns in h:decide
-    if shared and max and interval_ms then shared:learn(max, interval_ms) end
-  end)
-  p.throttled = method(function(hold_ms) -- the C window is held by h:decide
-    if shared then shared:throttled(hold_ms) end
-  end)
-  return p
+  return setmetatable({ handle = handle, shared = shared, backing = backing }, Pacer)
 end
 
 return M
