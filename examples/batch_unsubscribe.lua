@@ -7,7 +7,7 @@ local client = commprefs.new {
   base_url = os.getenv("COMMPREFS_BASE_URL"),
   ca_file = os.getenv("COMMPREFS_CA_FILE"),
 }
-local ids = #arg > 0 and arg or { "ada@example.com", "grace@example.com", "not-an-address" }
+local ids = #arg > 0 and { table.unpack(arg) } or { "ada@example.com", "grace@example.com", "not-an-address" }
 
 local env, err = client:batch_unsubscribe_all(ids)
 if not env then
