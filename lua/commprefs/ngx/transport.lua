@@ -15,6 +15,7 @@
 -- requests), except idle keep-alive connections, which nginx keeps in its
 -- per-worker pool and hands to whichever request connects next.
 local core = require "commprefs.core"
+local pacer_module = require "commprefs.ngx.pacer"
 
 local M = {}
 
@@ -74,22 +75,6 @@ local function target(t, url)
   if not tg then return nil end
   if path == "" or path:byte(1) ~= 47 then path = "/" .. path end -- 47: "/"
   return tg, path:find("#", 1, true) and path:gsub("#.*$", "") or path
-end
-
--- The pacer of a client handle: ngxenv's commprefs.ngx.pacer when it is
--- installed, else the handle's own window (C1) directly.
-local function new_pacer(handle, opts)
-  if package.searchpath("commprefs.ngx.pacer", package.path) then
-    return require("commprefs.ngx.pacer").new(handle, opts)
-  end
-  return {
-    wait = function() return handle:pace_wait() end,
-    start = function() handle:pace_start(); return true end,
-    sent = function() handle:pace_sent() end,
-    unsent = function() handle:pace_unsent() end,
-    learn = function() end,
-    throttled = function() end,
-  }
 end
 
 local function no_answer(err, what, started)
@@ -228,7 +213,7 @@ local function perform(t, source, on_done)
     error("bad argument #2 to 'perform' (function expected)", 2)
   end
   M.check_phase(ngx.get_phase())
-  t.pacer = t.pacer or new_pacer(t.handle, t.pacer_opts)
+  t.pacer = t.pacer or pacer_module.new(t.handle, t.pacer_opts)
   local pacer = t.pacer
   local st = { next = 1 }
   local results = on_done == nil and {} or nil
