@@ -257,7 +257,8 @@ void cp_transport_close(cp_transport *t) {
 
 int cp_transport_decide(cp_transport *t, cp_outcome *o, double *delay_ms) {
   int retry = cp_policy_decide(&t->policy, &t->rl, o, cp_now_ms(), delay_ms);
-  if (o->status > 0) t->answers++;
+  /* a 2xx: HubSpot's would carry the window (an edge's 5xx or a 429 may not) */
+  if (o->status >= 200 && o->status < 300) t->answers++;
   if (o->status == 429) t->throttled++;
   if (o->learned && t->budget.learn) t->budget.learn(t->budget.ud, o->rate_max, o->rate_interval_ms);
   if (o->status == 429 && !o->daily_limit && t->budget.throttled)
@@ -270,9 +271,9 @@ void cp_transport_observe_latency(cp_transport *t, double ms) {
   t->latency_ms = t->latency_ms > 0 ? 0.8 * t->latency_ms + 0.2 * ms : ms;
 }
 
-/* One request until an answer has been seen (HubSpot's headers give the
- * window); then the learned rate times the observed latency, with headroom;
- * max_concurrency caps it. */
+/* One request until a 2xx answer has been seen (HubSpot's headers give the
+ * window; a server that sends none has no window to learn); then the learned
+ * rate times the observed latency, with headroom; max_concurrency caps it. */
 int cp_transport_target(const cp_transport *t) {
   int cap = t->nslots;
   double need;

@@ -57,7 +57,7 @@ typedef struct cp_transport {
   long timeout_ms, connect_timeout_ms;
   long max_response;               /* bytes */
   double latency_ms;               /* moving average of attempt latency; 0 = none seen */
-  lua_Integer answers;             /* HTTP answers seen */
+  lua_Integer answers;             /* 2xx answers seen */
   lua_Integer sent, retries, throttled; /* counters for stats() */
 } cp_transport;
 

@@ -173,3 +173,23 @@ describe("HubSpot's daily limit (issue 9)", function()
     os.remove(file); os.remove(journal); os.remove(out)
   end)
 end)
+
+describe("the one-request start (issue 9)", function()
+  it("keeps one in flight while answers are errors without the window", function()
+    sim.reset()
+    sim.fault { kind = "status", status = 503, count = 3 }
+    local c = commprefs.new { token = "sim-token", base_url = sim.url, backoff_base = 0.01, backoff_max = 0.02 }
+    local h = c._core
+    local reqs = {}
+    for i = 1, 4 do reqs[i] = { method = "GET", url = sim.url
+      .. "/communication-preferences/2026-03/statuses/s" .. i .. "%40example.com/unsubscribe-all?channel=EMAIL" } end
+    local targets = {}
+    h:perform(reqs, function() targets[#targets + 1] = h:in_flight_target() end)
+    -- the three 503s (no rate headers, as an edge's error) did not open the gates
+    local log = sim.log()
+    assert.equal(7, #log)
+    for i = 2, 4 do assert.equal(log[1].path, log[i].path) end -- the first request alone, retried
+    assert.is_true(targets[#targets] > 1)
+    c:close()
+  end)
+end)
