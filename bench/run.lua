@@ -22,6 +22,8 @@
 --   9. Three processes on one token, default options, limit 20 per 1,000 ms, 150 ms
 --      latency, BENCH_BUDGET_IDS (6,000) ids each: without and with the Redis budget
 --      (rate_limit.redis): ratio to the bound and 429s (goal with it: >= 0.85, 0 429s).
+--  11. commprefs worker draining a Redis Stream, one and two workers on one budget, limit
+--      20 per 1,000 ms, 150 ms latency: entries/s as a ratio to the bound (goal >= 0.9).
 -- Environment: BENCH_GETS, BENCH_BULK_IDS, BENCH_RATE (e.g. 100/1000),
 -- BENCH_SEQ_IDS, BENCH_RSS_SMALL, BENCH_RSS_LARGE, BENCH_WORKER_ENTRIES override the sizes.
 package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path

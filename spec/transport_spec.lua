@@ -25,22 +25,9 @@ local function tmpfile(name)
   return string.format("%s/commprefs-transport-%s-%d-%s", TMP, VM, math.random(1e9), name)
 end
 
-local function slurp(p)
-  local f = io.open(p)
-  if not f then return "" end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local proc = require "support.proc"
+local slurp, alive = proc.slurp, proc.alive
 
--- Running (a zombie waiting for its reaper counts as ended).
-local function alive(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
-  local stat = f:read("*a")
-  f:close()
-  return stat:match("%) (%a)") ~= "Z"
-end
 
 -- Runs `code` in a child VM of the same kind (commprefs on its paths) in the background.
 local function spawn(code, env)

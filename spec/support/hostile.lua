@@ -24,20 +24,9 @@ M.TOKEN = "hostile-test-token-4c1d2e"
 
 ------------------------------------------------------------------ server
 
-local function free_port()
-  local socket = require "socket"
-  local s = assert(socket.bind("127.0.0.1", 0))
-  local _, port = s:getsockname()
-  s:close()
-  return tonumber(port)
-end
+local proc = require "support.proc"
+local free_port, my_pid = proc.free_port, proc.my_pid
 
-local function my_pid()
-  local f = io.popen("echo $PPID")
-  local pid = f:read("*l")
-  f:close()
-  return pid
-end
 
 -- Starts the server (Lua 5.4 + luasocket) on a free port; it exits when this process ends.
 function M.start()

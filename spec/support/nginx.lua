@@ -51,12 +51,8 @@ local function exists(path)
   return f ~= nil
 end
 
-local function free_port()
-  local s = assert(socket.bind("127.0.0.1", 0))
-  local _, port = s:getsockname()
-  s:close()
-  return tonumber(port)
-end
+local proc = require "support.proc"
+local free_port = proc.free_port
 
 -- This checkout's root: two directories above this file, made absolute.
 local function checkout_root()
@@ -83,9 +79,7 @@ function M.luajit_build()
   return build
 end
 
-local function my_pid() -- the shell's parent is this process
-  return (capture("echo $PPID"):gsub("%s+$", ""))
-end
+local my_pid = proc.my_pid
 
 local RUN_HANDLER = [[
       ngx.req.read_body()

@@ -12,19 +12,9 @@ local socket = require "socket"
 
 local M = {}
 
-local function free_port()
-  local s = assert(socket.bind("127.0.0.1", 0))
-  local _, port = s:getsockname()
-  s:close()
-  return tonumber(port)
-end
+local proc = require "support.proc"
+local free_port, my_pid, alive = proc.free_port, proc.my_pid, proc.alive
 
-local function my_pid()
-  local f = io.popen("echo $PPID")
-  local pid = f:read("*l")
-  f:close()
-  return pid
-end
 
 local function shell_quote(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
@@ -37,14 +27,6 @@ local function run(cmd)
   return out
 end
 
--- Running (a zombie waiting for init to reap it counts as gone).
-local function alive(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
-  local stat = f:read("*a")
-  f:close()
-  return stat:match("^%d+ %b() (%a)") ~= "Z"
-end
 
 -- redis-cli against inst: returns its output (trailing newline removed).
 function M.cli(inst, ...)

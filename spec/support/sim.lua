@@ -8,19 +8,9 @@ local cjson = require "cjson"
 
 local M = { vm = jit and "luajit" or "lua5.4" }
 
-local function free_port()
-  local s = assert(socket.bind("127.0.0.1", 0))
-  local _, port = s:getsockname()
-  s:close()
-  return tonumber(port)
-end
+local proc = require "support.proc"
+local free_port, my_pid = proc.free_port, proc.my_pid
 
-local function my_pid()
-  local f = io.popen("echo $PPID")
-  local pid = f:read("*l")
-  f:close()
-  return pid
-end
 
 function M.start(env)
   if M.url and not env then return M end
