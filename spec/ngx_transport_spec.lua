@@ -228,8 +228,8 @@ describe("the cosocket transport in nginx", function()
       local text = run([[
         local commprefs = require "commprefs"
         local ok, e1 = pcall(commprefs.new, { token = "sim-token", base_url = SIM_URL, transport = "ngx",
-          ca_file = "/etc/hosts" })
-        local c = commprefs.new { token = "sim-token", base_url = SIM_URL, ca_file = "/etc/hosts" }
+          ca_file = "/etc/passwd" })
+        local c = commprefs.new { token = "sim-token", base_url = SIM_URL, ca_file = "/etc/passwd" }
         local ok2, e2 = pcall(c.get_status, c, "x@example.com")
         return tostring(ok) .. "|" .. e1 .. "|" .. tostring(ok2) .. "|" .. e2]])
       local ok, e1, ok2, e2 = text:match("^(.-)|(.-)|(.-)|(.*)$")
