@@ -320,6 +320,18 @@ static int push_failure(lua_State *L, const char *msg) {
   return 2;
 }
 
+/* Pushes a reply as a Lua value and frees it on every path (a memory error
+ * while converting is raised after the free). */
+static void push_reply(lua_State *L, redisReply *rep) {
+  lua_pushlightuserdata(L, rep);
+  lua_pushcclosure(L, cp_resp_push_reply_protected, 1);
+  if (lua_pcall(L, 0, 1, 0) != 0) {
+    freeReplyObject(rep);
+    lua_error(L);
+  }
+  freeReplyObject(rep);
+}
+
 /* Pushes a reply (freed here); an error reply at the top becomes nil, err. */
 static int push_top_reply(lua_State *L, redisReply *rep) {
   int n = 1;
@@ -327,13 +339,7 @@ static int push_top_reply(lua_State *L, redisReply *rep) {
     lua_pushnil(L);
     n = 2;
   }
-  lua_pushlightuserdata(L, rep);
-  lua_pushcclosure(L, cp_resp_push_reply_protected, 1);
-  if (lua_pcall(L, 0, 1, 0) != 0) {
-    freeReplyObject(rep);
-    return lua_error(L);
-  }
-  freeReplyObject(rep);
+  push_reply(L, rep);
   return n;
 }
 
@@ -415,13 +421,7 @@ static int conn_pipeline(lua_State *L) {
       io_failed(&c->r);
       return push_failure(L, c->r.err);
     }
-    lua_pushlightuserdata(L, rep);
-    lua_pushcclosure(L, cp_resp_push_reply_protected, 1);
-    if (lua_pcall(L, 0, 1, 0) != 0) {
-      freeReplyObject(rep);
-      return lua_error(L);
-    }
-    freeReplyObject(rep);
+    push_reply(L, rep);
     lua_rawseti(L, -2, i);
   }
   return 1;

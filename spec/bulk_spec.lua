@@ -5,7 +5,6 @@ local cjson = require "cjson"
 local socket = require "socket"
 local commprefs = require "commprefs"
 
-local TMP = os.getenv("TMPDIR") or "/tmp"
 
 local function client(opts)
   local o = { token = "sim-token", base_url = sim.url, backoff_base = 0.01, backoff_max = 0.05 }
@@ -19,17 +18,9 @@ local function ids(n)
   return t
 end
 
-local function tmpfile(name)
-  local p = string.format("%s/commprefs-spec-%s-%d-%s", TMP, sim.vm, math.random(1e9), name)
-  os.remove(p)
-  return p
-end
+local function tmpfile(name) return require("support.proc").tmpfile("spec", name) end
 
-local function read_journal(path)
-  local recs = {}
-  for line in io.lines(path) do recs[#recs + 1] = cjson.decode(line) end
-  return recs
-end
+local read_journal = require("support.proc").read_journal
 
 local function write_lines(path, lines, sep)
   local f = assert(io.open(path, "wb"))

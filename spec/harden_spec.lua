@@ -9,15 +9,10 @@ local cjson = require "cjson"
 local commprefs = require "commprefs"
 local core = commprefs.core
 
-local TMP = os.getenv("TMPDIR") or "/tmp"
 local unpack = table.unpack or unpack
 local TOKEN = hostile.TOKEN
 
-local function tmpfile(name)
-  local p = string.format("%s/commprefs-harden-%s-%d-%s", TMP, sim.vm, math.random(1e9), name)
-  os.remove(p)
-  return p
-end
+local function tmpfile(name) return require("support.proc").tmpfile("harden", name) end
 
 local function slurp(p)
   local f = io.open(p, "rb")

@@ -11,7 +11,6 @@ local commprefs = require "commprefs"
 local VM = sim.vm
 local BUILD = os.getenv("COMMPREFS_BUILD") or ("build/" .. VM)
 local CLI_BUILD = (BUILD:gsub("luajit", "lua5.4")) -- bin/commprefs runs on lua5.4
-local TMP = os.getenv("TMPDIR") or "/tmp"
 
 local function ids(n, prefix)
   local t = {}
@@ -19,17 +18,9 @@ local function ids(n, prefix)
   return t
 end
 
-local function tmpfile(name)
-  local p = string.format("%s/commprefs-pacing-%s-%d-%s", TMP, VM, math.random(1e9), name)
-  os.remove(p)
-  return p
-end
+local function tmpfile(name) return require("support.proc").tmpfile("pacing", name) end
 
-local function read_journal(path)
-  local recs = {}
-  for line in io.lines(path) do recs[#recs + 1] = cjson.decode(line) end
-  return recs
-end
+local read_journal = require("support.proc").read_journal
 
 -- Ids carried by requests the simulator answered 2xx / refused (from its log and our journal).
 local function sent_ids()

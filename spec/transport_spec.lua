@@ -12,7 +12,6 @@ local core = require "commprefs.core"
 local VM = sim.vm
 local BUILD = os.getenv("COMMPREFS_BUILD") or ("build/" .. VM)
 local CLI_BUILD = (BUILD:gsub("luajit", "lua5.4")) -- bin/commprefs runs on lua5.4
-local TMP = os.getenv("TMPDIR") or "/tmp"
 local GET = "/communication-preferences/2026-03/statuses/a%40example.com/unsubscribe-all?channel=EMAIL"
 
 local function handle(opts)
@@ -21,9 +20,7 @@ local function handle(opts)
   return core.new(o)
 end
 
-local function tmpfile(name)
-  return string.format("%s/commprefs-transport-%s-%d-%s", TMP, VM, math.random(1e9), name)
-end
+local function tmpfile(name) return require("support.proc").tmpfile("transport", name) end
 
 local proc = require "support.proc"
 local slurp, alive = proc.slurp, proc.alive

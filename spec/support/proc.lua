@@ -1,7 +1,9 @@
--- support.proc: the process helpers every loopback server of the specs needs
--- (simulator, nginx, redis-server, the hostile server): a free port, this
--- process's pid for the watchdogs, whether a pid still runs, a file's text.
+-- support.proc: the process and file helpers the specs share: a free port,
+-- this process's pid for the watchdogs of every loopback server (simulator,
+-- nginx, redis-server, the hostile server), whether a pid still runs, a file's
+-- text, a fresh temporary path, a journal's records.
 local socket = require "socket"
+local cjson = require "cjson"
 
 local M = {}
 
@@ -36,6 +38,21 @@ function M.slurp(path)
   local s = f:read("*a")
   f:close()
   return s
+end
+
+-- A path under $TMPDIR (or /tmp) no file holds yet, named after the spec (tag) and VM.
+function M.tmpfile(tag, name)
+  local p = string.format("%s/commprefs-%s-%s-%d-%s", os.getenv("TMPDIR") or "/tmp", tag,
+    jit and "luajit" or "lua5.4", math.random(1e9), name)
+  os.remove(p)
+  return p
+end
+
+-- A journal's records (one JSON object per line), in order.
+function M.read_journal(path)
+  local recs = {}
+  for line in io.lines(path) do recs[#recs + 1] = cjson.decode(line) end
+  return recs
 end
 
 return M
