@@ -22,7 +22,7 @@
 #include <strings.h>
 #include "compat.h"
 #include "http1.h"
-#include "policy.h"
+#include "headers.h"
 
 #define HTTP1_MT "commprefs.core.http1"
 #define MAX_VALUE 4096 /* longer values of kept headers are cut: none is legitimately that long */
@@ -193,19 +193,8 @@ int cp_http1_keepalive(const cp_http1 *r) {
   return r->done && !r->trailing && http_should_keep_alive(&r->parser);
 }
 
-static int all_digits(const char *s) {
-  if (!*s) return 0;
-  for (; *s; s++)
-    if (!isdigit((unsigned char)*s)) return 0;
-  return 1;
-}
-
 long cp_http1_header_long(const cp_http1 *r, int which) {
-  const char *v = r->value[which];
-  long n;
-  if (!v || r->value_len[which] == 0 || r->value_len[which] > 18 || !all_digits(v)) return -1;
-  n = strtol(v, NULL, 10);
-  return n;
+  return r->value[which] ? cp_parse_header_count(r->value[which]) : -1;
 }
 
 void cp_http1_free(cp_http1 *r) {

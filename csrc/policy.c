@@ -2,14 +2,12 @@
  * which outcomes are retried (429, 5xx, network errors and timeouts; never
  * other 4xx, TLS failures, too-large answers or the daily limit), the delay
  * before a retry (a valid Retry-After, else exponential backoff with jitter,
- * so a 5xx without Retry-After never retries at once), what an answer teaches
- * the window (rate headers only when sane, Daily-Remaining, 429s) and the
- * parsing of Retry-After. The window arithmetic itself is ratelimit.c's. */
+ * so a 5xx without Retry-After never retries at once) and how long a 429
+ * holds the window. What an answer teaches the window is governor.c's; the
+ * window arithmetic ratelimit.c's. */
 #include <stdlib.h>
 #include <string.h>
-#include <ctype.h>
 #include <time.h>
-#include <curl/curl.h>
 #include "policy.h"
 
 void cp_policy_init(cp_policy *p, int max_retries, double backoff_base_ms, double backoff_max_ms,
@@ -41,24 +39,6 @@ int cp_sane_window(long max, long interval_ms) {
          interval_ms >= CP_SANE_INTERVAL_MIN_MS && interval_ms <= CP_SANE_INTERVAL_MAX_MS;
 }
 
-double cp_parse_retry_after(const char *v) {
-  const char *p;
-  time_t when;
-  if (!v) return -1;
-  while (*v == ' ' || *v == '\t') v++;
-  for (p = v; isdigit((unsigned char)*p); p++) {}
-  if (p > v && p - v <= 9) { /* delta-seconds */
-    const char *q = p;
-    while (*q == ' ' || *q == '\t') q++;
-    if (*q == '\0') return (double)strtol(v, NULL, 10);
-    return -1;
-  }
-  if (p > v) return -1; /* absurdly many digits */
-  when = curl_getdate(v, NULL); /* HTTP-date */
-  if (when == (time_t)-1) return -1;
-  return when > time(NULL) ? (double)(when - time(NULL)) : 0;
-}
-
 static int retryable_failure(const cp_outcome *o) {
   if (o->fatal || !o->kind) return 0;
   return strcmp(o->kind, "network") == 0 || strcmp(o->kind, "timeout") == 0;
@@ -88,16 +68,10 @@ static double throttled_delay(cp_policy *p, cp_ratelimit *rl, const cp_outcome *
 int cp_policy_decide(cp_policy *p, cp_ratelimit *rl, cp_outcome *o, double now, double *delay_ms) {
   *delay_ms = 0;
   o->daily_limit = 0;
-  o->learned = 0;
   if (o->status <= 0) {
     if (!retryable_failure(o)) return 0;
     *delay_ms = cp_policy_backoff_ms(p, o->attempts);
   } else {
-    if (cp_sane_window(o->rate_max, o->rate_interval_ms)) {
-      cp_rl_learn(rl, o->rate_max, o->rate_interval_ms);
-      o->learned = 1;
-    }
-    if (o->daily_remaining >= 0) cp_rl_daily(rl, o->daily_remaining);
     if (o->status == 429) {
       if (o->daily_remaining == 0) { /* not worth retrying before the account's midnight */
         o->daily_limit = 1;

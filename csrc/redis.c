@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "redis.h"
+#include "util.h"
 
 #define CONN_MT "commprefs.core.redis"
 #define LOST_RETRY_MS 250.0    /* while Redis is lost: ask again after this long */
@@ -25,7 +26,8 @@
 /* The budget script. KEYS[1] window (zset), KEYS[2] limits (hash).
  * ARGV[1] = "acquire" (ARGV[2..4] this caller's own max, interval, margin, or
  * "" when it has learned none): 0 = granted and counted, >0 = ms to wait.
- * "learn" max interval margin: written for every participant. "throttled" ms:
+ * "learn" max interval margin [manual]: written for every participant; a window
+ * set by hand ("manual") is never replaced by a learned one. "throttled" ms:
  * nobody is granted anything for that long. Time comes from Redis alone. */
 static const char BUDGET_SCRIPT[] =
   "-- commprefs budget: one atomic step per acquisition (see csrc/redis.c)\n"
@@ -34,7 +36,11 @@ static const char BUDGET_SCRIPT[] =
   "local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000\n"
   "local keep = 3600000\n"
   "if op == 'learn' then\n"
-  "  redis.call('HSET', s, 'max', ARGV[2], 'interval', ARGV[3], 'margin', ARGV[4])\n"
+  "  if ARGV[5] == 'manual' then\n"
+  "    redis.call('HSET', s, 'max', ARGV[2], 'interval', ARGV[3], 'margin', ARGV[4], 'manual', 1)\n"
+  "  elseif not redis.call('HGET', s, 'manual') then\n"
+  "    redis.call('HSET', s, 'max', ARGV[2], 'interval', ARGV[3], 'margin', ARGV[4])\n"
+  "  end\n"
   "  redis.call('PEXPIRE', s, keep)\n"
   "  return 0\n"
   "elseif op == 'throttled' then\n"
@@ -314,9 +320,10 @@ static double opt_seconds(lua_State *L, int idx, const char *key, double def) {
   return v;
 }
 
-static int push_failure(lua_State *L, const char *msg) {
+/* nil, error: code "auth_failed" (a wrong password does not heal) or "connection". */
+static int push_failure(lua_State *L, const char *msg, int auth_failed) {
   lua_pushnil(L);
-  cp_resp_push_error(L, msg, strlen(msg));
+  cp_resp_push_error(L, msg, strlen(msg), auth_failed ? "auth_failed" : "connection");
   return 2;
 }
 
@@ -360,11 +367,10 @@ static int core_redis_connect(lua_State *L) {
   c->r.connect_tv = seconds_tv(ct);
   c->r.cmd_tv = seconds_tv(t);
   if (redis_connect(&c->r) != 0) {
-    char msg[sizeof(c->r.err)];
-    memcpy(msg, c->r.err, sizeof(msg));
+    int rc = push_failure(L, c->r.err, c->r.auth_failed);
     redis_free_fields(&c->r);
     c->closed = 1;
-    return push_failure(L, msg);
+    return rc;
   }
   return 1;
 }
@@ -378,7 +384,7 @@ static int conn_command(lua_State *L) {
   redisReply *rep = redis_call(&c->r, n, argv, lens);
   free(argv);
   free(lens);
-  if (!rep) return push_failure(L, c->r.err);
+  if (!rep) return push_failure(L, c->r.err, c->r.auth_failed);
   return push_top_reply(L, rep);
 }
 
@@ -396,9 +402,9 @@ static int conn_pipeline(lua_State *L) {
     cp_resp_check_args(L, lua_gettop(L), "commprefs.redis: pipeline", &argv, &lens);
     free(argv);
     free(lens);
-    lua_pop(L, 1);
+    lua_pop(L, 2); /* its anchor and the command */
   }
-  if (!c->r.c && redis_connect(&c->r) != 0) return push_failure(L, c->r.err);
+  if (!c->r.c && redis_connect(&c->r) != 0) return push_failure(L, c->r.err, c->r.auth_failed);
   for (i = 1; i <= n; i++) {
     const char **argv;
     size_t *lens;
@@ -408,10 +414,10 @@ static int conn_pipeline(lua_State *L) {
     rc = redisAppendCommandArgv(c->r.c, argc, argv, lens);
     free(argv);
     free(lens);
-    lua_pop(L, 1);
+    lua_pop(L, 2); /* its anchor and the command (hiredis has copied both) */
     if (rc != REDIS_OK) {
       io_failed(&c->r);
-      return push_failure(L, c->r.err);
+      return push_failure(L, c->r.err, c->r.auth_failed);
     }
   }
   lua_createtable(L, n, 0);
@@ -419,7 +425,7 @@ static int conn_pipeline(lua_State *L) {
     void *rep = NULL;
     if (redisGetReply(c->r.c, &rep) != REDIS_OK || !rep) {
       io_failed(&c->r);
-      return push_failure(L, c->r.err);
+      return push_failure(L, c->r.err, c->r.auth_failed);
     }
     push_reply(L, rep);
     lua_rawseti(L, -2, i);
@@ -537,9 +543,10 @@ typedef struct {
 } redis_budget;
 
 /* Runs the budget script: EVALSHA, and EVAL (which caches it again) after NOSCRIPT. */
-static redisReply *run_script(redis_budget *b, const char *op, const char *a1, const char *a2, const char *a3) {
-  const char *argv[9] = {"EVALSHA", b->sha, "2", b->window_key, b->limits_key, op, a1, a2, a3};
-  int argc = a1 ? 9 : 6;
+static redisReply *run_script(redis_budget *b, const char *op, const char *a1, const char *a2, const char *a3,
+                              const char *a4) {
+  const char *argv[10] = {"EVALSHA", b->sha, "2", b->window_key, b->limits_key, op, a1, a2, a3, a4};
+  int argc = a1 ? 10 : 6;
   redisReply *rep = redis_call(&b->r, argc, argv, NULL);
   if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOSCRIPT", 8) == 0) {
     freeReplyObject(rep);
@@ -578,7 +585,7 @@ static double budget_acquire(void *ud, const char **err) {
     snprintf(interval, sizeof(interval), "%ld", b->interval_ms);
     snprintf(margin, sizeof(margin), "%.3f", cp_budget_margin_ms(b->interval_ms));
   }
-  rep = run_script(b, "acquire", max, interval, margin);
+  rep = run_script(b, "acquire", max, interval, margin, "");
   if (!rep) return budget_lost(b, err);
   if (rep->type != REDIS_REPLY_INTEGER) {
     snprintf(b->r.err, sizeof(b->r.err), "%s:%d: the budget script failed: %s", b->r.host, b->r.port,
@@ -592,7 +599,7 @@ static double budget_acquire(void *ud, const char **err) {
   return wait;
 }
 
-static void budget_learn(void *ud, long max, long interval_ms) {
+static void budget_learn(void *ud, long max, long interval_ms, int manual) {
   redis_budget *b = ud;
   char a1[24], a2[24], a3[32];
   redisReply *rep;
@@ -603,7 +610,7 @@ static void budget_learn(void *ud, long max, long interval_ms) {
   snprintf(a1, sizeof(a1), "%ld", max);
   snprintf(a2, sizeof(a2), "%ld", interval_ms);
   snprintf(a3, sizeof(a3), "%.3f", cp_budget_margin_ms(interval_ms));
-  rep = run_script(b, "learn", a1, a2, a3);
+  rep = run_script(b, "learn", a1, a2, a3, manual ? "manual" : "");
   b->written = rep && rep->type == REDIS_REPLY_INTEGER;
   if (rep) freeReplyObject(rep);
 }
@@ -614,7 +621,7 @@ static void budget_throttled(void *ud, double retry_after_ms) {
   redisReply *rep;
   if (!(retry_after_ms > 0)) return;
   snprintf(a1, sizeof(a1), "%.0f", retry_after_ms);
-  rep = run_script(b, "throttled", a1, "", "");
+  rep = run_script(b, "throttled", a1, "", "", "");
   if (rep) freeReplyObject(rep);
 }
 
@@ -642,7 +649,7 @@ static int key_ok(const char *key) {
   return 1;
 }
 
-int cp_redis_budget_open(cp_budget *bud, const char *url, const char *key, double timeout_s, const char **err) {
+int cp_redis_budget_open(cp_backing *bud, const char *url, const char *key, double timeout_s, const char **err) {
   redis_budget *b = calloc(1, sizeof(*b));
   redisReply *rep;
   const char *load[3] = {"SCRIPT", "LOAD", BUDGET_SCRIPT};
@@ -690,7 +697,7 @@ int cp_redis_budget_open(cp_budget *bud, const char *url, const char *key, doubl
   return 0;
 }
 
-void cp_redis_budget_wait(cp_budget *bud, double lost_s) {
+void cp_redis_budget_wait(cp_backing *bud, double lost_s) {
   redis_budget *b = bud->ud;
   if (b && lost_s >= 0) b->lost_wait_ms = lost_s * 1000;
 }

@@ -9,7 +9,8 @@
 #include <sys/time.h>
 #include <hiredis/hiredis.h>
 #include "compat.h"
-#include "transport.h"
+#include "backing.h"
+#include "ratelimit.h"
 
 /* The most elements a reply array may announce (bigger: a protocol error). */
 #define CP_RESP_MAX_ELEMENTS (1 << 20)
@@ -35,10 +36,17 @@ typedef struct {
 void cp_resp_limit_reader(redisReader *r, cp_resp_limit *lim);
 const char *cp_resp_reader_error(const redisReader *r, const cp_resp_limit *lim);
 void cp_resp_push_null(lua_State *L);
-void cp_resp_push_error(lua_State *L, const char *msg, size_t len);
+/* Registry keys: the Error metatable Lua gives (core.error_type), and the core's fallback. */
+#define CP_ERROR_TYPE "commprefs.Error"
+#define CP_CORE_ERROR_MT "commprefs.core.error"
+/* Pushes {kind = "redis", message =, code =} (code NULL: an error reply's class). */
+void cp_resp_push_error(lua_State *L, const char *msg, size_t len, const char *code);
 void cp_resp_push_reply(lua_State *L, const redisReply *r);
 /* A C function with the reply as upvalue 1 (a lightuserdata), for lua_pcall. */
 int cp_resp_push_reply_protected(lua_State *L);
+/* Checks the command array at idx and fills argv/lens (malloc'd: the caller
+ * frees them). Pushes one table that keeps converted numbers alive: the
+ * pointers are valid while it stays on the stack. The array is not changed. */
 int cp_resp_check_args(lua_State *L, int idx, const char *fname, const char ***argv, size_t **lens);
 void cp_register_resp(lua_State *L);   /* core.redis_reader, core.redis_format, core.redis_null */
 void cp_register_redis(lua_State *L);  /* core.redis_connect, core.budget_script */
@@ -47,9 +55,9 @@ void cp_register_redis(lua_State *L);  /* core.redis_connect, core.budget_script
  * and *err points to a message that stays valid until b->close(b->ud), which
  * the caller then calls too (b->close is always set). Never includes the
  * password. timeout_s: the connect and command timeout. */
-int cp_redis_budget_open(cp_budget *b, const char *url, const char *key, double timeout_s, const char **err);
+int cp_redis_budget_open(cp_backing *b, const char *url, const char *key, double timeout_s, const char **err);
 /* How long (seconds) acquire keeps answering "wait" while Redis is lost and
  * reconnecting before it answers <0 (perform then stops with "budget"). */
-void cp_redis_budget_wait(cp_budget *b, double lost_s);
+void cp_redis_budget_wait(cp_backing *b, double lost_s);
 
 #endif

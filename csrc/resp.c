@@ -22,19 +22,34 @@ void cp_resp_push_null(lua_State *L) {
   lua_pushlightuserdata(L, (void *)&redis_null_tag);
 }
 
-/* Pushes commprefs.Error{kind = "redis", message = msg}. */
-void cp_resp_push_error(lua_State *L, const char *msg, size_t len) {
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "commprefs.error");
-  lua_call(L, 1, 1);
-  lua_getfield(L, -1, "new");
-  lua_remove(L, -2);
-  lua_createtable(L, 0, 2);
+/* The first word of an error reply when it is Redis' error class
+ * ("WRONGTYPE ...", "NOSCRIPT ...", "ERR ..."): 2 or more capitals. */
+static void push_reply_code(lua_State *L, const char *msg, size_t len) {
+  size_t n = 0;
+  while (n < len && n < 32 && msg[n] >= 'A' && msg[n] <= 'Z') n++;
+  if (n >= 2 && (n == len || msg[n] == ' ' || msg[n] == '-')) lua_pushlstring(L, msg, n);
+  else lua_pushliteral(L, "ERR");
+}
+
+/* Pushes an error {kind = "redis", message = msg, code = code} with the
+ * metatable Lua registered as core.error_type (commprefs.Error), else the
+ * core's own (with __tostring): the core never requires a Lua module.
+ * code NULL: an error reply, whose code is its class. */
+void cp_resp_push_error(lua_State *L, const char *msg, size_t len, const char *code) {
+  lua_createtable(L, 0, 3);
   lua_pushliteral(L, "redis");
   lua_setfield(L, -2, "kind");
   lua_pushlstring(L, msg, len);
   lua_setfield(L, -2, "message");
-  lua_call(L, 1, 1);
+  if (code) lua_pushstring(L, code);
+  else push_reply_code(L, msg, len);
+  lua_setfield(L, -2, "code");
+  lua_getfield(L, LUA_REGISTRYINDEX, CP_ERROR_TYPE);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    luaL_getmetatable(L, CP_CORE_ERROR_MT);
+  }
+  lua_setmetatable(L, -2);
 }
 
 void cp_resp_push_reply(lua_State *L, const redisReply *r) {
@@ -48,7 +63,7 @@ void cp_resp_push_reply(lua_State *L, const redisReply *r) {
     lua_pushlstring(L, r->str, r->len);
     lua_setfield(L, -2, "ok");
     break;
-  case REDIS_REPLY_ERROR: cp_resp_push_error(L, r->str, r->len); break;
+  case REDIS_REPLY_ERROR: cp_resp_push_error(L, r->str, r->len, NULL); break;
   case REDIS_REPLY_ARRAY:
     lua_createtable(L, r->elements > 1 << 20 ? 0 : (int)r->elements, 0);
     for (i = 0; i < r->elements; i++) {
@@ -191,12 +206,13 @@ int cp_resp_check_args(lua_State *L, int idx, const char *fname, const char ***a
     free(*lens);
     luaL_error(L, "%s: out of memory", fname);
   }
+  lua_newtable(L); /* the anchor: numbers as strings live here, never in the caller's table */
   for (i = 1; i <= n; i++) {
     lua_rawgeti(L, idx, i);
-    if (lua_type(L, -1) == LUA_TNUMBER) { /* converted in place: the table keeps the string */
+    if (lua_type(L, -1) == LUA_TNUMBER) {
       lua_tostring(L, -1);
-      lua_rawseti(L, idx, i);
-      lua_rawgeti(L, idx, i);
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, -3, i);
     }
     (*argv)[i - 1] = lua_tolstring(L, -1, &(*lens)[i - 1]);
     lua_pop(L, 1);

@@ -3,35 +3,30 @@
  * client:perform(source, on_done) runs requests ({method=, url=, body=})
  * taken from `source` (an array, or a function returning the next request
  * or nil) over reused connections (keep-alive, HTTP/2 multiplexing where
- * offered). How many are in flight: cp_transport_target (one until HubSpot's
- * headers give the window, then the learned rate times the observed latency,
- * capped by max_concurrency). Whether and when to retry: policy.c. Every
- * attempt is paced by the client's window (ratelimit.c) and, when there is
- * one, an external budget (C3). When a request is final, on_done(i, result)
- * is called (i: its position in source); without on_done, perform returns the
+ * offered). Every attempt goes through the client's governor (governor.c):
+ * whether it may start, when it is on the wire, what its end decides (retry
+ * and when, the counts, the shared backing); this file only moves bytes and
+ * builds result tables. When a request is final, on_done(i, result) is
+ * called (i: its position in source); without on_done, perform returns the
  * array of results. perform's second return value is the reason it stopped
  * early ("daily_limit", "interrupted", "budget"), else nil; requests it did
- * not finish then get {stopped = reason, attempts = n}. Result fields: see
- * push_result. Requests are pulled from source only when a slot is free, so
- * memory stays bounded by the in-flight count however long the source is.
- * Nothing libcurl points to belongs to Lua: URLs and bodies are copied. */
+ * not finish then get {stopped = reason, attempts = n}. Requests are pulled
+ * from source only when a slot is free, so memory stays bounded by the
+ * in-flight count however long the source is. Nothing libcurl points to
+ * belongs to Lua: URLs and bodies are copied. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
 #include <time.h>
 #include "transport.h"
+#include "headers.h"
+#include "util.h"
 
 enum { SLOT_FREE, SLOT_WAITING, SLOT_RUNNING };
 enum { ARG_SELF = 1, ARG_SOURCE, ARG_ON_DONE, ST_RESULTS, ST_INFLIGHT };
 
 #define SIGNAL_CHECK_MS 50  /* longest wait before perform looks at the signal flag */
-
-double cp_now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
-}
 
 /* ------------------------------------------------------------ signals
  * The one piece of global mutable state beyond curl_global_init: a signal
@@ -100,7 +95,7 @@ void cp_trap_signals(int on) {
 static size_t on_body(char *data, size_t size, size_t n, void *ud) {
   cp_slot *s = ud;
   size_t add = size * n;
-  if (s->len + add > (size_t)s->owner->max_response) {
+  if (s->len + add > (size_t)s->owner->gov->max_response) {
     s->too_large = 1;
     return 0; /* curl reports a write error */
   }
@@ -125,7 +120,7 @@ static int on_prereq(void *ud, char *ip, char *local_ip, int port, int local_por
   if (!s->on_wire) {
     s->on_wire = 1;
     s->sent_at = cp_now_ms();
-    cp_rl_sent(&s->owner->rl, s->sent_at);
+    cp_gov_on_wire(s->owner->gov, s->sent_at);
   }
   return CURL_PREREQFUNC_OK;
 }
@@ -139,6 +134,7 @@ static char *dup_or_null(const char *s) {
 }
 
 static CURL *new_easy(cp_transport *t, cp_slot *s) {
+  const cp_governor *g = t->gov;
   CURL *e = curl_easy_init();
   if (!e) return NULL;
   s->owner = t;
@@ -148,11 +144,11 @@ static CURL *new_easy(cp_transport *t, cp_slot *s) {
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, s);
   curl_easy_setopt(e, CURLOPT_ERRORBUFFER, s->errbuf);
-  curl_easy_setopt(e, CURLOPT_USERAGENT, t->user_agent);
+  curl_easy_setopt(e, CURLOPT_USERAGENT, g->user_agent);
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, t->timeout_ms);
-  curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, t->connect_timeout_ms);
-  curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)t->max_response);
+  curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, g->timeout_ms);
+  curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, g->connect_timeout_ms);
+  curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)g->max_response);
   curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
   curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
   /* No Accept-Encoding: HubSpot's answers are small and rate-limited traffic is
@@ -162,8 +158,8 @@ static CURL *new_easy(cp_transport *t, cp_slot *s) {
 #if LIBCURL_VERSION_NUM >= 0x075500
   curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
 #endif
-  curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, t->verify_tls ? 1L : 0L);
-  curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, t->verify_tls ? 2L : 0L);
+  curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, g->verify_tls ? 1L : 0L);
+  curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, g->verify_tls ? 2L : 0L);
   if (t->ca_file) curl_easy_setopt(e, CURLOPT_CAINFO, t->ca_file);
   return e;
 }
@@ -198,33 +194,25 @@ static void wipe_headers(struct curl_slist *h) {
   curl_slist_free_all(h);
 }
 
-int cp_transport_open(cp_transport *t, const cp_config *c, const char **err) {
+int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const char **err) {
   memset(t, 0, sizeof(*t));
-  t->verify_tls = c->verify_tls;
+  t->gov = g;
+  t->gov_ref = LUA_NOREF;
   t->handle_signals = c->handle_signals;
-  t->timeout_ms = c->timeout_ms;
-  t->connect_timeout_ms = c->connect_timeout_ms;
-  t->max_response = c->max_response > 0 ? c->max_response : CP_DEFAULT_MAX_RESPONSE;
-  cp_policy_init(&t->policy, c->max_retries, c->backoff_base_ms, c->backoff_max_ms,
-                 c->max_retry_after_ms, t);
-  t->max_concurrency = c->max_concurrency > 0 ? c->max_concurrency : 0;
-  t->nslots = t->max_concurrency ? t->max_concurrency : CP_ADAPTIVE_SLOTS;
+  t->nslots = g->max_concurrency ? g->max_concurrency : CP_ADAPTIVE_SLOTS;
   *err = "out of memory";
-  if (cp_rl_init(&t->rl, c->rate_max, c->rate_interval_ms) != 0) goto fail;
-  t->user_agent = dup_or_null(c->user_agent);
-  t->ca_file = dup_or_null(c->ca_file);
+  t->ca_file = c->ca_file ? dup_or_null(c->ca_file) : NULL;
   t->headers = auth_headers(c->token, 0);
   t->post_headers = auth_headers(c->token, 1);
   t->multi = curl_multi_init();
   t->slots = calloc((size_t)t->nslots, sizeof(cp_slot));
-  if (!t->user_agent || (c->ca_file && !t->ca_file) || !t->headers || !t->post_headers || !t->multi || !t->slots)
-    goto fail;
+  if ((c->ca_file && !t->ca_file) || !t->headers || !t->post_headers || !t->multi || !t->slots) {
+    cp_transport_close(t);
+    return -1;
+  }
   curl_multi_setopt(t->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
   curl_multi_setopt(t->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)t->nslots);
   return 0;
-fail:
-  cp_transport_close(t);
-  return -1;
 }
 
 void cp_transport_close(cp_transport *t) {
@@ -245,47 +233,9 @@ void cp_transport_close(cp_transport *t) {
   if (t->headers) wipe_headers(t->headers);
   if (t->post_headers) wipe_headers(t->post_headers);
   t->headers = t->post_headers = NULL;
-  free(t->user_agent);
   free(t->ca_file);
-  t->user_agent = t->ca_file = NULL;
-  cp_rl_free(&t->rl);
-  if (t->budget.close) t->budget.close(t->budget.ud);
-  memset(&t->budget, 0, sizeof(t->budget));
-}
-
-/* ------------------------------------------------------------ policy, pacing */
-
-int cp_transport_decide(cp_transport *t, cp_outcome *o, double *delay_ms) {
-  int retry = cp_policy_decide(&t->policy, &t->rl, o, cp_now_ms(), delay_ms);
-  /* a 2xx: HubSpot's would carry the window (an edge's 5xx or a 429 may not) */
-  if (o->status >= 200 && o->status < 300) t->answers++;
-  if (o->status == 429) t->throttled++;
-  if (o->learned && t->budget.learn) t->budget.learn(t->budget.ud, o->rate_max, o->rate_interval_ms);
-  if (o->status == 429 && !o->daily_limit && t->budget.throttled)
-    t->budget.throttled(t->budget.ud, *delay_ms);
-  return retry;
-}
-
-void cp_transport_observe_latency(cp_transport *t, double ms) {
-  if (!(ms >= 0)) return;
-  t->latency_ms = t->latency_ms > 0 ? 0.8 * t->latency_ms + 0.2 * ms : ms;
-}
-
-/* One request until a 2xx answer has been seen (HubSpot's headers give the
- * window; a server that sends none has no window to learn); then the learned
- * rate times the observed latency, with headroom; max_concurrency caps it. */
-int cp_transport_target(const cp_transport *t) {
-  int cap = t->nslots;
-  double need;
-  if (t->rl.max <= 0) {
-    if (t->answers == 0) return 1;
-    if (t->max_concurrency) return cap;
-    return cap < CP_UNKNOWN_WINDOW_INFLIGHT ? cap : CP_UNKNOWN_WINDOW_INFLIGHT;
-  }
-  if (t->latency_ms <= 0) return t->rl.max < cap ? t->rl.max : cap;
-  need = (double)t->rl.max / (t->rl.interval_ms + cp_rl_margin_ms(t->rl.interval_ms)) * t->latency_ms;
-  need = need * 1.25 + 2;
-  return need >= cap ? cap : (int)need;
+  t->ca_file = NULL;
+  t->gov = NULL; /* the caller drops gov_ref */
 }
 
 /* ------------------------------------------------------------ one attempt */
@@ -319,8 +269,7 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s) {
   }
   lua_pop(L, 4);
   s->on_wire = 0;
-  cp_rl_start(&t->rl);
-  t->sent++;
+  cp_gov_begin(t->gov);
   curl_multi_add_handle(t->multi, s->easy);
   s->state = SLOT_RUNNING;
 }
@@ -339,15 +288,11 @@ static const char *error_kind(CURLcode rc, const cp_slot *s) {
   }
 }
 
-/* A header as a non-negative integer, or -1 when absent or not a number. */
+/* A HubSpot count header (headers.c's rule), or -1 when absent or not a count. */
 static long header_long(CURL *e, const char *name) {
   struct curl_header *h;
-  char *end;
-  long v;
   if (curl_easy_header(e, name, 0, CURLH_HEADER, -1, &h) != CURLHE_OK) return -1;
-  v = strtol(h->value, &end, 10);
-  if (end == h->value || *end != '\0' || v < 0) return -1;
-  return v;
+  return cp_parse_header_count(h->value);
 }
 
 static double header_retry_after(CURL *e) {
@@ -376,11 +321,6 @@ static void read_outcome(cp_slot *s, CURLcode rc, cp_outcome *o) {
   o->daily_remaining = header_long(s->easy, "X-HubSpot-RateLimit-Daily-Remaining");
 }
 
-static void set_integer(lua_State *L, const char *k, lua_Integer v) {
-  lua_pushinteger(L, v);
-  lua_setfield(L, -2, k);
-}
-
 /* Pushes the C2 result table: {status=, body=, content_type=, retry_after=,
  * attempts=, rate_max=, rate_interval_ms=, daily_remaining=, daily_limit=}
  * (optional fields only when their header came) for an HTTP answer, or
@@ -388,29 +328,29 @@ static void set_integer(lua_State *L, const char *k, lua_Integer v) {
 static void push_result(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, const cp_outcome *o) {
   char *ctype = NULL;
   lua_createtable(L, 0, 8);
-  set_integer(L, "attempts", s->attempts);
+  cp_set_integer(L, "attempts", s->attempts);
   if (rc != CURLE_OK) {
     lua_pushstring(L, o->kind);
     lua_setfield(L, -2, "kind");
     if (strcmp(o->kind, "too_large") == 0)
-      lua_pushfstring(L, "the answer is larger than max_response_size (%d bytes)", (int)t->max_response);
+      lua_pushfstring(L, "the answer is larger than max_response_size (%d bytes)", (int)t->gov->max_response);
     else
       lua_pushstring(L, s->errbuf[0] ? s->errbuf : curl_easy_strerror(rc));
     lua_setfield(L, -2, "message");
     return;
   }
   curl_easy_getinfo(s->easy, CURLINFO_CONTENT_TYPE, &ctype);
-  set_integer(L, "status", o->status);
+  cp_set_integer(L, "status", o->status);
   lua_pushlstring(L, s->buf ? s->buf : "", s->len);
   lua_setfield(L, -2, "body");
   if (ctype) {
     lua_pushstring(L, ctype);
     lua_setfield(L, -2, "content_type");
   }
-  if (o->retry_after_ms >= 0) set_integer(L, "retry_after", (lua_Integer)(o->retry_after_ms / 1000.0));
-  if (o->rate_max >= 0) set_integer(L, "rate_max", o->rate_max);
-  if (o->rate_interval_ms >= 0) set_integer(L, "rate_interval_ms", o->rate_interval_ms);
-  if (o->daily_remaining >= 0) set_integer(L, "daily_remaining", o->daily_remaining);
+  if (o->retry_after_ms >= 0) cp_set_integer(L, "retry_after", (lua_Integer)(o->retry_after_ms / 1000.0));
+  if (o->rate_max >= 0) cp_set_integer(L, "rate_max", o->rate_max);
+  if (o->rate_interval_ms >= 0) cp_set_integer(L, "rate_interval_ms", o->rate_interval_ms);
+  if (o->daily_remaining >= 0) cp_set_integer(L, "daily_remaining", o->daily_remaining);
   if (o->daily_limit) {
     lua_pushboolean(L, 1);
     lua_setfield(L, -2, "daily_limit");
@@ -431,10 +371,11 @@ static void cleanup_running(cp_transport *t) {
   for (i = 0; t->slots && i < t->nslots; i++) {
     if (t->slots[i].state == SLOT_RUNNING) {
       curl_multi_remove_handle(t->multi, t->slots[i].easy);
-      if (!t->slots[i].on_wire) cp_rl_unsent(&t->rl);
+      cp_gov_abandon(t->gov, t->slots[i].on_wire);
     }
     t->slots[i].state = SLOT_FREE;
   }
+  t->in_use = 0;
 }
 
 /* Takes the next request from source into slot s; 0 when source is empty. */
@@ -461,6 +402,7 @@ static int fill_slot(lua_State *L, cp_transport *t, cp_slot *s, source_state *sr
   s->attempts = 0;
   s->not_before = 0;
   s->state = SLOT_WAITING;
+  t->in_use++;
   return 1;
 }
 
@@ -468,6 +410,7 @@ static int fill_slot(lua_State *L, cp_transport *t, cp_slot *s, source_state *sr
 static void deliver(lua_State *L, cp_transport *t, cp_slot *s) {
   int i = (int)(s - t->slots) + 1;
   s->state = SLOT_FREE;
+  t->in_use--;
   lua_pushnil(L);
   lua_rawseti(L, ST_INFLIGHT, i);
   if (lua_isnil(L, ARG_ON_DONE)) {
@@ -484,12 +427,12 @@ static void deliver(lua_State *L, cp_transport *t, cp_slot *s) {
 static void deliver_stopped(lua_State *L, cp_transport *t, cp_slot *s, const source_state *src) {
   if (s->state == SLOT_RUNNING) {
     curl_multi_remove_handle(t->multi, s->easy);
-    if (!s->on_wire) cp_rl_unsent(&t->rl);
+    cp_gov_abandon(t->gov, s->on_wire);
   }
   lua_createtable(L, 0, 3);
   lua_pushstring(L, src->stop);
   lua_setfield(L, -2, "stopped");
-  set_integer(L, "attempts", s->attempts);
+  cp_set_integer(L, "attempts", s->attempts);
   if (src->stop_message) {
     lua_pushstring(L, src->stop_message);
     lua_setfield(L, -2, "message");
@@ -508,68 +451,38 @@ static void stop_slots(lua_State *L, cp_transport *t, const source_state *src, i
 
 static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc) {
   cp_outcome o;
-  double delay, now = cp_now_ms();
+  cp_decision d;
+  double now = cp_now_ms();
   curl_multi_remove_handle(t->multi, s->easy);
-  if (!s->on_wire) cp_rl_unsent(&t->rl);
+  if (!s->on_wire) cp_gov_unsent(t->gov);
   s->attempts++;
-  if (s->on_wire) cp_rl_answered(&t->rl);
   read_outcome(s, rc, &o);
-  if (o.status > 0 && s->on_wire) cp_transport_observe_latency(t, now - s->sent_at);
-  if (cp_transport_decide(t, &o, &delay)) {
-    t->retries++;
+  cp_gov_finish(t->gov, &o, s->on_wire, now - s->sent_at, &d);
+  if (d.retry) {
     s->state = SLOT_WAITING;
-    s->not_before = now + delay;
+    s->not_before = now + d.delay_ms;
     return;
   }
   push_result(L, t, s, rc, &o);
   deliver(L, t, s);
 }
 
-static int slots_in_use(const cp_transport *t) {
-  int i, n = 0;
-  for (i = 0; i < t->nslots; i++)
-    if (t->slots[i].state != SLOT_FREE) n++;
-  return n;
-}
-
-/* 0: the budget (if any) lets one request go now; >0: ms to wait; <0: stop. */
-static double ask_budget(cp_transport *t, source_state *src) {
-  const char *err = NULL;
-  double w;
-  if (!t->budget.acquire) return 0;
-  w = t->budget.acquire(t->budget.ud, &err);
-  if (w < 0) {
-    src->stop = "budget";
-    src->stop_message = err ? err : "the shared budget is gone";
-  }
-  return w;
-}
-
 /* Starts what may start now; returns ms until something else may start. */
 static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
   double wake = 1000, now = cp_now_ms();
-  int i, target = cp_transport_target(t), in_use = slots_in_use(t);
-  /* daily limit spent: nothing new goes; once nothing is on the wire (the last
-   * answers may say some remain after all), perform stops */
-  if (!src->stop && cp_rl_daily_spent(&t->rl)) {
-    if (t->rl.on_wire == 0) src->stop = "daily_limit";
-    else return wake;
-  }
+  int i, target = cp_gov_target(t->gov, t->nslots);
   for (i = 0; i < t->nslots && !src->stop; i++) {
     cp_slot *s = &t->slots[i];
     double w;
     if (s->state == SLOT_FREE) {
-      if (src->exhausted || in_use >= target || !fill_slot(L, t, s, src)) continue;
-      in_use++;
+      if (src->exhausted || t->in_use >= target || !fill_slot(L, t, s, src)) continue;
     }
     if (s->state != SLOT_WAITING) continue;
     if (s->not_before > now) {
       if (s->not_before - now < wake) wake = s->not_before - now;
       continue;
     }
-    if (!cp_rl_daily_room(&t->rl)) break; /* what is left of the day is on its way */
-    w = cp_rl_wait(&t->rl, now);
-    if (w == 0) w = ask_budget(t, src);
+    w = cp_gov_next(t->gov, now, &src->stop, &src->stop_message);
     if (w != 0) {
       if (w > 0 && w < wake) wake = w;
       break;
@@ -587,8 +500,7 @@ static int perform_loop(lua_State *L) {
   lua_settop(L, ARG_ON_DONE);
   lua_newtable(L); /* ST_RESULTS */
   lua_createtable(L, t->nslots, 0); /* ST_INFLIGHT */
-  t->rl.daily_left = -1; /* the day may have turned since the last perform */
-  t->rl.on_wire = 0;     /* nothing runs between performs */
+  cp_gov_new_call(t->gov);
   for (;;) {
     CURLMsg *msg;
     int left, delivered = 0;
@@ -599,7 +511,7 @@ static int perform_loop(lua_State *L) {
       break;
     }
     wake = start_ready(L, t, &src);
-    if (slots_in_use(t) == 0 && (src.exhausted || src.stop)) break;
+    if (t->in_use == 0 && (src.exhausted || src.stop)) break;
     curl_multi_perform(t->multi, &running);
     while ((msg = curl_multi_info_read(t->multi, &left)) != NULL) {
       cp_slot *s;

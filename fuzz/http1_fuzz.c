@@ -8,8 +8,7 @@
  * the piece sizes; the rest is the bytes of the response. */
 /* the core files first: they set their own feature macros */
 #include "../csrc/http1.c"
-#include "../csrc/policy.c"
-#include "../csrc/ratelimit.c"
+#include "../csrc/headers.c"
 #include <assert.h>
 #include <stdint.h>
 #include "fuzz_lua.h"

@@ -10,17 +10,11 @@
 #include "../csrc/redis.c"
 #include "../csrc/resp.c"
 #include "../csrc/ratelimit.c"
+#include "../csrc/util.c"
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
 #include "fuzz_lua.h"
-
-/* transport.c is not compiled in: the budget's clock. */
-double cp_now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
-}
 
 static const char *CHECK =
   "local data, mode = ...\n"

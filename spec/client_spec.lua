@@ -501,7 +501,7 @@ describe("commprefs", function()
 
     it("a callback cannot re-enter its own client", function()
       local c = client()
-      local ok, err = pcall(c._core.perform, c._core, { { method = "GET", url = sim.url .. "/__sim/health" } },
+      local ok, err = pcall(c._curl.perform, c._curl, { { method = "GET", url = sim.url .. "/__sim/health" } },
         function() c:get_status("a@example.com") end)
       assert.is_false(ok)
       assert.matches("busy", err)

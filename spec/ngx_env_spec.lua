@@ -41,7 +41,7 @@ describe("commprefs in nginx", function()
         local ok, err = pcall(commprefs.new, { token = "sim-token", base_url = os.getenv("SIM_URL"), shared_dict = "nope" })
         local c = commprefs.new { token = "sim-token", base_url = os.getenv("SIM_URL"), shared_dict = "pace" }
         local yes = c:is_unsubscribed_from_all("x@example.com")
-        return { ok = ok, err = err, answer = yes, backing = c._ngx.pacer.backing }
+        return { ok = ok, err = err, answer = yes, backing = c:_pacer().backing }
       ]])
       assert.equals(200, status, body)
       local t = cjson.decode(body)
@@ -125,111 +125,8 @@ describe("commprefs in nginx", function()
     end)
   end)
 
-  describe("commprefs.ngx.pacer with a shared_dict", function()
-    local inst
-    setup(function() inst = nginx.start { conf = "lua_shared_dict pace 1m; lua_shared_dict other 1m;" } end)
-    teardown(function() if inst then inst:stop() end end)
-    -- two pacers on two client handles (as two workers would have), one dict
-    local PRELUDE = [[
-      local commprefs, pacer = require "commprefs", require "commprefs.ngx.pacer"
-      local dict = ngx.var.arg_dict or "pace"
-      local function new_pacer(opts)
-        local c = commprefs.new { token = "t", base_url = "http://127.0.0.1:9" }
-        opts = opts or {}
-        opts.shared_dict = opts.shared_dict or "pace"
-        return pacer.new(c._core, opts)
-      end
-    ]]
-    local function run(code)
-      local status, body = nginx.run(inst, PRELUDE .. code)
-      assert.equals(200, status, body)
-      return cjson.decode(body)
-    end
-
-    it("shares learned limits: max requests go, the next waits one window (plus C's margin)", function()
-      local t = run([[
-        ngx.shared.pace:flush_all()
-        local a, b = new_pacer(), new_pacer()
-        a:learn(5, 1000)
-        local waits = {}
-        for i = 1, 5 do waits[i] = b:wait(); assert(b:start()); b:sent() end
-        local after = b:wait()
-        return { waits = waits, after = after, margin = require("commprefs.core").window_margin_ms(1000),
-                 backing = b.backing }
-      ]])
-      assert.same({ 0, 0, 0, 0, 0 }, t.waits)
-      assert.equals("shared_dict", t.backing)
-      assert.is_true(t.after > 1000 and t.after <= 1000 + t.margin, tostring(t.after))
-    end)
-
-    it("frees the slot of an attempt that was never sent", function()
-      local t = run([[
-        ngx.shared.pace:flush_all()
-        local a = new_pacer()
-        a:learn(1, 1000)
-        assert(a:start()); a:unsent()
-        local free = a:wait()
-        assert(a:start()); a:sent()
-        return { free = free, full = a:wait() }
-      ]])
-      assert.equals(0, t.free)
-      assert.is_true(t.full > 900, tostring(t.full))
-    end)
-
-    it("holds every pacer after a 429; the first hold is never shortened", function()
-      local t = run([[
-        ngx.shared.pace:flush_all()
-        local a, b = new_pacer(), new_pacer()
-        a:throttled(400)
-        b:throttled(50)
-        return { b = b:wait(), a = a:wait() }
-      ]])
-      assert.is_true(t.b > 300 and t.b <= 400, tostring(t.b))
-      assert.is_true(t.a > 300 and t.a <= 400, tostring(t.a))
-    end)
-
-    it("ignores limits outside C's sane range and keeps limits set by hand", function()
-      local t = run([[
-        ngx.shared.pace:flush_all()
-        local a = new_pacer()
-        a:learn(0, 1000); a:learn(5, 0); a:learn(1e9, 1)
-        local learned = ngx.shared.pace:get_keys(0)
-        local manual = new_pacer({ rate_limit = { max = 1, interval = 10 } })
-        manual:learn(100, 1000)
-        assert(manual:start()); manual:sent()
-        return { keys = #learned, manual_wait = manual:wait() }
-      ]])
-      assert.equals(0, t.keys)
-      assert.is_true(t.manual_wait > 9000, tostring(t.manual_wait))
-    end)
-
-    it("keeps windows of different keys and dicts apart", function()
-      local t = run([[
-        ngx.shared.pace:flush_all(); ngx.shared.other:flush_all()
-        local a = new_pacer({ rate_limit = { key = "app1" } })
-        local b = new_pacer({ rate_limit = { key = "app2" } })
-        local c = new_pacer({ shared_dict = "other" })
-        a:learn(1, 1000); b:learn(1, 1000); c:learn(1, 1000)
-        assert(a:start()); a:sent()
-        return { a = a:wait(), b = b:wait(), c = c:wait() }
-      ]])
-      assert.is_true(t.a > 900)
-      assert.equals(0, t.b)
-      assert.equals(0, t.c)
-    end)
-
-    it("without shared_dict paces through the client's own C window", function()
-      local t = run([[
-        local c = commprefs.new { token = "t", base_url = "http://127.0.0.1:9", rate_limit = { max = 1, interval = 5 } }
-        local p = pacer.new(c._core, {})
-        assert(p:start()); p:sent()
-        return { backing = p.backing, wait = p:wait(), c_wait = c._core:pace_wait() }
-      ]])
-      assert.equals("window", t.backing)
-      assert.is_true(t.wait > 4000)
-      assert.equals(t.c_wait > 4000, true)
-    end)
-  end)
+  -- The pacer's backings (window, shared_dict, Redis) are checked case by
+  -- case in spec/pacing_contract_spec.lua.
 
   describe("limits learned into the shared_dict", function()
     -- client A learns HubSpot's 20 per 1,000 ms from one answer; client B (its own

@@ -63,8 +63,8 @@ describe("no tuning needed (issue 9)", function()
   it("starts with one request until the first answer gives the window", function()
     sim.reset { rate = "20/1000", latency = 200 }
     local c = commprefs.new { token = "sim-token", base_url = sim.url }
-    assert.equal(1, c._core:in_flight_target())
-    assert.is_nil(c._core:settings().max_concurrency)
+    assert.equal(1, c:_in_flight_target())
+    assert.is_nil(c._gov:settings().max_concurrency)
     c:bulk_unsubscribe_all(ids(2000))
     local log = sim.log()
     assert.equal(20, #log)
@@ -79,7 +79,7 @@ describe("no tuning needed (issue 9)", function()
     local t0 = socket.gettime()
     c:bulk_unsubscribe_all(ids(2000)) -- 20 requests, 2 at a time, 300 ms each: >= 3 s
     assert.is_true(socket.gettime() - t0 >= 2.5)
-    assert.equal(2, c._core:in_flight_target())
+    assert.equal(2, c:_in_flight_target())
     c:close()
   end)
 end)
@@ -170,12 +170,11 @@ describe("the one-request start (issue 9)", function()
     sim.reset()
     sim.fault { kind = "status", status = 503, count = 3 }
     local c = commprefs.new { token = "sim-token", base_url = sim.url, backoff_base = 0.01, backoff_max = 0.02 }
-    local h = c._core
     local reqs = {}
     for i = 1, 4 do reqs[i] = { method = "GET", url = sim.url
       .. "/communication-preferences/2026-03/statuses/s" .. i .. "%40example.com/unsubscribe-all?channel=EMAIL" } end
     local targets = {}
-    h:perform(reqs, function() targets[#targets + 1] = h:in_flight_target() end)
+    c:_perform(reqs, function() targets[#targets + 1] = c:_in_flight_target() end)
     -- the three 503s (no rate headers, as an edge's error) did not open the gates
     local log = sim.log()
     assert.equal(7, #log)

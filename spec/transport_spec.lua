@@ -2,7 +2,8 @@
 -- against the simulator and small misbehaving loopback servers: issue 10's
 -- defects 1 (retry storm on 5xx), 2 (use after free of a request body),
 -- 3 (unbounded answers), 4 (waits that ignore SIGINT/SIGTERM, absurd learned
--- windows) and 10 (a client left busy), and the C1 handle methods.
+-- windows) and 10 (a client left busy), and the governor (csrc/governor.c)
+-- that both transports drive.
 local sim = require "support.sim"
 local rawserver = require "support.rawserver"
 local socket = require "socket"
@@ -18,6 +19,12 @@ local function handle(opts)
   local o = { token = "sim-token", backoff_base = 0.1, backoff_max = 1 }
   for k, v in pairs(opts or {}) do o[k] = v end
   return core.new(o)
+end
+
+local function governor(opts)
+  local o = { backoff_base = 0.1, backoff_max = 1 }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return core.governor(o)
 end
 
 local function tmpfile(name) return require("support.proc").tmpfile("transport", name) end
@@ -109,7 +116,7 @@ describe("transport", function()
       assert.equal(2, res.attempts)
       assert.is_true(took < 2, "the retry waited " .. took .. " s")
       -- the learned window is the simulator's (from the 200), never a max of 1
-      assert.equal(100, h:stats().rate_max)
+      assert.equal(100, h:governor():stats().rate_max)
       h:close()
     end)
   end)
@@ -123,16 +130,17 @@ describe("transport", function()
       assert.same({ 100, 10000 }, { core.sane_window(100, 10000) })
       assert.same({ 1, 100 }, { core.sane_window(1, 100) })
       assert.same({ 10000, 60000 }, { core.sane_window(10000, 60000) })
-      local h = handle()
-      local retry = h:decide({ status = 200, attempts = 1, rate_max = 1, rate_interval_ms = 86400000 })
+      local g = governor()
+      local retry, _, _, learn_max = g:finish({ status = 200, attempts = 1, rate_max = 1, rate_interval_ms = 86400000 })
       assert.is_false(retry)
-      assert.equal(0, h:stats().rate_max)
-      assert.equal(0, h:pace_wait())
-      h:pace_start(); h:pace_sent()
-      assert.equal(0, h:pace_wait()) -- no one-a-day window was learned
-      h:decide({ status = 200, attempts = 1, rate_max = 2, rate_interval_ms = 1000 })
-      assert.equal(2, h:stats().rate_max)
-      h:close()
+      assert.is_nil(learn_max) -- nothing for a shared backing either
+      assert.equal(0, g:stats().rate_max)
+      assert.equal(0, g:next())
+      g:begin(); g:on_wire()
+      assert.equal(0, g:next()) -- no one-a-day window was learned
+      assert.same({ false, 0, nil, 2, 1000 }, { g:finish({ status = 200, attempts = 1, rate_max = 2, rate_interval_ms = 1000 }) })
+      assert.equal(2, g:stats().rate_max)
+      g:close()
     end)
   end)
 
@@ -199,7 +207,7 @@ print("status", res[1].status or res[1].kind, res[2].status, reason)
       assert.is_nil(env)
       assert.equal("too_large", err.kind)
       assert.equal(1, err.attempts)
-      assert.equal(16 * 1024 * 1024, c._core:settings().max_response_size)
+      assert.equal(16 * 1024 * 1024, c._gov:settings().max_response_size)
       c:close()
     end)
 
@@ -261,97 +269,82 @@ io.write("reason=", tostring(reason), " stopped=", tostring(res[#res].stopped), 
     end)
   end)
 
-  describe("the C1 handle methods", function()
+  describe("the governor both transports drive", function()
     it("settings never include the token", function()
       local h = handle { timeout = 5, max_concurrency = 3 }
-      local s = h:settings()
+      local s = h:governor():settings()
       assert.equal(5000, s.timeout_ms)
       assert.equal(3, s.max_concurrency)
       assert.equal(16 * 1024 * 1024, s.max_response_size)
       for _, v in pairs(s) do assert.is_not.equal("sim-token", v) end
-      assert.is_nil(handle():settings().max_concurrency) -- adaptive
+      assert.is_nil(governor():settings().max_concurrency) -- adaptive
     end)
 
-    it("decide: 5xx retried with backoff, 4xx not, daily limit not, budget of attempts respected", function()
-      local h = handle { max_retries = 2, backoff_base = 0.1, backoff_max = 0.1 }
-      local retry, ms = h:decide({ status = 503, attempts = 1 })
+    it("finish: 5xx retried with backoff, 4xx not, daily limit not, budget of attempts respected", function()
+      local g = governor { max_retries = 2, backoff_base = 0.1, backoff_max = 0.1 }
+      local retry, ms = g:finish({ status = 503, attempts = 1 })
       assert.is_true(retry)
       assert.is_true(ms >= 50 and ms <= 100)
-      assert.is_false((h:decide({ status = 503, attempts = 3 })))
-      assert.is_false((h:decide({ status = 404, attempts = 1 })))
-      assert.is_false((h:decide({ kind = "too_large", attempts = 1 })))
-      assert.is_true((h:decide({ kind = "timeout", attempts = 1 })))
+      assert.is_false((g:finish({ status = 503, attempts = 3 })))
+      assert.is_false((g:finish({ status = 404, attempts = 1 })))
+      assert.is_false((g:finish({ kind = "too_large", attempts = 1 }, false)))
+      assert.is_true((g:finish({ kind = "timeout", attempts = 1 })))
       local r = { status = 429, attempts = 1, daily_remaining = 0 }
-      assert.is_false((h:decide(r)))
+      local _, _, hold = g:finish(r)
       assert.is_true(r.daily_limit)
-      local w, why = h:pace_wait()
-      assert.equal(0, w)
-      assert.equal("daily_limit", why)
-      retry, ms = h:decide({ status = 429, attempts = 1, retry_after = 2 })
+      assert.is_nil(hold) -- the daily limit holds no shared backing
+      assert.same({ nil, "daily_limit" }, { g:next() })
+      retry, ms, hold = g:finish({ status = 429, attempts = 1, retry_after = 2 })
       assert.is_true(retry)
       assert.equal(2000, ms)
-      assert.is_true(h:pace_wait() > 1000) -- every send waits for the Retry-After
-      h:close()
+      assert.equal(2000, hold) -- what a shared backing is told
+      assert.same({ 2, 3 }, { g:stats().throttled, g:stats().retries })
     end)
 
-    it("in_flight_target: one until the window is known, then rate x latency", function()
-      local h = handle()
-      assert.equal(1, h:in_flight_target())
-      h:decide({ status = 200, attempts = 1, rate_max = 100, rate_interval_ms = 1000 })
-      h:observe_latency(1000)
-      local n = h:in_flight_target()
+    it("a new call while nothing is in flight forgets a spent daily limit, on both transports", function()
+      local g = governor()
+      g:begin(); g:on_wire()
+      g:finish({ status = 429, attempts = 1, daily_remaining = 0 })
+      assert.same({ nil, "daily_limit" }, { g:next() })
+      g:new_call() -- HubSpot's day may have turned
+      assert.equal(0, g:next())
+      -- and not while a request is still in flight
+      g:begin(); g:on_wire()
+      g:finish({ status = 429, attempts = 1, daily_remaining = 0 }, false)
+      g:new_call()
+      assert.equal(10, g:next()) -- the answer in flight may say some remain
+    end)
+
+    it("never learns over a window set by hand, and says so to no backing", function()
+      local g = governor { rate_max = 50, rate_interval = 10 }
+      assert.same({ 50, 10000 }, { g:manual() })
+      local _, _, _, learn_max = g:finish({ status = 200, attempts = 1, rate_max = 100, rate_interval_ms = 10000 })
+      assert.is_nil(learn_max)
+      assert.equal(50, g:stats().rate_max)
+      assert.is_nil(governor():manual())
+    end)
+
+    it("target: one until the window is known, then rate x latency", function()
+      local g = governor()
+      assert.equal(1, g:target())
+      g:finish({ status = 200, attempts = 1, rate_max = 100, rate_interval_ms = 1000 }, true, 1000)
+      local n = g:target()
       assert.is_true(n >= 97 and n <= 256, "target " .. n)
-      h:observe_latency(10)
-      for _ = 1, 30 do h:observe_latency(10) end
-      assert.is_true(h:in_flight_target() <= 5)
-      local capped = handle { max_concurrency = 3 }
-      capped:decide({ status = 200, attempts = 1, rate_max = 100, rate_interval_ms = 1000 })
-      capped:observe_latency(1000)
-      assert.equal(3, capped:in_flight_target())
+      for _ = 1, 30 do g:finish({ status = 200, attempts = 1 }, true, 10) end
+      assert.is_true(g:target() <= 5)
+      local capped = governor { max_concurrency = 3 }
+      capped:finish({ status = 200, attempts = 1, rate_max = 100, rate_interval_ms = 1000 }, true, 1000)
+      assert.equal(3, capped:target())
       assert.is_true(core.window_margin_ms(1000) > 0)
     end)
-  end)
-end)
 
-describe("the command line on SIGINT / SIGTERM (issue 10, defect 4)", function()
-  before_each(function() sim.reset() end)
-
-  -- Starts the CLI against a hung simulator, signals it after 1 s; returns seconds to exit, status, output.
-  local function cli_signalled(sig, args)
-    sim.fault { kind = "hang", seconds = 25 }
-    local out, codef = tmpfile("cli-out"), tmpfile("cli-code")
-    local p = io.popen(string.format("HUBSPOT_ACCESS_TOKEN=sim-token COMMPREFS_BUILD=%s COMMPREFS_BASE_URL=%s "
-      .. "bin/commprefs %s >%s 2>&1 & pid=$!; echo $pid; wait $pid; echo $? >%s", CLI_BUILD, sim.url, args, out, codef))
-    local pid = p:read("*l")
-    socket.sleep(1.0)
-    local t0 = socket.gettime()
-    os.execute("kill -" .. sig .. " " .. pid)
-    p:close() -- waits for the CLI
-    local took = socket.gettime() - t0
-    local code = tonumber(slurp(codef))
-    local text = slurp(out)
-    os.remove(out); os.remove(codef)
-    return took, code, text
-  end
-
-  it("status: stops at once, prints the summary, exits 130 without a traceback", function()
-    local took, code, out = cli_signalled("INT", "status a@example.com")
-    assert.equal(130, code)
-    assert.is_true(took < 2, "took " .. took .. " s")
-    assert.matches("0 done", out, 1, true)
-    assert.matches("stopped: SIGINT", out, 1, true)
-    assert.is_nil(out:find("traceback", 1, true))
-  end)
-
-  it("unsubscribe-all with a journal: exits 143 on SIGTERM, journal intact and resumable", function()
-    local journal = tmpfile("journal")
-    local took, code, out = cli_signalled("TERM", "unsubscribe-all --journal " .. journal .. " a@example.com b@example.com")
-    assert.equal(143, code)
-    assert.is_true(took < 2, "took " .. took .. " s")
-    assert.matches("stopped: SIGTERM", out, 1, true)
-    assert.matches("rerun with the same --journal", out, 1, true)
-    assert.is_nil(out:find("traceback", 1, true))
-    assert.equal("", slurp(journal)) -- nothing finished, nothing recorded as failed
-    os.remove(journal)
+    it("names the option the user wrote when a value is out of range", function()
+      local ok, err = pcall(commprefs.new, { token = "t", rate_limit = { max = 1e6, interval = 1 } })
+      assert.is_false(ok)
+      assert.matches("bad option 'rate_limit.max' (an integer from 1 to 10000 expected)", err, 1, true)
+      ok, err = pcall(commprefs.new, { token = "t", max_retries = 1000 })
+      assert.matches("bad option 'max_retries' (an integer from 0 to 100 expected)", err, 1, true)
+      assert.equal(100, core.limits.max_retries.max)
+    end)
   end)
 end)

@@ -9,64 +9,19 @@
 local core = require "commprefs.core"
 local Error = require "commprefs.error"
 local outcome = require("commprefs.response").outcome
+local ops = require "commprefs.ops"
 
 local M = {}
-local MAX_ID = 1024 -- bytes, as commprefs.MAX_ID
+local MAX_ID = core.limits.max_id_bytes
 
 local now = core.now
-
--- Operation descriptions: the batch path and how one result becomes an outcome.
-local OPS = {
-  unsubscribe_all = {
-    path = "statuses/batch/unsubscribe-all",
-    classify = function(r)
-      for _, s in ipairs(r.statuses or {}) do
-        if s.setStatusSuccessReason == "UNSUBSCRIBE_FROM_ALL_OCCURRED" then return "changed" end
-      end
-      return "unchanged"
-    end,
-    counts = { "changed", "unchanged" },
-    verbose = true,
-  },
-  get_unsubscribe_all_status = {
-    path = "statuses/batch/unsubscribe-all/read",
-    classify = function(r)
-      for _, s in ipairs(r.wideStatuses or {}) do
-        if s.status == "UNSUBSCRIBED" then return "unsubscribed" end
-      end
-      return "subscribed"
-    end,
-    counts = { "unsubscribed", "subscribed" },
-  },
-}
-M.OPS = OPS
+local key = ops.key
 
 -- Calls record(id, outcome, detail) once for every id of chunk, given the
--- transport result res of the batch request to url: outcome is one of
--- op.counts or "failed" (detail: the per-id result, or the Error).
--- Also used by commprefs.worker.
-function M.classify(op, url, res, chunk, record)
+-- transport result res of the batch request to url (commprefs.ops.classify).
+local function classify(op, url, res, chunk, record)
   local env, err = outcome({ method = "POST", url = url }, res)
-  local by_id = {}
-  if env then
-    for _, r in ipairs(env.results or {}) do
-      if r.subscriberIdString then by_id[r.subscriberIdString] = { ok = r } end
-    end
-    for _, e in ipairs(env.errors or {}) do
-      local ctx = type(e.context) == "table" and e.context.subscriberIdString
-      for _, id in ipairs(type(ctx) == "table" and ctx or {}) do
-        by_id[id] = by_id[id] or { err = Error.new { kind = "item", category = e.category, message = e.message } }
-      end
-    end
-  end
-  for _, id in ipairs(chunk) do
-    local hit = by_id[id]
-    if hit and hit.ok then record(id, op.classify(hit.ok), hit.ok)
-    elseif hit then record(id, "failed", hit.err)
-    else
-      record(id, "failed", err or Error.new { kind = "decode", message = "the response did not mention this id" })
-    end
-  end
+  ops.classify(op, env, err, chunk, record)
 end
 
 local ALLOWED = { business_unit_id = true, on_result = true, on_progress = true, journal = true,
@@ -110,8 +65,8 @@ local function read_journal(path, opname, bu)
   for line in f:lines() do
     local rec = core.decode(line)
     if type(rec) == "table" and rec.op == opname and rec.bu == bu and type(rec.id) == "string"
-      and rec.outcome ~= "failed" and not done[rec.id] then
-      done[rec.id] = true
+      and rec.outcome ~= "failed" and not done[key(rec.id)] then
+      done[key(rec.id)] = true
       n = n + 1
     end
   end
@@ -137,19 +92,19 @@ local function count_rest(stopped, source, next_id, dry, done_ids)
   if stopped == "interrupted" and type(source) ~= "table" then return nil end
   local n = 0
   for id in next_id do
-    if not done_ids[id] then n = n + 1 end
+    if type(id) ~= "string" or not done_ids[key(id)] then n = n + 1 end
   end
   return n
 end
 
 function M.run(client, fname, opname, source, opts)
-  local op = OPS[opname]
+  local op = ops.BATCH[opname]
   opts = check(fname, op, source, opts)
   local bu = opts.business_unit_id or client.business_unit_id or 0
   local size = opts.batch_size or client.batch_size
-  local q = "?channel=EMAIL&businessUnitId=" .. string.format("%d", bu)
-  if op.verbose and opts.verbose ~= nil then q = q .. "&verbose=" .. tostring(opts.verbose) end
-  local url = client._prefix .. op.path .. q
+  local verbose = nil
+  if op.verbose then verbose = opts.verbose end
+  local url = client._prefix .. op.path .. ops.query(true, bu, verbose)
   local keep = opts.max_failures_kept or 1000
 
   local summary = { done = 0, failed = 0, skipped = 0, failures = {}, started = now() }
@@ -176,17 +131,18 @@ function M.run(client, fname, opname, source, opts)
         error("commprefs." .. fname .. ": the source gave a bad id (" .. type(id)
           .. (type(id) == "string" and #id > MAX_ID and ", longer than " .. MAX_ID .. " bytes" or "") .. ")", 0)
       end
-      if done_ids[id] then
+      local k = key(id)
+      if done_ids[k] then
         if total then total = total - 1 end
-      elseif not seen[id] then
-        seen[id] = true
+      elseif not seen[k] then
+        seen[k] = true
         chunk[#chunk + 1] = id
       end
     end
     if #chunk == 0 then return nil end
     seq = seq + 1
     chunks[seq] = chunk
-    return { method = "POST", url = url, body = core.encode({ inputs = chunk }) }
+    return ops.batch_request(url, chunk)
   end
 
   local lines = {}
@@ -215,7 +171,7 @@ function M.run(client, fname, opname, source, opts)
       summary.stop_message = summary.stop_message or res.message -- why (the budget says), if known
       return
     end
-    M.classify(op, url, res, chunk, record)
+    classify(op, url, res, chunk, record)
     if journal and #lines > 0 then
       local ok, werr = journal:append(table.concat(lines, "\n") .. "\n")
       if not ok then error("commprefs." .. fname .. ": " .. werr, 0) end -- never move on unrecorded

@@ -1,6 +1,8 @@
 -- commprefs.error: the Error type of failed calls (`commprefs.Error`).
 -- Fields: kind ("http", "network", "timeout", "tls", "too_large", "decode",
--- "journal", ...), status, category, message, correlation_id, sub_category,
+-- "journal", "item", "stopped", "redis", ...), code (machine-readable, set
+-- where the failure is known: a Redis error class such as "WRONGTYPE", or
+-- "connection", "auth_failed"), status, category, message, correlation_id, sub_category,
 -- context, errors, retry_after, attempts, method, url, and for batches
 -- partial/failed_inputs. tostring(err) never raises, whatever the fields
 -- hold (a field of an unexpected type is left out), and never shows a
@@ -40,5 +42,10 @@ function Error.__tostring(e)
   if cid then line = line .. " (correlation id " .. cid .. ")" end
   return redact.text(line)
 end
+
+-- The core's errors (Redis replies and connections) carry this type (a core
+-- built without it, as the fuzzers' stand-in, keeps its own).
+local core = require "commprefs.core"
+if core.error_type then core.error_type(Error) end
 
 return Error

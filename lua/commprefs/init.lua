@@ -10,8 +10,9 @@ local pretty = require("commprefs.pretty").value
 local response = require "commprefs.response"
 local redact = require "commprefs.redact"
 local lookup = require "commprefs.lookup"
-local ngx_transport = require "commprefs.ngx.transport"
-local outcome, strip_userinfo = response.outcome, response.strip_userinfo
+local transport_choice = require "commprefs.transport"
+local ops = require "commprefs.ops"
+local outcome = response.outcome
 
 local M = { Error = Error, pretty = pretty, _VERSION = core._VERSION, core = core }
 
@@ -81,12 +82,8 @@ local function check_ids(fname, ids)
   for k in pairs(ids) do
     if not is_integer(k) or k < 1 or k > n then raise(fname, "bad argument 'ids' (array expected)") end
   end
-  local out, seen = {}, {}
-  for i = 1, n do
-    local id = check_text(fname, "ids[" .. i .. "]", ids[i], false, MAX_ID)
-    if not seen[id] then seen[id] = true; out[#out + 1] = id end
-  end
-  return out
+  for i = 1, n do check_text(fname, "ids[" .. i .. "]", ids[i], false, MAX_ID) end
+  return ops.unique(ids) -- a repeat, in any letter case, is sent once
 end
 
 local ENUMS = {
@@ -223,39 +220,48 @@ function M.new(opts)
   if transport ~= "auto" and transport ~= "curl" and transport ~= "ngx" then
     raise("new", "bad option 'transport' (\"auto\", \"curl\" or \"ngx\" expected, got " .. transport .. ")")
   end
-  local in_nginx = ngx_transport.in_nginx()
+  local in_nginx = transport_choice.in_nginx()
   if transport == "ngx" and not in_nginx then
     raise("new", "bad option 'transport' (\"ngx\" needs OpenResty's cosockets: it works only inside nginx)")
   end
-  if transport == "ngx" and opts.ca_file then raise("new", NGX_CA_FILE) end
   if opts.shared_dict ~= nil and not (in_nginx and ngx.shared[opts.shared_dict]) then
     raise("new", "bad option 'shared_dict' (no lua_shared_dict named '" .. opts.shared_dict
       .. "'" .. (in_nginx and ": declare it in nginx.conf's http block)" or ": it exists only inside nginx)"))
   end
   lookup.check(opts.coalesce, opts.cache)
-  local ok, handle, budget_err = pcall(core.new, {
-    token = token, user_agent = opts.user_agent, ca_file = opts.ca_file, verify_tls = opts.verify_tls,
+  local cosockets = transport ~= "curl" and in_nginx
+  if cosockets and opts.ca_file then raise("new", NGX_CA_FILE) end
+  local config = {
+    user_agent = opts.user_agent, ca_file = opts.ca_file, verify_tls = opts.verify_tls,
     timeout = opts.timeout, connect_timeout = opts.connect_timeout, max_retries = opts.max_retries,
     max_concurrency = opts.max_concurrency, backoff_base = opts.backoff_base,
     backoff_max = opts.backoff_max, max_retry_after = opts.max_retry_after,
     rate_max = rl and rl.max, rate_interval = rl and rl.interval,
     max_response_size = opts.max_response_size,
     handle_signals = not ngx, -- inside nginx, its own signal handling stays in charge
-    -- the shared budget: inside nginx the cosocket pacer speaks to Redis instead
-    redis_url = rl and not (in_nginx and transport ~= "curl") and rl.redis or nil,
+    -- the shared budget in C: inside nginx the cosocket pacer speaks to Redis instead
+    redis_url = rl and not cosockets and rl.redis or nil,
     redis_key = rl and rl.key, redis_timeout = rl and rl.redis_timeout, redis_wait = rl and rl.redis_wait,
-  })
-  if not ok then raise("new", tostring(handle):gsub("^.-commprefs%.core%.new: ", "")) end
-  if handle == nil then -- Redis unreachable or refusing us: a runtime failure
+  }
+  local ok, gov, budget_err = pcall(core.governor, config)
+  if not ok then raise("new", tostring(gov):gsub("^.-commprefs%.core%.governor: ", "")) end
+  if gov == nil then -- Redis unreachable or refusing us: a runtime failure
     return nil, Error.new { kind = "redis", message = "the shared budget is unavailable: " .. tostring(budget_err) }
   end
-  local cosockets = transport ~= "curl" and in_nginx -- the token stays in the transport's closure
-    and ngx_transport.new(handle, token, { pacer = { shared_dict = opts.shared_dict, rate_limit = rl } }) or nil
+  local ngx_t
+  if cosockets then -- the token stays in the transport's closure
+    local pacer = require("commprefs.pacer").new(gov, { shared_dict = opts.shared_dict, rate_limit = rl })
+    ngx_t = require("commprefs.ngx.transport").new(gov, pacer, token)
+  end
+  config.token = token
+  local function make_curl() return core.new(config, gov) end
   local client = setmetatable({
     base_url = base_url, api_version = version, business_unit_id = opts.business_unit_id,
     batch_size = batch_size, max_concurrency = opts.max_concurrency, -- nil: adaptive
-    _core = handle, _prefix = base_url .. "/communication-preferences/" .. version .. "/",
-    _transport = transport, _ngx = cosockets, _ca_file = opts.ca_file ~= nil,
+    _gov = gov, _prefix = base_url .. "/communication-preferences/" .. version .. "/",
+    _transport = transport, _ngx = ngx_t,
+    -- inside nginx, libcurl only for init_by_lua calls: made then
+    _curl = not cosockets and make_curl() or nil, _make_curl = cosockets and make_curl or nil,
   }, Client)
   client._lookup = lookup.new(client, opts.coalesce, opts.cache, opts.timeout)
   redact.remember(client, token) -- errors never show it (commprefs.redact)
@@ -267,43 +273,63 @@ function Client:__tostring()
 end
 
 function Client:close()
-  self._core:close()
+  if self._curl then self._curl:close() end
+  self._gov:close()
 end
 Client.__close = Client.close
-Client.__gc = Client.close
 
 function Client:stats()
-  return self._core:stats()
+  return self._gov:stats()
 end
 
 ------------------------------------------------------------------ requests
 
+-- The query of an operation: the client's business unit unless opts names one.
 local function query(self, opts, channel, verbose, translations)
-  if next(opts) == nil and self.business_unit_id == nil then return channel and "?channel=EMAIL" or "" end
-  local q = {}
-  if channel then q[1] = "channel=EMAIL" end
   local bu = opts.business_unit_id
   if bu == nil then bu = self.business_unit_id end
-  if bu ~= nil then q[#q + 1] = string.format("businessUnitId=%d", bu) end
-  if verbose and opts.verbose ~= nil then q[#q + 1] = "verbose=" .. tostring(opts.verbose) end
-  if translations and opts.include_translations ~= nil then
-    q[#q + 1] = "includeTranslations=" .. tostring(opts.include_translations)
-  end
-  return #q > 0 and "?" .. table.concat(q, "&") or ""
+  local v, tr = nil, nil
+  if verbose then v = opts.verbose end
+  if translations then tr = opts.include_translations end
+  return ops.query(channel, bu, v, tr)
 end
 
--- The one entry to the transports (INTERFACES.md C6): libcurl, or cosockets
--- inside nginx wherever the phase can yield. "auto" takes libcurl in plain
--- Lua and in init_by_lua (nginx's master, before any worker); a phase where
--- cosockets are disabled raises, naming it: nothing ever blocks a worker.
+------------------------------------------------------------------ the client port
+-- What the feature modules (bulk, lookup, worker) use of a client, and
+-- nothing else: _perform, _uses_cosockets, _has_cosockets, _in_flight_target, _pacer,
+-- _cache_note, _prefix, batch_size, business_unit_id, max_concurrency.
+
+-- The one entry to the transports: the choice is commprefs.transport's.
 function Client:_perform(source, on_done)
-  local t, which = self._ngx, self._transport
-  if which == "curl" or not t then return self._core:perform(source, on_done) end
-  local phase = ngx.get_phase()
-  if which == "auto" and phase == "init" then return self._core:perform(source, on_done) end
-  ngx_transport.check_phase(phase)
-  if self._ca_file then error("commprefs: " .. NGX_CA_FILE, 0) end
-  return t:perform(source, on_done)
+  if transport_choice.for_call(self._transport, self._ngx ~= nil) == "ngx" then
+    return self._ngx:perform(source, on_done)
+  end
+  local curl = self._curl
+  if not curl then
+    curl = self._make_curl()
+    self._curl = curl
+  end
+  return curl:perform(source, on_done)
+end
+
+-- Whether a call made now goes over cosockets (light threads can gather).
+function Client:_uses_cosockets()
+  return transport_choice.is_cosocket(self._transport, self._ngx ~= nil)
+end
+
+-- How many requests the governor would have in flight now.
+function Client:_in_flight_target()
+  return self._gov:target()
+end
+
+-- Whether the client has a cosocket transport it may take inside nginx.
+function Client:_has_cosockets()
+  return self._ngx ~= nil and self._transport ~= "curl"
+end
+
+-- The cosocket pacer (nil on the libcurl path).
+function Client:_pacer()
+  return self._ngx and self._ngx.pacer
 end
 
 function Client:_request(method, path, q, body)
@@ -314,53 +340,20 @@ end
 
 ------------------------------------------------------------------ batches
 
-local function now_iso()
-  return os.date("!%Y-%m-%dT%H:%M:%SZ")
-end
-
-local function empty_envelope()
-  local t = now_iso()
-  return { status = "COMPLETE", results = {}, startedAt = t, completedAt = t }
-end
-
--- Folds envelope e into the merged envelope m.
-local function merge(m, e)
-  for _, r in ipairs(e.results or {}) do m.results[#m.results + 1] = r end
-  if e.errors then
-    m.errors = m.errors or {}
-    for _, x in ipairs(e.errors) do m.errors[#m.errors + 1] = x end
-  end
-  if e.numErrors then m.numErrors = (m.numErrors or 0) + e.numErrors end
-  for _, k in ipairs { "startedAt", "requestedAt" } do
-    if e[k] and (not m[k] or e[k] < m[k]) then m[k] = e[k] end
-  end
-  if e.completedAt and (not m.completedAt or e.completedAt > m.completedAt) then m.completedAt = e.completedAt end
-  if e.status and e.status ~= "COMPLETE" then m.status = e.status end
-  if e.links then
-    m.links = m.links or {}
-    for k, v in pairs(e.links) do m.links[k] = v end
-  end
-end
-
-
 -- Splits items into requests of at most batch_size, runs them (concurrently
 -- up to max_concurrency) and merges the envelopes. On any failed request:
 -- nil, err with err.partial (what succeeded) and err.failed_inputs.
 function Client:_batch(path, q, items)
-  if #items == 0 then return empty_envelope() end
-  local reqs, chunks, size = {}, {}, self.batch_size
-  for first = 1, #items, size do
-    local chunk = {}
-    for i = first, math.min(first + size - 1, #items) do chunk[#chunk + 1] = items[i] end
-    chunks[#chunks + 1] = chunk
-    reqs[#reqs + 1] = { method = "POST", url = self._prefix .. path .. q, body = core.encode({ inputs = chunk }) }
-  end
+  if #items == 0 then return ops.empty_envelope() end
+  local size = self.batch_size
+  local chunks, reqs = ops.split(items, size), {}
+  for i, chunk in ipairs(chunks) do reqs[i] = ops.batch_request(self._prefix .. path .. q, chunk) end
   local results = self:_perform(reqs)
   local merged = { status = "COMPLETE", results = {} }
   local first_err, failed = nil, {}
   for i, req in ipairs(reqs) do
     local env, err = outcome(req, results[i])
-    if env then merge(merged, env)
+    if env then ops.merge(merged, env)
     else
       first_err = first_err or err
       for _, item in ipairs(chunks[i]) do failed[#failed + 1] = item end

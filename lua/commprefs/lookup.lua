@@ -19,6 +19,7 @@
 local core = require "commprefs.core"
 local Error = require "commprefs.error"
 local response = require "commprefs.response"
+local ops = require "commprefs.ops"
 
 local M = { DEFAULT_MAX_ENTRIES = 10000 }
 
@@ -187,13 +188,7 @@ end
 ------------------------------------------------------------------ answers
 
 -- The answer a GET .../unsubscribe-all envelope (results = wide statuses) gives.
-local function answer_of(statuses)
-  for _, r in ipairs(statuses or {}) do
-    if r.status == "UNSUBSCRIBED" then return true end
-  end
-  return false
-end
-M.answer_of = answer_of
+local answer_of = ops.unsubscribed
 
 ------------------------------------------------------------------ coalescing
 
@@ -206,14 +201,13 @@ M.answer_of = answer_of
 -- callers will still wait when the answer returns. More senders start while
 -- batches are in flight, up to the client's in-flight target.
 
-local BATCH_PATH = "statuses/batch/unsubscribe-all/read"
+local BATCH_PATH = ops.BATCH.get_unsubscribe_all_status.path
 local IDLE = 1 -- seconds the source waits for new callers before it ends
 
 -- Whether this call runs where light threads can gather (cosockets in a
 -- yieldable phase): exactly when client:_perform takes the cosocket transport.
 local function gathering(client)
-  if not client._ngx or client._transport == "curl" then return false end
-  return require("commprefs.ngx.transport").YIELDABLE[ngx.get_phase()] == true
+  return client:_uses_cosockets()
 end
 
 local function bu_text(bu)
@@ -263,33 +257,18 @@ end
 local function settle(L, b, res)
   local req = b.req
   local env, err = response.outcome(req, res)
-  local by_id, errs = {}, {}
-  if env then
-    for _, r in ipairs(env.results or {}) do
-      if type(r) == "table" and r.subscriberIdString then by_id[r.subscriberIdString] = r end
-    end
-    for _, e in ipairs(env.errors or {}) do
-      local ctx = type(e) == "table" and type(e.context) == "table" and e.context.subscriberIdString
-      for _, id in ipairs(type(ctx) == "table" and ctx or {}) do errs[id] = errs[id] or item_error(e, req) end
-    end
+  if not env then
+    for _, id in ipairs(b.ids) do deliver(L, b, id, nil, err) end
+    return
   end
-  local lower -- HubSpot may answer with the address in lower case
-  for _, id in ipairs(b.ids) do
-    local r = by_id[id]
-    if not r and not errs[id] and env then
-      if not lower then
-        lower = {}
-        for k, v in pairs(by_id) do lower[k:lower()] = v end
-      end
-      r = lower[id:lower()]
-    end
+  ops.match(env, b.ids, function(id, r, e)
     if r then deliver(L, b, id, answer_of(r.wideStatuses))
-    elseif errs[id] then deliver(L, b, id, nil, errs[id])
+    elseif e then deliver(L, b, id, nil, item_error(e, req))
     else
-      deliver(L, b, id, nil, err or Error.new { kind = "decode", method = req.method,
+      deliver(L, b, id, nil, Error.new { kind = "decode", method = req.method,
         url = response.strip_userinfo(req.url), message = "the batch read did not mention this id" })
     end
-  end
+  end)
 end
 
 -- The ids of g not sent yet that someone will still wait for at time
@@ -310,12 +289,12 @@ end
 
 -- Sleeps until the pacer would let a request go (never takes the slot).
 local function wait_for_pacer(client)
-  local p = client._ngx and client._ngx.pacer
+  local p = client:_pacer()
   if not p then return end
-  local ms, why = p:wait()
-  while ms and ms > 0 and not why do
+  local ms = p:wait()
+  while ms and ms > 0 do
     ngx.sleep(math.min(ms, 1000) / 1000)
-    ms, why = p:wait()
+    ms = p:wait()
   end
 end
 
@@ -355,8 +334,7 @@ local function take_batch(L, client)
     end
   end
   if #b.ids == 0 then return nil end
-  local q = "?channel=EMAIL" .. (b.bu ~= nil and string.format("&businessUnitId=%d", b.bu) or "")
-  b.req = { method = "POST", url = client._prefix .. BATCH_PATH .. q, body = core.encode({ inputs = b.ids }) }
+  b.req = ops.batch_request(client._prefix .. BATCH_PATH .. ops.query(true, b.bu), b.ids)
   b.started = now()
   L.requests = L.requests + 1
   return b
@@ -419,10 +397,10 @@ local function sender(premature, L, client)
 end
 
 -- Starts a sender when none is free to take the next batch, up to as many
--- as the client would have requests in flight (h:in_flight_target()).
+-- as the client would have requests in flight (its governor's target).
 function ensure_sender(L, client)
   if L.ready > 0 then return true end
-  local most = client._core.in_flight_target and client._core:in_flight_target() or 1
+  local most = client:_in_flight_target()
   if L.senders >= math.max(1, most) then return true end
   local ok, err = ngx.timer.at(0, sender, L, client)
   if not ok then

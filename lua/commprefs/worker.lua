@@ -63,7 +63,8 @@
 -- own pending entries, so nothing delivered during the outage is stranded.
 local core = require "commprefs.core"
 local Error = require "commprefs.error"
-local bulk = require "commprefs.bulk"
+local ops = require "commprefs.ops"
+local outcome = require("commprefs.response").outcome
 
 local M = {}
 
@@ -207,7 +208,7 @@ local function connector(opts, block)
 end
 
 function M.new(client, opts)
-  if type(client) ~= "table" or type(client._core) ~= "userdata" and type(client._core) ~= "table" then
+  if type(client) ~= "table" or type(client._perform) ~= "function" then
     raise("bad argument 'client' (a commprefs client expected)")
   end
   if type(opts) ~= "table" then raise("bad argument 'opts' (table expected, got " .. type(opts) .. ")") end
@@ -224,7 +225,7 @@ function M.new(client, opts)
   end
   local bu = opts.business_unit_id or client.business_unit_id or 0
   if type(bu) ~= "number" or bu ~= math.floor(bu) or bu < 0 then raise("bad option 'business_unit_id' (integer expected)") end
-  local op = bulk.OPS[opname]
+  local op = ops.BATCH[opname]
   local w = setmetatable({
     client = client, connect = connect, op = op, opname = opname,
     stream = check_name(opts, "stream", true), group = check_name(opts, "group", true),
@@ -234,7 +235,7 @@ function M.new(client, opts)
     fill_ms = math.floor(check_seconds(opts, "fill_wait", 0.05, true) * 1000),
     claim_idle_ms = math.floor(check_seconds(opts, "claim_idle", 30) * 1000),
     redis_wait = check_seconds(opts, "redis_wait", 30, true),
-    url = client._prefix .. op.path .. string.format("?channel=EMAIL&businessUnitId=%d", bu),
+    url = client._prefix .. op.path .. ops.query(true, bu),
     held = {},           -- entry id -> true while its batch is in flight here
     recover = true,      -- the next read re-reads this consumer's own pending entries
     claim_cursor = "0-0", claim_due = 0,
@@ -242,7 +243,7 @@ function M.new(client, opts)
     -- callbacks must not yield on a socket of their own (lua-nginx-module would
     -- hand a finished thread's results to that socket operation): there the
     -- worker reads a round of batches, sends them together, then commits them.
-    rounds = ngx ~= nil and client._ngx ~= nil, round_size = client.max_concurrency or 8,
+    rounds = ngx ~= nil and client:_has_cosockets(), round_size = client.max_concurrency or 8,
   }, Worker)
   if w.stream == w.results then raise("the results stream must not be the source stream") end
   w.summary = { read = 0, results = 0, duplicates = 0, failed = 0, bad = 0, batches = 0, claimed = 0, reconnects = 0 }
@@ -278,10 +279,12 @@ local function message(err) return type(err) == "table" and tostring(err.message
 local TRANSIENT = { LOADING = true, BUSY = true, MASTERDOWN = true, READONLY = true, NOAUTH = true,
   TRYAGAIN = true, CLUSTERDOWN = true }
 
--- A reply error (the connection is fine) is "CODE message"; anything else
--- (refused, reset, timeout, closed) means the connection is gone.
+-- The class of a reply error (the connection is fine), or nil when the
+-- connection is gone (refused, reset, timeout, closed): err.code, never text.
 local function reply_code(err)
-  return message(err):match("^(%u%u+)[ %-]")
+  local code = type(err) == "table" and err.code or nil
+  if code == "connection" or code == "auth_failed" then return nil end
+  return code
 end
 
 local function redis_error(msg)
@@ -302,7 +305,7 @@ function Worker:_connected()
     end
     last = err
     if self.stop and self.stop() then return nil, redis_error("stopped while Redis was unreachable: " .. message(err)) end
-    if message(err):find("authentication failed", 1, true) then -- a wrong password does not heal
+    if type(err) == "table" and err.code == "auth_failed" then -- a wrong password does not heal
       return nil, redis_error(message(err))
     end
     if core.now() + delay > deadline then
@@ -452,7 +455,8 @@ function Worker:_sort(entries)
       bad[#bad + 1] = { entry = e[1], id = id, outcome = "failed", error = why }
     else
       batch.entries[#batch.entries + 1] = { entry = e[1], id = id }
-      if not seen[id] then seen[id] = true; batch.ids[#batch.ids + 1] = id end
+      local k = ops.key(id)
+      if not seen[k] then seen[k] = true; batch.ids[#batch.ids + 1] = id end
     end
   end
   self.summary.read = self.summary.read + #entries
@@ -497,12 +501,13 @@ end
 -- The outcome of every entry of a batch, from the batch request's result.
 function Worker:_settle(batch, res)
   local by_id = {}
-  bulk.classify(self.op, self.url, res, batch.ids, function(id, outcome, detail)
-    by_id[id] = { outcome = outcome, error = outcome == "failed" and tostring(detail) or nil }
+  local env, err = outcome({ method = "POST", url = self.url }, res)
+  ops.classify(self.op, env, err, batch.ids, function(id, result, detail)
+    by_id[ops.key(id)] = { outcome = result, error = result == "failed" and tostring(detail) or nil }
   end)
   local results = {}
   for i, e in ipairs(batch.entries) do
-    local o = by_id[e.id]
+    local o = by_id[ops.key(e.id)]
     results[i] = { entry = e.entry, id = e.id, outcome = o.outcome, error = o.error }
   end
   local ok, err = self:_commit(results)
@@ -514,8 +519,7 @@ end
 ------------------------------------------------------------------ running
 
 local function perform(client, source, on_done)
-  if client._perform then return client:_perform(source, on_done) end
-  return client._core:perform(source, on_done)
+  return client:_perform(source, on_done)
 end
 
 -- Sends batches, as many in flight as the client allows: the batches of
@@ -545,7 +549,7 @@ function Worker:_drain(ready, gather, stop, on_progress)
     if not batch then return nil end
     seq = seq + 1
     batches[seq] = batch
-    return { method = "POST", url = self.url, body = core.encode({ inputs = batch.ids }) }
+    return ops.batch_request(self.url, batch.ids)
   end
   local function on_done(i, res)
     local batch = batches[i]

@@ -33,7 +33,14 @@ local function defaults()
     max_batch = tonumber(os.getenv("SIM_MAX_BATCH") or "100") or 100,
     log_max = tonumber(os.getenv("SIM_LOG_MAX") or "50000") or 50000,
     daily = tonumber(os.getenv("SIM_DAILY") or "250000"),
+    -- 1: batch answers name each address in lower case (as HubSpot may)
+    lower_ids = tonumber(os.getenv("SIM_LOWER_IDS") or "0") or 0,
   }
+end
+
+-- How a batch answer names address id (SIM_LOWER_IDS / config lower_ids).
+local function named(id)
+  return config.lower_ids == 1 and id:lower() or id
 end
 
 local ALL_SCOPES = {
@@ -292,7 +299,7 @@ local ROUTES = {
     end, body = "object" },
   { "POST", "^statuses/batch/read$", SC.batch_read, function(q, body)
       return batch(body.inputs, function(id)
-        return { subscriberIdString = id, statuses = arr(state.statuses(id, q.bu)) }
+        return { subscriberIdString = named(id), statuses = arr(state.statuses(id, q.bu)) }
       end, 207)
     end, body = "inputs" },
   { "POST", "^statuses/batch/write$", SC.batch_write, function(_, body)
@@ -314,12 +321,12 @@ local ROUTES = {
     end, body = "inputs", channel = false },
   { "POST", "^statuses/batch/unsubscribe%-all$", SC.batch_write, function(q, body)
       return batch(body.inputs, function(id)
-        return { subscriberIdString = id, statuses = arr((state.unsubscribe_all(id, q.bu, q.verbose))) }
+        return { subscriberIdString = named(id), statuses = arr((state.unsubscribe_all(id, q.bu, q.verbose))) }
       end, 200)
     end, body = "inputs", verbose = true },
   { "POST", "^statuses/batch/unsubscribe%-all/read$", SC.batch_read, function(q, body)
       return batch(body.inputs, function(id)
-        return { subscriberIdString = id, wideStatuses = arr(state.wide_statuses(id, q.bu, false)) }
+        return { subscriberIdString = named(id), wideStatuses = arr(state.wide_statuses(id, q.bu, false)) }
       end, 207)
     end, body = "inputs" },
   { "GET", "^statuses/([^/]+)/unsubscribe%-all$", SC.read, function(q, _, id)

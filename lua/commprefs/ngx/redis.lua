@@ -32,7 +32,8 @@ local RECEIVE_CHUNK = 65536
 local function failure(self, what, err)
   if self.sock then self.sock:close() end
   self.sock = nil
-  return nil, Error.new { kind = "redis", message = string.format("%s:%d: %s: %s", self.host, self.port, what, tostring(err)) }
+  return nil, Error.new { kind = "redis", code = "connection",
+    message = string.format("%s:%d: %s: %s", self.host, self.port, what, tostring(err)) }
 end
 
 -- The next whole reply: value (an error reply is an Error) or nil, Error.
@@ -110,9 +111,15 @@ local function pool_name(u)
 end
 
 -- One command while setting up a fresh connection.
+-- A refused AUTH is "auth_failed" (it does not heal); others keep their code.
 local function setup(self, args, what)
   local v, err = self:command(args)
-  if v == nil then return nil, Error.new { kind = "redis", message = string.format("%s:%d: %s failed: %s", self.host, self.port, what, err.message) } end
+  if v == nil then
+    local code = err.code
+    if args[1] == "AUTH" and code ~= "connection" then code = "auth_failed" end
+    return nil, Error.new { kind = "redis", code = code,
+      message = string.format("%s:%d: %s failed: %s", self.host, self.port, what, err.message) }
+  end
   return true
 end
 
@@ -130,7 +137,8 @@ function M.connect(url, opts)
   local okc, err = sock:connect(u.host, u.port, { pool = pool_name(u) })
   if not okc then
     self.sock = nil
-    return nil, Error.new { kind = "redis", message = string.format("%s:%d: cannot connect: %s", u.host, u.port, tostring(err)) }
+    return nil, Error.new { kind = "redis", code = "connection",
+      message = string.format("%s:%d: cannot connect: %s", u.host, u.port, tostring(err)) }
   end
   self.reused = (sock:getreusedtimes() or 0) > 0 -- from the pool: it may have died meanwhile
   if not self.reused then

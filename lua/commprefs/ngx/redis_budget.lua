@@ -1,14 +1,16 @@
--- commprefs.ngx.redis_budget: the shared HubSpot budget (contract C3's
--- shape) over cosockets, for nginx workers. It runs the very script the C
--- side runs (core.budget_script()) on the same keys (core.budget_keys), with
--- the margin from C (core.budget_margin_ms) and C's rule for a lost Redis
--- (core.budget_lost_wait): nothing of the budget's logic lives here, only I/O.
+-- commprefs.ngx.redis_budget: the Redis backing of the pacer (commprefs.pacer)
+-- over cosockets, for nginx workers: the same backing as csrc/redis.c's. It
+-- runs the very script the C side runs (core.budget_script()) on the same
+-- keys (core.budget_keys), with the margin from C (core.budget_margin_ms) and
+-- C's rule for a lost Redis (core.budget_lost_wait): nothing of the budget's
+-- logic lives here, only I/O. What it is told is the governor's decision.
 --
 --   local budget = require("commprefs.ngx.redis_budget").new {
 --     url = "redis://...", key = "app", timeout = 2, wait = 30 }
 --   budget:acquire()                -> 0 (go, counted) | ms to wait | nil, err (gone for good)
---   budget:learn(max, interval_ms)  limits from HubSpot's headers, for every participant
---   budget:throttled(retry_after_ms) a 429 arrived: everybody holds that long
+--   budget:learn(max, interval_ms)  a window for every participant
+--   budget:throttled(hold_ms)       a 429 arrived: everybody holds that long
+--   wait/start/sent/unsent          the pacer's backing operations (start acquires)
 --
 -- new() does no I/O (it may run in init_worker, where cosockets are off): the
 -- first acquire connects. Each call takes a pooled connection for the running
@@ -32,13 +34,13 @@ end
 
 -- Runs the budget script: EVALSHA, EVAL after NOSCRIPT. reply | nil, err.
 -- A pooled connection that died meanwhile (Redis restarted) gets one fresh retry.
-function Budget:run(op, a1, a2, a3)
-  local v, err, reused = self:run_once(op, a1, a2, a3)
-  if v == nil and reused then v, err = self:run_once(op, a1, a2, a3) end
+function Budget:run(op, a1, a2, a3, a4)
+  local v, err, reused = self:run_once(op, a1, a2, a3, a4)
+  if v == nil and reused then v, err = self:run_once(op, a1, a2, a3, a4) end
   return v, err
 end
 
-function Budget:run_once(op, a1, a2, a3)
+function Budget:run_once(op, a1, a2, a3, a4)
   local conn, err = redis.connect(self.url, { connect_timeout = self.timeout, timeout = self.timeout })
   if not conn then return nil, err end
   if not self.sha then
@@ -50,9 +52,9 @@ function Budget:run_once(op, a1, a2, a3)
     end
     self.sha = sha
   end
-  local args = { "EVALSHA", self.sha, "2", self.window_key, self.limits_key, op, a1 or "", a2 or "", a3 or "" }
+  local args = { "EVALSHA", self.sha, "2", self.window_key, self.limits_key, op, a1 or "", a2 or "", a3 or "", a4 or "" }
   local v, rerr = conn:command(args)
-  if v == nil and rerr and rerr.message:find("^NOSCRIPT") then
+  if v == nil and rerr and rerr.code == "NOSCRIPT" then
     args[1], args[2] = "EVAL", SCRIPT
     v, rerr = conn:command(args)
   end
@@ -82,18 +84,33 @@ function Budget:acquire()
   return v > 0 and v or 0
 end
 
-function Budget:learn(max, interval_ms)
+-- manual: a window set by hand, which no learned one replaces (the script's rule).
+function Budget:learn(max, interval_ms, manual)
   if not max or not interval_ms or max <= 0 or interval_ms <= 0 then return end
   if self.written and max == self.max and interval_ms == self.interval_ms then return end
   self.max, self.interval_ms = max, interval_ms
   local v = self:run("learn", tostring(max), tostring(interval_ms),
-    string.format("%.3f", core.budget_margin_ms(interval_ms)))
+    string.format("%.3f", core.budget_margin_ms(interval_ms)), manual and "manual" or "")
   self.written = type(v) == "number"
 end
 
 function Budget:throttled(retry_after_ms)
   if not retry_after_ms or not (retry_after_ms > 0) then return end
   self:run("throttled", string.format("%.0f", retry_after_ms))
+end
+
+-- The pacer's backing operations: asking counts a request, so it is done in start.
+function Budget:wait() return 0 end
+function Budget:sent() end
+function Budget:unsent() end
+
+function Budget:start()
+  while true do
+    local ms, err = self:acquire()
+    if ms == nil then return nil, err end
+    if ms <= 0 then return true end
+    ngx.sleep(ms / 1000)
+  end
 end
 
 local function seconds(opts, k, def, allow_zero)

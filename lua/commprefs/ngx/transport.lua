@@ -4,40 +4,22 @@
 -- host:port and TLS settings, never per token), TLS through sslhandshake
 -- with verification on by default, per-attempt timeouts, and concurrency
 -- with ngx.thread. It keeps the contract of the libcurl transport
--- (INTERFACES.md C2): perform(source, on_done) with the same result tables.
--- What it does NOT own: parsing responses (core.http1_response, http1.c),
--- retries and their delays (client handle h:decide, policy.c), pacing (the
--- pacer, commprefs.ngx.pacer), how many in flight (h:in_flight_target).
+-- (csrc/transport.c): perform(source, on_done) with the same result tables.
+-- Every attempt goes through the pacer (commprefs.pacer), which drives the
+-- client's governor (csrc/governor.c: when an attempt may start, what its
+-- end decides, every count) and the shared backing; responses are parsed by
+-- core.http1_response (csrc/http1.c). Nothing here decides a rule.
 --
--- Which nginx phases can use it: see M.YIELDABLE. A client may be created
--- anywhere (init_by_lua included) and used from any request or timer, by
--- several at once: no socket outlives one perform (cosockets cannot cross
--- requests), except idle keep-alive connections, which nginx keeps in its
--- per-worker pool and hands to whichever request connects next.
+-- A client may be created anywhere (init_by_lua included) and used from any
+-- request or timer, by several at once: no socket outlives one perform
+-- (cosockets cannot cross requests), except idle keep-alive connections,
+-- which nginx keeps in its per-worker pool.
 local core = require "commprefs.core"
-local pacer_module = require "commprefs.ngx.pacer"
+local choice = require "commprefs.transport"
 
-local M = {}
-
--- Phases where cosockets, ngx.sleep and ngx.thread work (lua-nginx-module docs).
-M.YIELDABLE = { rewrite = true, server_rewrite = true, access = true, content = true, timer = true,
-  ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true, preread = true }
+local M = { YIELDABLE = choice.YIELDABLE, in_nginx = choice.in_nginx, check_phase = choice.check_phase }
 
 local READ_CHUNK = 65536
-
--- true inside nginx with lua-nginx-module (the ngx API is there).
-function M.in_nginx()
-  return type(ngx) == "table" and type(ngx.get_phase) == "function" and type(ngx.socket) == "table"
-end
-
--- Raises (level 0: no position) when the running phase cannot yield.
-function M.check_phase(phase)
-  if not M.YIELDABLE[phase] then
-    error("commprefs: cannot send requests in nginx's " .. tostring(phase) .. " phase: cosockets are"
-      .. " disabled there and libcurl would block the worker; run the call from ngx.timer.at(0, function()"
-      .. " ... end) (or a rewrite, access or content handler)", 0)
-  end
-end
 
 local function now_ms()
   ngx.update_time()
@@ -155,43 +137,36 @@ local function exchange(t, req, pacer, resent)
   return res, true
 end
 
--- One request to its final result: pacing, attempts, and the retries the
--- client's policy decides (h:decide). A reused connection the server had
+-- One request to its final result: attempts as the pacer lets them start,
+-- and the retries the governor decides. A reused connection the server had
 -- already closed is replaced at once (not an attempt), as libcurl does.
 local function run(t, req, pacer, st)
-  local h = t.handle
   local attempts, last = 0, nil
   while true do
-    local wait, stop = pacer:wait()
-    while not stop and wait and wait > 0 do
+    local wait, stop, why = pacer:wait()
+    while wait and wait > 0 do
       ngx.sleep(wait / 1000)
-      wait, stop = pacer:wait()
+      wait, stop, why = pacer:wait()
     end
-    local started, why
-    if not stop then started, why = pacer:start() end
-    if not started then
-      stop = stop or "budget"
+    if not stop then
+      local started, err = pacer:start()
+      if not started then stop, why = "budget", err end
+    end
+    if stop then
       st.stop = st.stop or stop -- pull no more
       return last or { stopped = stop, attempts = 0, message = why }
     end
     local t0 = now_ms()
     local res, on_wire, stale, was_sent
-    for k = 1, 4 do -- a pooled connection the server had closed: replaced at once, not an attempt
+    for _ = 1, 4 do -- a pooled connection the server had closed: replaced at once, not an attempt
       res, on_wire, stale = exchange(t, req, pacer, was_sent)
       was_sent = was_sent or on_wire
       if not stale then break end
     end
-    on_wire = was_sent
-    if not on_wire then pacer:unsent() end
+    if not was_sent then pacer:unsent() end
     attempts = attempts + 1
     res.attempts = attempts
-    if res.status then
-      h:observe_latency(now_ms() - t0)
-      if res.rate_max and res.rate_interval_ms then pacer:learn(res.rate_max, res.rate_interval_ms) end
-    end
-    local retry, delay_ms = h:decide(res, on_wire)
-    -- the hold the policy decided, as transport.c tells its budget
-    if res.status == 429 and not res.daily_limit then pacer:throttled(delay_ms) end
+    local retry, delay_ms = pacer:finish(res, was_sent, now_ms() - t0)
     if not retry then return res end
     last = res
     if delay_ms and delay_ms > 0 then ngx.sleep(delay_ms / 1000) end
@@ -201,7 +176,7 @@ end
 ------------------------------------------------------------------ perform
 
 local function target_of(t)
-  return math.max(1, t.handle:in_flight_target())
+  return math.max(1, t.gov:target())
 end
 
 -- perform(source, on_done): the C2 contract (see transport.c for the libcurl twin).
@@ -213,8 +188,8 @@ local function perform(t, source, on_done)
     error("bad argument #2 to 'perform' (function expected)", 2)
   end
   M.check_phase(ngx.get_phase())
-  t.pacer = t.pacer or pacer_module.new(t.handle, t.pacer_opts)
   local pacer = t.pacer
+  t.gov:new_call()
   local st = { next = 1 }
   local results = on_done == nil and {} or nil
 
@@ -286,14 +261,13 @@ local function perform(t, source, on_done)
   return ending()
 end
 
--- new(handle, token, opts) -> transport with :perform(source, on_done).
+-- new(governor, pacer, token) -> transport with :perform(source, on_done).
 -- The token lives only in the closure that writes request heads.
-function M.new(handle, token, opts)
-  opts = opts or {}
-  local settings = handle:settings()
+function M.new(gov, pacer, token)
+  local settings = gov:settings()
   local fixed = "User-Agent: " .. settings.user_agent .. "\r\nAuthorization: Bearer " .. token
     .. "\r\nAccept: application/json\r\n"
-  local t = { handle = handle, settings = settings, targets = {}, ntargets = 0 }
+  local t = { gov = gov, pacer = pacer, settings = settings, targets = {}, ntargets = 0 }
   t.head = function(method, path, authority, body)
     if body then
       return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", fixed,
@@ -302,7 +276,6 @@ function M.new(handle, token, opts)
     return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", fixed, "\r\n" }
   end
   token = nil
-  t.pacer_opts = opts.pacer -- the pacer is made at first use: new() may run in init_by_lua
   return setmetatable(t, {
     __index = { perform = perform },
     __tostring = function() return "commprefs.ngx.transport" end,

@@ -1,0 +1,351 @@
+/* governor.c: owns the attempt lifecycle (governor.h): the daily and new-day
+ * rules, what a window may learn (sane, and never over a window set by hand),
+ * what a shared backing is told, the in-flight target and every count of
+ * stats(); and the commprefs.core.governor userdata through which transports
+ * written in Lua drive it. The retry decision itself is policy.c's, the
+ * window arithmetic ratelimit.c's. */
+#include <stdlib.h>
+#include <string.h>
+#include "governor.h"
+#include "redis.h"
+#include "util.h"
+
+#define GOV_MT "commprefs.core.governor"
+#define DAILY_POLL_MS 10.0 /* while the day's last requests are on the wire */
+
+static char *dup_string(const char *s) {
+  char *d = malloc(strlen(s) + 1);
+  if (d) strcpy(d, s);
+  return d;
+}
+
+int cp_gov_init(cp_governor *g, const cp_config *c) {
+  memset(g, 0, sizeof(*g));
+  cp_policy_init(&g->policy, (int)c->max_retries, c->backoff_base * 1000, c->backoff_max * 1000,
+                 c->max_retry_after * 1000, g);
+  g->max_concurrency = (int)c->max_concurrency;
+  g->timeout_ms = (long)(c->timeout * 1000);
+  g->connect_timeout_ms = (long)(c->connect_timeout * 1000);
+  g->max_response = (long)c->max_response_size;
+  g->verify_tls = c->verify_tls;
+  g->user_agent = dup_string(c->user_agent);
+  if (!g->user_agent || cp_rl_init(&g->rl, c->rate_set ? (int)c->rate_max : 0, (long)(c->rate_interval * 1000)) != 0) {
+    free(g->user_agent);
+    g->user_agent = NULL;
+    g->closed = 1;
+    return -1;
+  }
+  return 0;
+}
+
+void cp_gov_free(cp_governor *g) {
+  if (g->closed) return;
+  g->closed = 1;
+  cp_rl_free(&g->rl);
+  free(g->user_agent);
+  g->user_agent = NULL;
+  if (g->backing.close) g->backing.close(g->backing.ud);
+  memset(&g->backing, 0, sizeof(g->backing));
+}
+
+/* HubSpot's day ends at the account's midnight, which no header gives: a new
+ * call made while nothing is in flight forgets what Daily-Remaining said (its
+ * first answer tells again). */
+void cp_gov_new_call(cp_governor *g) {
+  if (g->rl.on_wire == 0 && g->rl.pending == 0) g->rl.daily_left = -1;
+}
+
+double cp_gov_next(cp_governor *g, double now, const char **stop, const char **why) {
+  double w;
+  *stop = NULL;
+  *why = NULL;
+  if (cp_rl_daily_spent(&g->rl)) {
+    if (g->rl.on_wire > 0) return DAILY_POLL_MS; /* their answers may say some remain */
+    *stop = "daily_limit";
+    return -1;
+  }
+  if (!cp_rl_daily_room(&g->rl)) return DAILY_POLL_MS; /* what is left of the day is on its way */
+  w = cp_rl_wait(&g->rl, now);
+  if (w > 0 || !g->backing.acquire) return w;
+  w = g->backing.acquire(g->backing.ud, why);
+  if (w < 0) {
+    *stop = "budget";
+    if (!*why) *why = "the shared budget is gone";
+  }
+  return w;
+}
+
+void cp_gov_begin(cp_governor *g) { cp_rl_start(&g->rl); }
+
+void cp_gov_on_wire(cp_governor *g, double now) {
+  cp_rl_sent(&g->rl, now);
+  g->sent++;
+}
+
+void cp_gov_unsent(cp_governor *g) { cp_rl_unsent(&g->rl); }
+
+void cp_gov_abandon(cp_governor *g, int on_wire) {
+  if (on_wire) cp_rl_answered(&g->rl);
+  else cp_rl_unsent(&g->rl);
+}
+
+static void observe_latency(cp_governor *g, double ms) {
+  if (!(ms >= 0)) return;
+  g->latency_ms = g->latency_ms > 0 ? 0.8 * g->latency_ms + 0.2 * ms : ms;
+}
+
+/* The one rule of learning: a sane window, never over one set by hand. */
+static int learn_window(cp_governor *g, const cp_outcome *o) {
+  if (g->rl.manual || !cp_sane_window(o->rate_max, o->rate_interval_ms)) return 0;
+  cp_rl_learn(&g->rl, o->rate_max, o->rate_interval_ms);
+  return 1;
+}
+
+static void tell_backing(cp_governor *g, const cp_decision *d) {
+  if (d->learn_max > 0 && g->backing.learn) g->backing.learn(g->backing.ud, d->learn_max, d->learn_interval_ms, 0);
+  if (d->hold_ms >= 0 && g->backing.throttled) g->backing.throttled(g->backing.ud, d->hold_ms);
+}
+
+void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms, cp_decision *d) {
+  memset(d, 0, sizeof(*d));
+  d->hold_ms = -1;
+  if (on_wire) cp_rl_answered(&g->rl);
+  if (o->status > 0) {
+    if (on_wire) observe_latency(g, latency_ms);
+    if (learn_window(g, o)) {
+      d->learn_max = o->rate_max;
+      d->learn_interval_ms = o->rate_interval_ms;
+    }
+    if (o->daily_remaining >= 0) cp_rl_daily(&g->rl, o->daily_remaining);
+  }
+  d->retry = cp_policy_decide(&g->policy, &g->rl, o, cp_now_ms(), &d->delay_ms);
+  d->daily_limit = o->daily_limit;
+  /* a 2xx: HubSpot's would carry the window (an edge's 5xx or a 429 may not) */
+  if (o->status >= 200 && o->status < 300) g->answers++;
+  if (o->status == 429) g->throttled++;
+  if (o->status == 429 && !o->daily_limit) d->hold_ms = d->delay_ms;
+  if (d->retry) g->retries++;
+  tell_backing(g, d);
+}
+
+/* One attempt until a 2xx answer has been seen (HubSpot's headers give the
+ * window; a server that sends none has no window to learn); then the learned
+ * rate times the observed latency, with headroom; max_concurrency caps it. */
+int cp_gov_target(const cp_governor *g, int cap) {
+  double need;
+  if (g->max_concurrency && g->max_concurrency < cap) cap = g->max_concurrency;
+  if (g->rl.max <= 0) {
+    if (g->answers == 0) return 1;
+    if (g->max_concurrency) return cap;
+    return cap < CP_UNKNOWN_WINDOW_INFLIGHT ? cap : CP_UNKNOWN_WINDOW_INFLIGHT;
+  }
+  if (g->latency_ms <= 0) return g->rl.max < cap ? g->rl.max : cap;
+  need = (double)g->rl.max / (g->rl.interval_ms + cp_rl_margin_ms(g->rl.interval_ms)) * g->latency_ms;
+  need = need * 1.25 + 2;
+  return need >= cap ? cap : (int)need;
+}
+
+int cp_gov_manual(const cp_governor *g, long *max, long *interval_ms) {
+  if (!g->rl.manual) return 0;
+  *max = g->rl.max;
+  *interval_ms = g->rl.interval_ms;
+  return 1;
+}
+
+/* ------------------------------------------------------------ Lua */
+
+cp_governor *cp_check_governor(lua_State *L, int idx) {
+  cp_governor *g = luaL_checkudata(L, idx, GOV_MT);
+  if (g->closed) luaL_error(L, "commprefs: the client is closed");
+  return g;
+}
+
+/* The C Redis backing of redis_url/redis_key: 1, or 2 (nil, message) when
+ * Redis cannot be reached or refuses us. A bad URL or key raises. */
+static int open_backing(lua_State *L, cp_governor *g, const cp_config *c, const char *fname) {
+  const char *err = NULL;
+  cp_backing b;
+  long max, interval;
+  int rc;
+  if (!c->redis_url) return 1;
+  if (!c->redis_key) return luaL_error(L, "%s: bad option 'rate_limit.key' (required with rate_limit.redis)", fname);
+  rc = cp_redis_budget_open(&b, c->redis_url, c->redis_key, c->redis_timeout, &err);
+  if (rc != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    b.close(b.ud);
+    if (rc == -2) return luaL_error(L, "%s: %s", fname, lua_tostring(L, -1));
+    return 2;
+  }
+  cp_redis_budget_wait(&b, c->redis_wait);
+  g->backing = b;
+  if (cp_gov_manual(g, &max, &interval)) b.learn(b.ud, max, interval, 1); /* set by hand: for everyone */
+  return 1;
+}
+
+int cp_push_governor(lua_State *L, int idx, const char *fname) {
+  cp_config c;
+  cp_governor *g;
+  idx = lua_absindex(L, idx);
+  luaL_checktype(L, idx, LUA_TTABLE);
+  cp_config_read(L, idx, fname, &c);
+  g = cp_newuserdata(L, sizeof(cp_governor));
+  memset(g, 0, sizeof(*g));
+  g->closed = 1; /* until initialised: __gc then has nothing to free */
+  luaL_setmetatable(L, GOV_MT);
+  if (cp_gov_init(g, &c) != 0) return luaL_error(L, "%s: out of memory", fname);
+  return open_backing(L, g, &c, fname);
+}
+
+static int core_governor(lua_State *L) { return cp_push_governor(L, 1, "commprefs.core.governor"); }
+
+static int gov_new_call(lua_State *L) {
+  cp_gov_new_call(cp_check_governor(L, 1));
+  return 0;
+}
+
+/* g:next() -> ms (0: start now) | nil, "daily_limit" | nil, "budget", why */
+static int gov_next(lua_State *L) {
+  const char *stop, *why;
+  double w = cp_gov_next(cp_check_governor(L, 1), cp_now_ms(), &stop, &why);
+  if (!stop) {
+    lua_pushnumber(L, w);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_pushstring(L, stop);
+  if (why) lua_pushstring(L, why);
+  else lua_pushnil(L);
+  return 3;
+}
+
+static int gov_begin(lua_State *L) { cp_gov_begin(cp_check_governor(L, 1)); return 0; }
+static int gov_on_wire(lua_State *L) { cp_gov_on_wire(cp_check_governor(L, 1), cp_now_ms()); return 0; }
+static int gov_unsent(lua_State *L) { cp_gov_unsent(cp_check_governor(L, 1)); return 0; }
+static int gov_abandon(lua_State *L) {
+  cp_gov_abandon(cp_check_governor(L, 1), lua_toboolean(L, 2));
+  return 0;
+}
+
+static long field_long(lua_State *L, int idx, const char *k) {
+  long v = -1;
+  lua_getfield(L, idx, k);
+  if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) >= 0 && lua_tonumber(L, -1) < 1e15)
+    v = (long)lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* The outcome of a result table ({status= | kind=, attempts=, retry_after=, rate headers}). */
+static void read_outcome(lua_State *L, int idx, cp_outcome *o) {
+  memset(o, 0, sizeof(*o));
+  o->status = field_long(L, idx, "status");
+  if (o->status < 0) o->status = 0;
+  lua_getfield(L, idx, "kind");
+  o->kind = lua_tostring(L, -1); /* kept alive by the result table */
+  lua_pop(L, 1);
+  if (o->status == 0 && !o->kind) luaL_argerror(L, idx, "a result with status or kind expected");
+  o->attempts = (int)field_long(L, idx, "attempts");
+  if (o->attempts < 1) o->attempts = 1;
+  o->retry_after_ms = field_long(L, idx, "retry_after");
+  if (o->retry_after_ms >= 0) o->retry_after_ms *= 1000.0;
+  o->rate_max = field_long(L, idx, "rate_max");
+  o->rate_interval_ms = field_long(L, idx, "rate_interval_ms");
+  o->daily_remaining = field_long(L, idx, "daily_remaining");
+}
+
+/* g:finish(result[, on_wire = true[, latency_ms]]) -> retry, delay_ms, hold_ms | nil,
+ * learn_max | nil, learn_interval_ms | nil (what a Lua backing must be told).
+ * Sets result.daily_limit = true when HubSpot's daily limit is spent. */
+static int gov_finish(lua_State *L) {
+  cp_governor *g = cp_check_governor(L, 1);
+  cp_outcome o;
+  cp_decision d;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  read_outcome(L, 2, &o);
+  cp_gov_finish(g, &o, lua_isnoneornil(L, 3) || lua_toboolean(L, 3), luaL_optnumber(L, 4, -1), &d);
+  if (d.daily_limit) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, 2, "daily_limit");
+  }
+  lua_pushboolean(L, d.retry);
+  lua_pushnumber(L, d.delay_ms);
+  if (d.hold_ms >= 0) lua_pushnumber(L, d.hold_ms);
+  else lua_pushnil(L);
+  if (d.learn_max > 0) {
+    lua_pushinteger(L, d.learn_max);
+    lua_pushinteger(L, d.learn_interval_ms);
+  } else {
+    lua_pushnil(L);
+    lua_pushnil(L);
+  }
+  return 5;
+}
+
+static int gov_target(lua_State *L) {
+  lua_pushinteger(L, cp_gov_target(cp_check_governor(L, 1), CP_ADAPTIVE_SLOTS));
+  return 1;
+}
+
+/* g:manual() -> max, interval_ms of the window set by hand, or nil */
+static int gov_manual(lua_State *L) {
+  long max, interval;
+  if (!cp_gov_manual(cp_check_governor(L, 1), &max, &interval)) return 0;
+  lua_pushinteger(L, max);
+  lua_pushinteger(L, interval);
+  return 2;
+}
+
+/* g:settings() -> what a transport needs (never the token) */
+static int gov_settings(lua_State *L) {
+  cp_governor *g = cp_check_governor(L, 1);
+  lua_createtable(L, 0, 8);
+  cp_set_integer(L, "timeout_ms", g->timeout_ms);
+  cp_set_integer(L, "connect_timeout_ms", g->connect_timeout_ms);
+  lua_pushboolean(L, g->verify_tls);
+  lua_setfield(L, -2, "verify_tls");
+  cp_set_string(L, "user_agent", g->user_agent);
+  cp_set_integer(L, "max_response_size", g->max_response);
+  if (g->max_concurrency) cp_set_integer(L, "max_concurrency", g->max_concurrency);
+  if (g->rl.max > 0) cp_set_integer(L, "rate_max", g->rl.max);
+  cp_set_integer(L, "rate_interval_ms", g->rl.interval_ms);
+  return 1;
+}
+
+/* g:stats() -> {sent=, retries=, throttled=, answers=, rate_max=, rate_interval_ms=,
+ * in_flight_target=, latency_ms=} */
+static int gov_stats(lua_State *L) {
+  cp_governor *g = luaL_checkudata(L, 1, GOV_MT);
+  lua_createtable(L, 0, 8);
+  cp_set_integer(L, "sent", g->sent);
+  cp_set_integer(L, "retries", g->retries);
+  cp_set_integer(L, "throttled", g->throttled);
+  cp_set_integer(L, "answers", g->answers);
+  cp_set_integer(L, "rate_max", g->closed ? 0 : g->rl.max);
+  cp_set_integer(L, "rate_interval_ms", g->closed ? 0 : g->rl.interval_ms);
+  cp_set_integer(L, "in_flight_target", g->closed ? 0 : cp_gov_target(g, CP_ADAPTIVE_SLOTS));
+  cp_set_number(L, "latency_ms", g->latency_ms);
+  return 1;
+}
+
+static int gov_gc(lua_State *L) {
+  cp_gov_free(luaL_checkudata(L, 1, GOV_MT));
+  return 0;
+}
+
+static int gov_tostring(lua_State *L) {
+  cp_governor *g = luaL_checkudata(L, 1, GOV_MT);
+  lua_pushfstring(L, GOV_MT " (%s%p)", g->closed ? "closed, " : "", (void *)g);
+  return 1;
+}
+
+void cp_register_governor(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"new_call", gov_new_call}, {"next", gov_next}, {"begin", gov_begin}, {"on_wire", gov_on_wire},
+    {"unsent", gov_unsent}, {"abandon", gov_abandon}, {"finish", gov_finish}, {"target", gov_target},
+    {"manual", gov_manual}, {"settings", gov_settings}, {"stats", gov_stats}, {"close", gov_gc},
+    {NULL, NULL}};
+  cp_register_class(L, GOV_MT, methods, gov_gc, gov_tostring);
+  lua_pushcfunction(L, core_governor);
+  lua_setfield(L, -2, "governor");
+}

@@ -1,0 +1,71 @@
+/* governor.h: the one attempt lifecycle both transports drive (governor.c).
+ *
+ *   cp_gov_new_call    a call starts: when nothing is in flight, the day may have turned
+ *   cp_gov_next        may an attempt start now? ms to wait, 0 = yes (a C backing has
+ *                      counted it), <0 = stop (*stop: "daily_limit" or "budget")
+ *   cp_gov_begin       an attempt starts (it counts for the window until it ends)
+ *   cp_gov_on_wire     its request is being sent now
+ *   cp_gov_unsent      it ended before anything was sent
+ *   cp_gov_finish      it ended with outcome o: the decision (retry and when; what the
+ *                      shared backing is told) and every count of stats()
+ *
+ * The libcurl loop (transport.c) calls these from C; the cosocket transport
+ * (lua/commprefs/ngx/transport.lua) through the commprefs.core.governor
+ * userdata. Nothing else counts, learns or applies the daily rules. */
+#ifndef COMMPREFS_GOVERNOR_H
+#define COMMPREFS_GOVERNOR_H
+
+#include "compat.h"
+#include "config.h"
+#include "policy.h"
+#include "ratelimit.h"
+#include "backing.h"
+
+typedef struct {
+  cp_policy policy;
+  cp_ratelimit rl;
+  cp_backing backing;     /* all NULL: none in C (a Lua backing may be told by the caller) */
+  int max_concurrency;    /* 0: adaptive */
+  double latency_ms;      /* moving average of answered attempts; 0 = none seen */
+  lua_Integer answers, sent, retries, throttled;
+  int closed;
+  /* what every transport needs (never the token) */
+  long timeout_ms, connect_timeout_ms, max_response;
+  int verify_tls;
+  char *user_agent;
+} cp_governor;
+
+/* What the caller (and a shared backing) must do after an attempt ended. */
+typedef struct {
+  int retry;              /* send again, after delay_ms */
+  double delay_ms;
+  int daily_limit;        /* a 429 because HubSpot's daily limit is spent */
+  long learn_max, learn_interval_ms; /* > 0: tell the shared backing this window */
+  double hold_ms;         /* >= 0: tell the shared backing to hold everybody that long */
+} cp_decision;
+
+int cp_gov_init(cp_governor *g, const cp_config *c);   /* 0, or -1: out of memory */
+void cp_gov_free(cp_governor *g);
+void cp_gov_new_call(cp_governor *g);
+double cp_gov_next(cp_governor *g, double now, const char **stop, const char **why);
+void cp_gov_begin(cp_governor *g);
+void cp_gov_on_wire(cp_governor *g, double now);
+void cp_gov_unsent(cp_governor *g);
+/* it was abandoned (the call stopped or raised): on the wire or not */
+void cp_gov_abandon(cp_governor *g, int on_wire);
+void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms, cp_decision *d);
+/* How many attempts should be in flight now (cap: the most the transport can run). */
+int cp_gov_target(const cp_governor *g, int cap);
+/* The window set by hand, for a shared backing at its start (0 when none). */
+int cp_gov_manual(const cp_governor *g, long *max, long *interval_ms);
+
+/* core.governor(config) -> governor | nil, err (a Redis backing that cannot be reached). */
+void cp_register_governor(lua_State *L);
+/* The governor userdata at idx (raises when it is not one, or closed). */
+cp_governor *cp_check_governor(lua_State *L, int idx);
+/* Pushes a new governor made from the config table at idx (cp_config_read's
+ * names): 1 (the governor), or 2 (nil, message) when its Redis backing cannot
+ * be reached: a runtime failure. Bad options raise, naming fname. */
+int cp_push_governor(lua_State *L, int idx, const char *fname);
+
+#endif

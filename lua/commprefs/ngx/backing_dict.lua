@@ -1,0 +1,141 @@
+-- commprefs.ngx.backing_dict: the lua_shared_dict backing of the pacer
+-- (commprefs.pacer): every worker of an nginx paces through ONE rolling
+-- window kept in the dict, with atomic dict operations only. Every attempt
+-- takes a ticket n = incr(seq); ticket n may go once ticket n - max was sent
+-- at least interval + margin ago (or never was: an unsent ticket is deleted,
+-- an expired one is gone). Each ticket key is written by its one owner
+-- (pending mark at start, send time at sent), so there is no
+-- read-modify-write; a ticket waits for a still-pending n - max, so any
+-- max + 1 tickets in a row span more than one window. A 429 sets a
+-- "blocked" key with `add` (the first hold wins) whose ttl every worker
+-- reads. What is learned or held is decided by the governor, not here.
+local core = require "commprefs.core"
+
+local M = {}
+
+local function now_ms()
+  ngx.update_time()
+  return ngx.now() * 1000
+end
+
+-- The window's margin from C, cached per interval.
+local margins = {}
+local function margin_ms(interval_ms)
+  local m = margins[interval_ms]
+  if not m then
+    m = core.window_margin_ms(interval_ms)
+    margins[interval_ms] = m
+  end
+  return m
+end
+
+local Dict = {}
+Dict.__index = Dict
+
+-- new(name, key, manual_max, manual_interval_ms, settings): raises when the dict is missing.
+function M.new(name, key, manual_max, manual_interval, settings)
+  local dict = ngx.shared[name]
+  if not dict then
+    error("commprefs: no lua_shared_dict '" .. name .. "' (add `lua_shared_dict " .. name
+      .. " 1m;` to the http block of nginx.conf)", 0)
+  end
+  local ns = "commprefs:" .. (key or "window") .. ":"
+  local self = setmetatable({
+    dict = dict, name = name, seq_key = ns .. "seq", limit_key = ns .. "limit", blocked_key = ns .. "blocked",
+    ticket_prefix = ns .. "t:", owned = setmetatable({}, { __mode = "k" }), queue = {},
+    pending_ttl = (settings.connect_timeout_ms or 10000) / 1000 + 10,
+  }, Dict)
+  self.manual_max, self.manual_interval = manual_max, manual_interval -- set by hand: kept
+  return self
+end
+
+-- max, interval_ms of the shared window (nil when not known yet).
+function Dict:limit()
+  if self.manual_max then return self.manual_max, self.manual_interval end
+  local v = self.dict:get(self.limit_key)
+  if not v then return nil end
+  local max, interval = v:match("^(%d+)/(%d+)")
+  return tonumber(max), tonumber(interval)
+end
+
+-- ms until ticket n may be sent (0 = now).
+function Dict:wait_for(n, now)
+  local wait = 0
+  local hold = self.dict:ttl(self.blocked_key)
+  if hold and hold > 0 then wait = hold * 1000 end
+  local max, interval = self:limit()
+  if max and n > max then
+    local sent = self.dict:get(self.ticket_prefix .. (n - max))
+    if sent and sent < 0 then
+      wait = math.max(wait, 1) -- that attempt is not on the wire yet: it lands first
+    elseif sent then
+      wait = math.max(wait, sent + interval + margin_ms(interval) - now)
+    end
+  end
+  return wait > 0 and wait or 0
+end
+
+function Dict:wait()
+  return self:wait_for((self.dict:get(self.seq_key) or 0) + 1, now_ms())
+end
+
+function Dict:start()
+  local n, err = self.dict:incr(self.seq_key, 1, 0)
+  if not n then return nil, "lua_shared_dict '" .. self.name .. "': " .. tostring(err) end
+  local key = self.ticket_prefix .. n
+  self.dict:set(key, -1, self.pending_ttl)
+  self.owned[coroutine.running() or self] = n
+  self.queue[#self.queue + 1] = n
+  while true do
+    local w = self:wait_for(n, now_ms())
+    if w <= 0 then return true end
+    ngx.sleep(w / 1000)
+  end
+end
+
+-- The ticket of the running thread (else the oldest this worker holds).
+function Dict:take_ticket()
+  local co = coroutine.running() or self -- LuaJIT's main thread has no coroutine
+  local n = self.owned[co]
+  self.owned[co] = nil
+  for i, q in ipairs(self.queue) do
+    if n == nil or q == n then
+      table.remove(self.queue, i)
+      return q
+    end
+  end
+  return n
+end
+
+function Dict:sent()
+  local n = self:take_ticket()
+  if not n then return end
+  local _, interval = self:limit()
+  interval = interval or core.limits.default_interval_ms -- not learned yet
+  local ttl = (interval + margin_ms(interval)) / 1000 + 1
+  self.dict:set(self.ticket_prefix .. n, now_ms(), ttl)
+end
+
+function Dict:unsent()
+  local n = self:take_ticket()
+  if n then self.dict:delete(self.ticket_prefix .. n) end
+end
+
+-- What may be learned is the governor's decision: a window it passes on is
+-- stored, unless one set by hand (manual) is there: no learned one replaces it.
+function Dict:learn(max, interval_ms, manual)
+  local v = string.format(manual and "%d/%d/manual" or "%d/%d", max, interval_ms)
+  local old = self.dict:get(self.limit_key)
+  if old == v or (not manual and old and old:find("/manual", 1, true)) then return end
+  self.dict:set(self.limit_key, v)
+end
+
+function Dict:throttled(hold_ms)
+  if not hold_ms or hold_ms <= 0 then
+    hold_ms = self:wait()
+    if hold_ms <= 0 then hold_ms = 1000 end
+  end
+  self.dict:add(self.blocked_key, true, hold_ms / 1000)
+end
+
+return M

@@ -1,0 +1,43 @@
+-- commprefs.transport: owns the one choice of transport for a call: libcurl
+-- (the C core), or cosockets inside nginx wherever the phase can yield.
+-- "auto" takes libcurl in plain Lua and in init_by_lua (nginx's master,
+-- before any worker); a phase where cosockets are disabled raises, naming
+-- it: nothing ever blocks a worker. init, lookup and the worker ask here.
+local M = {}
+
+-- Phases where cosockets, ngx.sleep and ngx.thread work (lua-nginx-module docs).
+M.YIELDABLE = { rewrite = true, server_rewrite = true, access = true, content = true, timer = true,
+  ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true, preread = true }
+
+-- true inside nginx with lua-nginx-module (the ngx API is there).
+function M.in_nginx()
+  return type(ngx) == "table" and type(ngx.get_phase) == "function" and type(ngx.socket) == "table"
+end
+
+-- Raises (level 0: no position) when the running phase cannot yield.
+function M.check_phase(phase)
+  if not M.YIELDABLE[phase] then
+    error("commprefs: cannot send requests in nginx's " .. tostring(phase) .. " phase: cosockets are"
+      .. " disabled there and libcurl would block the worker; run the call from ngx.timer.at(0, function()"
+      .. " ... end) (or a rewrite, access or content handler)", 0)
+  end
+end
+
+-- "curl" or "ngx" for a call made now; `which` is the client's transport
+-- option ("auto", "curl", "ngx"), has_cosockets whether it has a cosocket
+-- transport. Raises in a phase that cannot yield.
+function M.for_call(which, has_cosockets)
+  if which == "curl" or not has_cosockets then return "curl" end
+  local phase = ngx.get_phase()
+  if which == "auto" and phase == "init" then return "curl" end
+  M.check_phase(phase)
+  return "ngx"
+end
+
+-- Whether a call made now goes over cosockets (never raises).
+function M.is_cosocket(which, has_cosockets)
+  if which == "curl" or not has_cosockets then return false end
+  return M.YIELDABLE[ngx.get_phase()] == true
+end
+
+return M

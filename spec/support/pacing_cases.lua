@@ -1,0 +1,206 @@
+-- support.pacing_cases: the pacing contract as one table of cases, run by
+-- spec/pacing_contract_spec.lua against every backing: the governor's own
+-- window (C), the C Redis backing, a lua_shared_dict in a real nginx and
+-- Redis over cosockets in a real nginx. Each case's `code` runs where the
+-- backing lives, with `P.new(opts)` making a participant (a client of the
+-- app: a new governor, and for the shared backings the same backing key):
+--   p:try()        -> 0 when an attempt started now (counted), else ms to wait | nil, stop
+--   p:sent() p:unsent() p:finish(result) p:new_call()
+-- (A backing that grants in start, such as Redis over cosockets, sleeps
+-- there: try then reports how long it slept.) It returns a table that
+-- `check(t, backing)` asserts on. `shared = true`:
+-- only for backings shared between participants.
+local assert = require "luassert"
+
+local M = {}
+
+local function case(c) M[#M + 1] = c end
+
+case { name = "a learned window paces: max attempts go, the next waits one window",
+  code = [[
+    local a = P.new {}
+    a:finish { status = 200, attempts = 1, rate_max = 3, rate_interval_ms = 1000 }
+    local waits = {}
+    for i = 1, 3 do waits[i] = a:try(); a:sent() end
+    return { waits = waits, after = a:try() }
+  ]],
+  check = function(t)
+    assert.same({ 0, 0, 0 }, t.waits)
+    assert.is_true(t.after > 900 and t.after < 1200, tostring(t.after))
+  end }
+
+case { name = "a learned window is shared with every participant", shared = true,
+  code = [[
+    local a, b = P.new {}, P.new {}
+    a:finish { status = 200, attempts = 1, rate_max = 2, rate_interval_ms = 1000 }
+    local w1 = b:try(); b:sent()
+    local w2 = b:try(); b:sent()
+    return { w1 = w1, w2 = w2, after = b:try() }
+  ]],
+  check = function(t)
+    assert.same({ 0, 0 }, { t.w1, t.w2 })
+    assert.is_true(t.after > 900, tostring(t.after))
+  end }
+
+case { name = "an insane window is never learned (a one-a-day window, 20,000 per second)",
+  code = [[
+    local a = P.new {}
+    a:finish { status = 200, attempts = 1, rate_max = 1, rate_interval_ms = 86400000 }
+    local b = P.shared and P.new {} or a
+    local waits = {}
+    for i = 1, 3 do waits[i] = b:try(); b:sent() end
+    return { waits = waits }
+  ]],
+  check = function(t)
+    assert.same({ 0, 0, 0 }, t.waits)
+  end }
+
+case { name = "an insane window after a sane one leaves the sane one in force",
+  code = [[
+    local c = P.new {}
+    c:finish { status = 200, attempts = 1, rate_max = 2, rate_interval_ms = 1000 }
+    c:finish { status = 200, attempts = 1, rate_max = 20000, rate_interval_ms = 1000 }
+    local d = P.shared and P.new {} or c
+    local w = {}
+    for i = 1, 3 do w[i] = d:try(); d:sent() end
+    return { w = w }
+  ]],
+  check = function(t)
+    assert.same({ 0, 0 }, { t.w[1], t.w[2] })
+    assert.is_true(t.w[3] > 900, tostring(t.w[3]))
+  end }
+
+case { name = "a window set by hand is never replaced by a learned one",
+  code = [[
+    local a = P.new { rate_max = 1, rate_interval = 1.5 }
+    a:finish { status = 200, attempts = 1, rate_max = 100, rate_interval_ms = 10000 }
+    local w1 = a:try(); a:sent()
+    return { w1 = w1, w2 = a:try() }
+  ]],
+  check = function(t)
+    assert.equal(0, t.w1)
+    assert.is_true(t.w2 > 1400, tostring(t.w2))
+  end }
+
+case { name = "a window set by hand reaches every participant, and a learned one does not overwrite it", shared = true,
+  code = [[
+    local a = P.new { rate_max = 1, rate_interval = 1.5 }
+    local w0 = a:try(); a:sent()
+    local b = P.new {}
+    b:finish { status = 200, attempts = 1, rate_max = 100, rate_interval_ms = 10000 } -- over a's window: no
+    a:finish { status = 200, attempts = 1, rate_max = 100, rate_interval_ms = 10000 }
+    return { w0 = w0, b = b:try() }
+  ]],
+  check = function(t)
+    assert.equal(0, t.w0)
+    assert.is_true(t.b > 1400, tostring(t.b))
+  end }
+
+case { name = "a 429 holds the participant for the policy's hold",
+  code = [[
+    local a = P.new {}
+    a:try(); a:sent()
+    a:finish { status = 429, attempts = 1, retry_after = 1 }
+    local b = P.shared and P.new {} or a
+    return { a = a:try(), b = b:try() }
+  ]],
+  check = function(t)
+    assert.is_true(t.a > 800 and t.a <= 1100, tostring(t.a))
+    assert.is_true(t.b > 800 and t.b <= 1100, tostring(t.b))
+  end }
+
+case { name = "the daily limit stops the participant, not the others; a new call when idle tries again",
+  code = [[
+    local a = P.new {}
+    a:try(); a:sent()
+    a:finish { status = 429, attempts = 1, daily_remaining = 0 }
+    local w, stop = a:try()
+    local b = P.new {}
+    local other = b:try()
+    a:new_call()
+    return { w = w or false, stop = stop, other = other, after = a:try() }
+  ]],
+  check = function(t)
+    assert.same({ false, "daily_limit" }, { t.w, t.stop })
+    assert.equal(0, t.other)
+    assert.equal(0, t.after)
+  end }
+
+-- Redis counts an attempt when it grants it, before it is sent, and has no
+-- way to take a grant back: an attempt that never reached the wire keeps its
+-- slot there (a little speed lost, never a 429). The others free it.
+case { name = "an attempt never sent frees its slot (Redis: keeps it, the safe side)",
+  code = [[
+    local a = P.new { rate_max = 1, rate_interval = 1 }
+    local w1 = a:try(); a:unsent()
+    local w2 = a:try(); a:sent()
+    return { w1 = w1, w2 = w2, full = a:try() }
+  ]],
+  check = function(t, backing)
+    assert.equal(0, t.w1)
+    if backing:find("^redis") then
+      assert.is_true(t.w2 > 900, tostring(t.w2))
+    else
+      assert.equal(0, t.w2)
+      assert.is_true(t.full > 900, tostring(t.full))
+    end
+  end }
+
+-- The participant factories, as code put before each case's code. KEY names
+-- a fresh window per case (set by the spec).
+M.PRELUDE = {}
+
+local C_PARTICIPANT = [[
+  local core = require "commprefs.core"
+  local function participant(gov)
+    return {
+      try = function() local w, stop = gov:next(); if w == 0 then gov:begin() end; return w, stop end,
+      sent = function() gov:on_wire() end, unsent = function() gov:unsent() end,
+      finish = function(_, res) res.attempts = res.attempts or 1; return gov:finish(res) end,
+      new_call = function() gov:new_call() end }
+  end
+]]
+
+local LUA_PARTICIPANT = [[
+  local core = require "commprefs.core"
+  local pacer = require "commprefs.pacer"
+  local function participant(gov, opts)
+    local p = pacer.new(gov, opts)
+    return {
+      try = function()
+        local w, stop = p:wait()
+        if w ~= 0 then return w, stop end
+        ngx.update_time()
+        local t0 = ngx.now()
+        assert(p:start())
+        ngx.update_time()
+        local slept = (ngx.now() - t0) * 1000
+        return slept > 20 and slept or 0
+      end,
+      sent = function() p:sent() end, unsent = function() p:unsent() end,
+      finish = function(_, res) return p:finish(res, true, 1) end,
+      new_call = function() gov:new_call() end }
+  end
+]]
+
+M.PRELUDE.window = C_PARTICIPANT .. [[
+  P = { shared = false, new = function(opts) return participant(core.governor(opts)) end }
+]]
+M.PRELUDE.redis_c = C_PARTICIPANT .. [[
+  P = { shared = true, new = function(opts)
+    opts.redis_url, opts.redis_key = REDIS_URL, KEY
+    return participant(assert(core.governor(opts)))
+  end }
+]]
+M.PRELUDE.shared_dict = LUA_PARTICIPANT .. [[
+  P = { shared = true, new = function(opts)
+    return participant(core.governor(opts), { shared_dict = "pace", rate_limit = { key = KEY } })
+  end }
+]]
+M.PRELUDE.redis_ngx = LUA_PARTICIPANT .. [[
+  P = { shared = true, new = function(opts)
+    return participant(core.governor(opts), { rate_limit = { redis = REDIS_URL, key = KEY } })
+  end }
+]]
+
+return M
