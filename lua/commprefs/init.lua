@@ -118,9 +118,6 @@ end
 
 ------------------------------------------------------------------ client
 
-local NGX_CA_FILE = "bad option 'ca_file' (inside nginx, cosockets verify TLS against nginx.conf's"
-  .. " lua_ssl_trusted_certificate: set it there and drop ca_file, or use transport = \"curl\")"
-
 local NEW_OPTIONS = {
   token = "string", base_url = "string", api_version = "string", timeout = "number",
   connect_timeout = "number", max_retries = "number", business_unit_id = "number",
@@ -230,7 +227,7 @@ function M.new(opts)
   end
   lookup.check(opts.coalesce, opts.cache)
   local cosockets = transport ~= "curl" and in_nginx
-  if cosockets and opts.ca_file then raise("new", NGX_CA_FILE) end
+  if transport == "ngx" and opts.ca_file then raise("new", transport_choice.NGX_CA_FILE) end
   local config = {
     user_agent = opts.user_agent, ca_file = opts.ca_file, verify_tls = opts.verify_tls,
     timeout = opts.timeout, connect_timeout = opts.connect_timeout, max_retries = opts.max_retries,
@@ -259,7 +256,7 @@ function M.new(opts)
     base_url = base_url, api_version = version, business_unit_id = opts.business_unit_id,
     batch_size = batch_size, max_concurrency = opts.max_concurrency, -- nil: adaptive
     _gov = gov, _prefix = base_url .. "/communication-preferences/" .. version .. "/",
-    _transport = transport, _ngx = ngx_t,
+    _transport = transport, _ngx = ngx_t, _ca_file = opts.ca_file ~= nil,
     -- inside nginx, libcurl only for init_by_lua calls: made then
     _curl = not cosockets and make_curl() or nil, _make_curl = cosockets and make_curl or nil,
   }, Client)
@@ -301,7 +298,7 @@ end
 
 -- The one entry to the transports: the choice is commprefs.transport's.
 function Client:_perform(source, on_done)
-  if transport_choice.for_call(self._transport, self._ngx ~= nil) == "ngx" then
+  if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
     return self._ngx:perform(source, on_done)
   end
   local curl = self._curl

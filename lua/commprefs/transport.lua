@@ -23,14 +23,21 @@ function M.check_phase(phase)
   end
 end
 
+-- The one rule of ca_file and cosockets, told at new() for transport = "ngx"
+-- and at the first call that would take cosockets for "auto".
+M.NGX_CA_FILE = "bad option 'ca_file' (inside nginx, cosockets verify TLS against nginx.conf's"
+  .. " lua_ssl_trusted_certificate: set it there and drop ca_file, or use transport = \"curl\")"
+
 -- "curl" or "ngx" for a call made now; `which` is the client's transport
 -- option ("auto", "curl", "ngx"), has_cosockets whether it has a cosocket
--- transport. Raises in a phase that cannot yield.
-function M.for_call(which, has_cosockets)
+-- transport. Raises in a phase that cannot yield, and for cosockets with a
+-- ca_file.
+function M.for_call(which, has_cosockets, has_ca_file)
   if which == "curl" or not has_cosockets then return "curl" end
   local phase = ngx.get_phase()
   if which == "auto" and phase == "init" then return "curl" end
   M.check_phase(phase)
+  if has_ca_file then error("commprefs: " .. M.NGX_CA_FILE, 0) end
   return "ngx"
 end
 
