@@ -36,7 +36,7 @@ static double opt_number(lua_State *L, int idx, const char *fname, const char *k
   lua_pop(L, 1);
   if (!(v >= min && v <= max) || (integer && v != (double)(long long)v)) {
     char range[64];
-    snprintf(range, sizeof(range), "from %g to %g", min, max);
+    snprintf(range, sizeof(range), "from %.15g to %.15g", min, max);
     luaL_error(L, "%s: bad option '%s' (%s %s expected)", fname, opt, integer ? "an integer" : "a number", range);
   }
   return v;

@@ -22,7 +22,7 @@
   X("rate_limit.redis_timeout", redis_timeout, 2,  0.001, 3600,         0, "seconds") \
   X("rate_limit.redis_wait", redis_wait,   30,     0,     86400,        0, "seconds") \
   X("batch_size",        batch_size,       100,    1,     1000,         1, "ids") \
-  X("coalesce",          coalesce,         0,      0,     10,           0, "seconds") \
+  X("coalesce",          coalesce,         0,      0.001, 1,            0, "seconds") \
   X("deadline",          deadline,         0,      0.001, 86400,        0, "seconds")
 
 /* The sane range of a window learned from HubSpot's headers (HubSpot's are

@@ -213,7 +213,7 @@ print("status", res[1].status or res[1].kind, res[2].status, reason)
 
     it("rejects a bad max_response_size at new", function()
       assert.has_error(function() commprefs.new { token = "t", max_response_size = 10 } end,
-        "commprefs.new: bad option 'max_response_size' (integer >= 1024 bytes expected)")
+        "commprefs.new: bad option 'max_response_size' (an integer from 1024 to 1073741824 expected)")
       assert.has_error(function() commprefs.new { token = "t", max_response_size = "big" } end)
     end)
   end)

@@ -12,7 +12,7 @@ local outcome = require("commprefs.response").outcome
 local ops = require "commprefs.ops"
 
 local M = {}
-local MAX_ID = core.limits.max_id_bytes
+local rules = require "commprefs.check"
 
 local now = core.now
 local key = ops.key
@@ -48,10 +48,8 @@ local function check(fname, op, source, opts)
   end
   if type(source) == "table" then
     for i = 1, #source do
-      local id = source[i]
-      if type(id) ~= "string" or id == "" or core.has_control(id) or #id > MAX_ID then
-        raise(string.format("bad argument 'source[%d]' (non-empty string of at most %d bytes without control characters expected)", i, MAX_ID))
-      end
+      local why = rules.id("source[" .. i .. "]", source[i])
+      if why then raise(why) end
     end
   end
   return opts
@@ -127,10 +125,8 @@ function M.run(client, fname, opname, source, opts)
     while #chunk < size do
       local id = next_id()
       if id == nil then dry = true; break end
-      if type(id) ~= "string" or id == "" or core.has_control(id) or #id > MAX_ID then
-        error("commprefs." .. fname .. ": the source gave a bad id (" .. type(id)
-          .. (type(id) == "string" and #id > MAX_ID and ", longer than " .. MAX_ID .. " bytes" or "") .. ")", 0)
-      end
+      local why = rules.id("id", id)
+      if why then error("commprefs." .. fname .. ": the source gave a bad id: " .. why, 0) end
       local k = key(id)
       if done_ids[k] then
         if total then total = total - 1 end

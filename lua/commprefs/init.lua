@@ -12,6 +12,7 @@ local redact = require "commprefs.redact"
 local lookup = require "commprefs.lookup"
 local transport_choice = require "commprefs.transport"
 local ops = require "commprefs.ops"
+local check = require "commprefs.check"
 local outcome = response.outcome
 
 local M = { Error = Error, pretty = pretty, _VERSION = core._VERSION, core = core }
@@ -20,45 +21,32 @@ local Client = {}
 Client.__index = Client
 Client.__name = "commprefs.client"
 
-local math_type = math.type or function(x)
-  if type(x) ~= "number" then return nil end
-  return x == math.floor(x) and x > -2^53 and x < 2^53 and "integer" or "float"
-end
-
 ------------------------------------------------------------------ checks
 
 local function raise(fname, msg)
   error("commprefs." .. fname .. ": " .. msg, 3)
 end
 
--- Longest id and token accepted (bytes): longer ones raise before anything is sent.
-local MAX_ID, MAX_TOKEN = 1024, 4096
+local MAX_ID, MAX_TOKEN = check.MAX_ID, check.MAX_TOKEN
 M.MAX_ID, M.MAX_TOKEN = MAX_ID, MAX_TOKEN
+local is_integer = check.is_integer
 
 local function check_text(fname, name, v, allow_empty, max)
-  if type(v) ~= "string" then
-    raise(fname, string.format("bad argument '%s' (string expected, got %s)", name, type(v)))
-  end
-  if v == "" and not allow_empty then raise(fname, string.format("bad argument '%s' (empty string)", name)) end
-  if max and #v > max then
-    raise(fname, string.format("bad argument '%s' (%d bytes long, at most %d allowed)", name, #v, max))
-  end
-  if core.has_control(v) then
-    raise(fname, string.format("bad argument '%s' (contains control characters)", name))
-  end
+  local why = check.text(name, v, allow_empty, max)
+  if why then raise(fname, why) end
   return v
-end
-
-local function is_integer(v)
-  return math_type(v) == "integer" or (type(v) == "number" and v == math.floor(v) and v > -2^53 and v < 2^53)
 end
 
 local function check_integer(fname, name, v)
-  if not is_integer(v) then
-    raise(fname, string.format("bad argument '%s' (integer expected, got %s)", name,
-      type(v) == "number" and tostring(v) or type(v)))
-  end
+  local why = check.integer(name, v)
+  if why then raise(fname, why) end
   return v
+end
+
+-- The numeric options of core.limits, by the names the user wrote.
+local function check_option(name, v)
+  local why = check.option(name, v)
+  if why then raise("new", why) end
 end
 
 local NO_OPTS = setmetatable({}, { __newindex = function() error("commprefs: opts are read-only", 2) end })
@@ -141,9 +129,11 @@ local function check_rate_limit(rl, shared_dict)
     if not RATE_LIMIT_OPTIONS[k] then raise("new", "bad option 'rate_limit' (unknown field '" .. tostring(k) .. "')") end
   end
   if (rl.max ~= nil or rl.interval ~= nil or (rl.redis == nil and rl.key == nil))
-    and (not is_integer(rl.max) or rl.max < 1 or type(rl.interval) ~= "number" or rl.interval <= 0) then
+    and (type(rl.max) ~= "number" or type(rl.interval) ~= "number") then
     raise("new", "bad option 'rate_limit' ({max = requests, interval = seconds} expected)")
   end
+  check_option("rate_limit.max", rl.max)
+  check_option("rate_limit.interval", rl.interval)
   if rl.redis ~= nil and (type(rl.redis) ~= "string" or not rl.redis:match("^redis://[^/]")) then
     raise("new", "bad option 'rate_limit.redis' (a redis://[user:pass@]host:port[/db] URL expected)")
   end
@@ -157,11 +147,8 @@ local function check_rate_limit(rl, shared_dict)
       raise("new", "bad option 'rate_limit.key' (at most 200 characters, no { or })")
     end
   end
-  for _, k in ipairs { "redis_timeout", "redis_wait" } do
-    if rl[k] ~= nil and (type(rl[k]) ~= "number" or not (rl[k] > 0 or (rl[k] == 0 and k == "redis_wait"))) then
-      raise("new", "bad option 'rate_limit." .. k .. "' (positive number of seconds expected)")
-    end
-  end
+  check_option("rate_limit.redis_timeout", rl.redis_timeout)
+  check_option("rate_limit.redis_wait", rl.redis_wait)
 end
 
 function M.new(opts)
@@ -189,21 +176,11 @@ function M.new(opts)
     raise("new", "bad option 'api_version' (\"2026-03\" or \"v4\" expected, got " .. version .. ")")
   end
   if opts.business_unit_id ~= nil then check_integer("new", "business_unit_id", opts.business_unit_id) end
-  local batch_size = opts.batch_size or 100
-  if not is_integer(batch_size) or batch_size < 1 then raise("new", "bad option 'batch_size' (positive integer expected)") end
-  for _, k in ipairs { "max_retries", "max_concurrency" } do
-    if opts[k] ~= nil and (not is_integer(opts[k]) or opts[k] < (k == "max_retries" and 0 or 1)) then
-      raise("new", "bad option '" .. k .. "' (" .. (k == "max_retries" and "non-negative" or "positive") .. " integer expected)")
-    end
+  for _, k in ipairs { "batch_size", "max_retries", "max_concurrency", "timeout", "connect_timeout",
+    "backoff_base", "backoff_max", "max_retry_after", "max_response_size" } do
+    check_option(k, opts[k])
   end
-  for _, k in ipairs { "timeout", "connect_timeout", "backoff_base", "backoff_max", "max_retry_after" } do
-    if opts[k] ~= nil and not (opts[k] > 0 or (opts[k] == 0 and k ~= "timeout" and k ~= "connect_timeout")) then
-      raise("new", "bad option '" .. k .. "' (positive number of seconds expected)")
-    end
-  end
-  if opts.max_response_size ~= nil and (not is_integer(opts.max_response_size) or opts.max_response_size < 1024) then
-    raise("new", "bad option 'max_response_size' (integer >= 1024 bytes expected)")
-  end
+  local batch_size = opts.batch_size or check.limits.batch_size.default
   if opts.ca_file then
     check_text("new", "ca_file", opts.ca_file)
     local f, ferr = io.open(opts.ca_file, "rb")
