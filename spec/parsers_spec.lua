@@ -1,8 +1,10 @@
 -- spec/parsers_spec.lua: the sans-I/O parsers' strictness (HOSTILE.md D17,
--- D18, and bytes after an answer), fed bytes directly:
+-- D18, D13, and bytes after an answer), fed bytes directly:
 -- core.http1_response (csrc/http1.c: a status line must start with "HTTP/";
 -- Content-Length twice is an error even with the same value; bytes after a
--- complete response are counted in result().extra and forbid keep-alive).
+-- complete response are counted in result().extra and forbid keep-alive) and
+-- core.redis_reader (csrc/resp.c: a bulk string announced longer than
+-- 64 MiB is a protocol error as soon as its header arrives).
 local core = require "commprefs.core"
 
 -- Feeds chunks (or raw, byte by byte when bytewise) until done/error.
@@ -89,5 +91,54 @@ describe("core.http1_response strictness", function()
     local p = parse { OK }
     assert.is_nil(p:result().extra)
     assert.is_true(p:result().keepalive)
+  end)
+end)
+
+describe("core.redis_reader bulk-string cap", function()
+  local CAP_ERR = "protocol error: the server announced a string of more than 67108864 bytes"
+
+  it("refuses a 300 MB bulk string as soon as its header is read, and stays failed", function()
+    local rd = core.redis_reader()
+    assert.is_true(rd:feed("$300000000\r\n"))
+    local ok, err = rd:get()
+    assert.is_nil(ok)
+    assert.equal(CAP_ERR, err)
+    ok, err = rd:feed(string.rep("x", 1024))
+    assert.is_nil(ok)
+    assert.equal(CAP_ERR, err)
+    assert.is_nil((rd:get()))
+    rd:close()
+  end)
+
+  it("also with the header's digits split across feeds, or inside an array", function()
+    local rd = core.redis_reader()
+    assert.is_true(rd:feed("$3000"))
+    assert.is_false(rd:get()) -- 3000 so far: fine
+    assert.is_true(rd:feed("00000\r\nabc"))
+    assert.same({ nil, CAP_ERR }, { rd:get() })
+    rd = core.redis_reader()
+    assert.is_true(rd:feed("*2\r\n$3\r\nabc\r\n$67108865\r\n"))
+    assert.same({ nil, CAP_ERR }, { rd:get() })
+  end)
+
+  it("refuses it when fed whole before any get (the string is never built)", function()
+    local rd = core.redis_reader()
+    local n = 64 * 1024 * 1024 + 1
+    assert.is_true(rd:feed("$" .. n .. "\r\n" .. string.rep("x", n) .. "\r\n"))
+    assert.same({ nil, CAP_ERR }, { rd:get() })
+    rd:close()
+    collectgarbage()
+  end)
+
+  it("accepts strings up to the cap, nil bulk strings and ordinary replies", function()
+    local rd = core.redis_reader()
+    assert.is_true(rd:feed("$67108864\r\nab"))
+    assert.is_false(rd:get()) -- exactly 64 MiB announced: waits for it
+    rd = core.redis_reader()
+    assert.is_true(rd:feed("$5\r\nhello\r\n$-1\r\n:7\r\n"))
+    assert.same({ true, "hello" }, { rd:get() })
+    assert.same({ true, core.redis_null }, { rd:get() })
+    assert.same({ true, 7 }, { rd:get() })
+    assert.is_false(rd:get())
   end)
 end)
