@@ -11,8 +11,15 @@
  *       runs to EOF completes, anything else incomplete is a "network" error.
  *       kind is "network" (not a valid response, cut short) or "too_large".
  *   parser:result() -> {status=, body=, content_type=, retry_after=, rate_max=,
- *       rate_interval_ms=, daily_remaining=, location=, keepalive=} (each
- *       header field only when present and valid; raises before completion)
+ *       rate_interval_ms=, daily_remaining=, location=, keepalive=, extra=}
+ *       (each header field only when present and valid; raises before
+ *       completion). extra: the number of bytes fed after the end of this
+ *       response (in the feed that completed it and any later feed), present
+ *       only when > 0; keepalive is then false: the connection must not be
+ *       reused, whatever those bytes are (a forged or duplicated answer).
+ *   Stricter than http-parser alone: a status line must start with exactly
+ *   "HTTP/" (Debian's http-parser checks only the 'H'); two Content-Length
+ *   headers are an error even when they agree (http-parser 2.9.4 itself).
  *   parser:close() frees the body at once (also __gc, __close). */
 #define _POSIX_C_SOURCE 200809L
 #include <ctype.h>
@@ -142,8 +149,18 @@ static int on_message_complete(http_parser *p) {
   return 0;
 }
 
+/* http-parser (without HTTP_PARSER_STRICT) checks only the 'H' of "HTTP/":
+ * it pauses here, right after that 'H', so that feed() checks the rest. */
+static int on_message_begin(http_parser *p) {
+  cp_http1 *r = p->data;
+  r->begun = 1;
+  r->magic = 1;
+  http_parser_pause(p, 1);
+  return 0;
+}
+
 static const http_parser_settings SETTINGS = {
-  NULL, NULL, NULL, on_header_field, on_header_value, on_headers_complete, on_body,
+  on_message_begin, NULL, NULL, on_header_field, on_header_value, on_headers_complete, on_body,
   on_message_complete, NULL, NULL};
 
 void cp_http1_init(cp_http1 *r, size_t max_body) {
@@ -154,19 +171,46 @@ void cp_http1_init(cp_http1 *r, size_t max_body) {
   r->capturing = -1;
 }
 
+/* Checks the next bytes of a status line against the rest of "HTTP/"
+ * (without consuming them: the parser reads them next). 0, or -1 when wrong. */
+static int check_magic(cp_http1 *r, const char *data, size_t len) {
+  static const char MAGIC[] = "HTTP/";
+  size_t i;
+  for (i = 0; i < len && r->magic > 0 && r->magic < 5; i++, r->magic++)
+    if (data[i] != MAGIC[r->magic]) return -1;
+  return 0;
+}
+
+/* Runs http-parser over data, checking each status line it begins (see
+ * on_message_begin). Returns the bytes consumed; r->failed on a bad line. */
+static size_t execute(cp_http1 *r, const char *data, size_t len) {
+  size_t pos = 0;
+  for (;;) {
+    if (check_magic(r, data + pos, len - pos) != 0) {
+      fail_with(r, "network", "invalid HTTP response: the status line does not start with \"HTTP/\"");
+      return pos;
+    }
+    pos += http_parser_execute(&r->parser, &SETTINGS, data + pos, len - pos);
+    if (!r->begun) return pos;
+    r->begun = 0;
+    http_parser_pause(&r->parser, 0);
+    if (pos == len) return pos; /* not execute(""): that would mean EOF */
+  }
+}
+
 int cp_http1_feed(cp_http1 *r, const char *data, size_t len) {
   size_t n;
   enum http_errno e;
   if (r->failed) return H1_ERROR;
   if (r->done) {
-    if (len > 0) r->trailing = 1;
+    r->extra += len;
     return H1_DONE;
   }
-  n = http_parser_execute(&r->parser, &SETTINGS, data, len);
+  n = execute(r, data, len);
   if (r->failed) return H1_ERROR;
   e = HTTP_PARSER_ERRNO(&r->parser);
   if (r->done) {
-    if (n < len) r->trailing = 1;
+    r->extra += len - n;
     return H1_DONE;
   }
   if (e != HPE_OK && len == 0) {
@@ -190,7 +234,7 @@ int cp_http1_feed(cp_http1 *r, const char *data, size_t len) {
 }
 
 int cp_http1_keepalive(const cp_http1 *r) {
-  return r->done && !r->trailing && http_should_keep_alive(&r->parser);
+  return r->done && r->extra == 0 && http_should_keep_alive(&r->parser);
 }
 
 long cp_http1_header_long(const cp_http1 *r, int which) {
@@ -260,7 +304,7 @@ static void set_value(lua_State *L, const cp_http1 *r, const char *key, int whic
 static int l_result(lua_State *L) {
   cp_http1 *r = luaL_checkudata(L, 1, HTTP1_MT);
   if (!r->done) return luaL_error(L, "commprefs: http1 parser:result() before the response is complete");
-  lua_createtable(L, 0, 10);
+  lua_createtable(L, 0, 11);
   lua_pushinteger(L, r->status);
   lua_setfield(L, -2, "status");
   lua_pushlstring(L, r->body ? r->body : "", r->body_len);
@@ -279,6 +323,10 @@ static int l_result(lua_State *L) {
   set_long(L, "daily_remaining", cp_http1_header_long(r, H1_DAILY_REMAINING));
   lua_pushboolean(L, cp_http1_keepalive(r));
   lua_setfield(L, -2, "keepalive");
+  if (r->extra > 0) { /* only then: the connection must not carry another request */
+    lua_pushinteger(L, (lua_Integer)r->extra);
+    lua_setfield(L, -2, "extra");
+  }
   return 1;
 }
 

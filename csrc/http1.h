@@ -24,7 +24,10 @@ typedef struct {
   int capturing;              /* H1_* of the value being read, or -1 */
   int last_was_value;
   int status;                 /* 0 until the final (non-1xx) headers are in */
-  int done, failed, trailing; /* trailing: bytes came after the response */
+  int done, failed;
+  size_t extra;               /* bytes received after the end of the response (fed with it or later) */
+  int magic;                  /* how much of "HTTP/" the current status line has matched: 0 none yet, 5 all */
+  int begun;                  /* set by on_message_begin: the parser paused right after a status line's 'H' */
   const char *error;          /* static text or errbuf when failed */
   char errbuf[96];
   const char *error_kind;     /* "network" or "too_large" */
@@ -34,9 +37,13 @@ void cp_http1_init(cp_http1 *r, size_t max_body);
 /* Feeds bytes received; len 0 means the peer closed (EOF). Returns H1_DONE
  * once the response is complete, H1_MORE while more is needed, H1_ERROR
  * (r->error, r->error_kind) when the bytes are not a valid response, the
- * body exceeds max_body, or EOF came before the end. Sticky once DONE/ERROR. */
+ * body exceeds max_body, or EOF came before the end. Sticky once DONE/ERROR.
+ * Stricter than http-parser built without HTTP_PARSER_STRICT (Debian's): a
+ * status line must start with exactly "HTTP/". Bytes fed after the end of
+ * the response (in the same call or later ones) are counted in r->extra. */
 int cp_http1_feed(cp_http1 *r, const char *data, size_t len);
-/* 1 when the connection may carry another request after this response. */
+/* 1 when the connection may carry another request after this response
+ * (never when extra > 0: those bytes are no answer to a request of ours). */
 int cp_http1_keepalive(const cp_http1 *r);
 /* A kept header as a non-negative integer, or -1 when absent or invalid. */
 long cp_http1_header_long(const cp_http1 *r, int which);

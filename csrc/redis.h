@@ -14,6 +14,8 @@
 
 /* The most elements a reply array may announce (bigger: a protocol error). */
 #define CP_RESP_MAX_ELEMENTS (1 << 20)
+/* The longest bulk string (or status/error line) a reply may hold (longer: a protocol error). */
+#define CP_RESP_MAX_BULK (64L << 20)
 /* The budget counts a request when it grants it, before it is sent, and its
  * participants are other processes and hosts: the spread between a grant and
  * the request reaching HubSpot is wider than inside one process, so the

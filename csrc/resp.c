@@ -9,6 +9,7 @@
  * Lua array, nil -> core.redis_null, status -> {ok = "OK"}, error ->
  * commprefs.Error {kind = "redis", message = "..."} (at the top level the
  * callers return it as nil, err). */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "redis.h"
@@ -75,29 +76,76 @@ void cp_resp_push_reply(lua_State *L, const redisReply *r) {
   }
 }
 
-/* ------------------------------------------------------------ array limit */
+/* ------------------------------------------------------------ size limits */
+
+enum { TOO_MANY_ELEMENTS = 1, TOO_LONG_STRING = 2 }; /* cp_resp_limit.too_large */
 
 static void *capped_array(const redisReadTask *task, int elements) {
   cp_resp_limit *lim = task->privdata;
   if (elements < 0 || elements > CP_RESP_MAX_ELEMENTS) {
-    lim->too_large = 1;
+    lim->too_large = TOO_MANY_ELEMENTS;
     return NULL; /* the reader fails with an out-of-memory error we rename */
   }
   return lim->base->createArray(task, elements);
+}
+
+static void *capped_string(const redisReadTask *task, char *str, size_t len) {
+  cp_resp_limit *lim = task->privdata;
+  if (len > (size_t)CP_RESP_MAX_BULK) {
+    lim->too_large = TOO_LONG_STRING;
+    return NULL;
+  }
+  return lim->base->createString(task, str, len);
 }
 
 void cp_resp_limit_reader(redisReader *r, cp_resp_limit *lim) {
   lim->base = r->fn;
   lim->fns = *r->fn;
   lim->fns.createArray = capped_array;
+  lim->fns.createString = capped_string;
   lim->too_large = 0;
   r->fn = &lim->fns;
   r->privdata = lim;
 }
 
 const char *cp_resp_reader_error(const redisReader *r, const cp_resp_limit *lim) {
-  if (lim->too_large) return "protocol error: the server announced an array of more than 1048576 elements";
+  if (lim->too_large == TOO_MANY_ELEMENTS)
+    return "protocol error: the server announced an array of more than 1048576 elements";
+  if (lim->too_large == TOO_LONG_STRING)
+    return "protocol error: the server announced a string of more than 67108864 bytes";
   return r->errstr;
+}
+
+/* 1 when the item hiredis is in the middle of is over CP_RESP_MAX_BULK: a
+ * bulk string whose announced length (its digits so far) is, or a status,
+ * error or integer line that is already longer. hiredis parses a bulk
+ * header at every redisReaderGetReply but calls createString only once the
+ * whole string is buffered; this looks at the header while it waits. */
+static int pending_too_long(const redisReader *r) {
+  const char *p, *end;
+  long long n = 0;
+  int type;
+  if (r->err || r->ridx < 0) return 0;
+  type = r->rstack[r->ridx].type;
+  p = r->buf + r->pos;
+  end = r->buf + r->len;
+  if (type == REDIS_REPLY_STATUS || type == REDIS_REPLY_ERROR || type == REDIS_REPLY_INTEGER)
+    return (size_t)(end - p) > (size_t)CP_RESP_MAX_BULK + 2 && !memchr(p, '\r', (size_t)(end - p));
+  if (type != REDIS_REPLY_STRING) return 0;
+  for (; p < end && *p >= '0' && *p <= '9'; p++) {
+    n = n * 10 + (*p - '0');
+    if (n > CP_RESP_MAX_BULK) return 1;
+  }
+  return 0;
+}
+
+/* Fails the reader (sticky, as hiredis's own errors) when pending_too_long. */
+static int check_pending(redisReader *r, cp_resp_limit *lim) {
+  if (!pending_too_long(r)) return 0;
+  lim->too_large = TOO_LONG_STRING;
+  r->err = REDIS_ERR_PROTOCOL;
+  snprintf(r->errstr, sizeof(r->errstr), "%s", cp_resp_reader_error(r, lim));
+  return -1;
 }
 
 /* ------------------------------------------------------------ core.redis_reader() */
@@ -118,7 +166,7 @@ static int reader_feed(lua_State *L) {
   lua_reader *lr = check_reader(L);
   size_t len;
   const char *buf = luaL_checklstring(L, 2, &len);
-  if (lr->r->err || redisReaderFeed(lr->r, buf, len) != REDIS_OK) {
+  if (lr->r->err || check_pending(lr->r, &lr->lim) != 0 || redisReaderFeed(lr->r, buf, len) != REDIS_OK) {
     lua_pushnil(L);
     lua_pushstring(L, cp_resp_reader_error(lr->r, &lr->lim));
     return 2;
@@ -133,6 +181,11 @@ static int reader_get(lua_State *L) {
   lua_reader *lr = check_reader(L);
   void *reply = NULL;
   if (lr->r->err || redisReaderGetReply(lr->r, &reply) != REDIS_OK) {
+    lua_pushnil(L);
+    lua_pushstring(L, cp_resp_reader_error(lr->r, &lr->lim));
+    return 2;
+  }
+  if (!reply && check_pending(lr->r, &lr->lim) != 0) {
     lua_pushnil(L);
     lua_pushstring(L, cp_resp_reader_error(lr->r, &lr->lim));
     return 2;

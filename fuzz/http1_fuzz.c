@@ -4,8 +4,10 @@
  * and through the Lua binding (core.http1_response), sometimes followed by
  * EOF. Nothing may crash, leak, read out of bounds or raise; a completed
  * answer respects max_body, and a status, body and keep-alive are reported
- * consistently. Input: byte 0 picks max_body (0 = none, else small limits) and
- * the piece sizes; the rest is the bytes of the response. */
+ * consistently; it began with "HTTP/" (after any blank lines); bytes after
+ * it are counted in extra, and then it is never kept alive. Input: byte 0
+ * picks max_body (0 = none, else small limits) and the piece sizes; the
+ * rest is the bytes of the response. */
 /* the core files first: they set their own feature macros */
 #include "../csrc/http1.c"
 #include "../csrc/headers.c"
@@ -31,6 +33,8 @@ static const char *CHECK =
   "  assert(r.status >= 200 and r.status <= 999, r.status)\n"
   "  assert(max == 0 or #r.body <= max)\n"
   "  assert(type(r.keepalive) == 'boolean')\n"
+  "  assert(data:find('^[\\r\\n]*HTTP/'), 'a status line not starting with HTTP/ was accepted')\n"
+  "  assert(r.extra == nil or (math.type(r.extra) == 'integer' and r.extra > 0 and not r.keepalive), 'extra')\n"
   "  for _, k in ipairs { 'retry_after', 'rate_max', 'rate_interval_ms', 'daily_remaining' } do\n"
   "    assert(r[k] == nil or (math.type(r[k]) == 'integer' and r[k] >= 0), k)\n"
   "  end\n"
@@ -61,7 +65,8 @@ static void feed_c(const uint8_t *data, size_t size, size_t max, size_t step, in
   if (rc == H1_DONE) {
     assert(r.status >= 100);
     assert(max == 0 || r.body_len <= max);
-    (void)cp_http1_keepalive(&r);
+    assert(r.extra <= size);
+    assert(r.extra == 0 || !cp_http1_keepalive(&r));
   }
   if (rc == H1_ERROR) assert(r.error && r.error_kind);
   cp_http1_free(&r);
