@@ -55,6 +55,13 @@ static int client_perform(lua_State *L) {
   return cp_transport_perform(L, check_open(L));
 }
 
+/* client:drop_connections() -> true | nil when it cannot (inside perform) */
+static int client_drop_connections(lua_State *L) {
+  if (cp_transport_drop_connections(check_open(L)) != 0) return 0;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* client:governor() -> the governor it drives */
 static int client_governor(lua_State *L) {
   cp_transport *t = check_open(L);
@@ -158,7 +165,8 @@ static int core_now(lua_State *L) {
 }
 
 static const luaL_Reg client_methods[] = {
-  {"perform", client_perform}, {"close", client_close}, {"governor", client_governor}, {NULL, NULL}};
+  {"perform", client_perform}, {"close", client_close}, {"governor", client_governor},
+  {"drop_connections", client_drop_connections}, {NULL, NULL}};
 
 /* A private lua-cjson instance: cjson.new(), strict about numbers. */
 static void push_private_cjson(lua_State *L) {

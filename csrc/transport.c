@@ -19,6 +19,8 @@
 #include <string.h>
 #include <signal.h>
 #include <time.h>
+#include <sys/types.h>
+#include <sys/socket.h>
 #include "transport.h"
 #include "headers.h"
 #include "util.h"
@@ -210,6 +212,20 @@ int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const
     cp_transport_close(t);
     return -1;
   }
+  curl_multi_setopt(t->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+  curl_multi_setopt(t->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)t->nslots);
+  return 0;
+}
+
+/* Forgets every pooled connection (a new multi handle): after an answer that
+ * named another request's id, nothing read on those connections is trusted. */
+int cp_transport_drop_connections(cp_transport *t) {
+  CURLM *m;
+  if (t->active) return -1;
+  m = curl_multi_init();
+  if (!m) return -1;
+  curl_multi_cleanup(t->multi);
+  t->multi = m;
   curl_multi_setopt(t->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
   curl_multi_setopt(t->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)t->nslots);
   return 0;
@@ -449,10 +465,26 @@ static void stop_slots(lua_State *L, cp_transport *t, const source_state *src, i
   }
 }
 
+/* No answer without its question: an HTTP/1.x connection that holds bytes
+ * once its answer is complete (a duplicated or unsolicited answer, a proxy's
+ * 408) must never carry the next request, or the next call would read them
+ * as its own answer. libcurl 7.88 counts such a readable idle socket as
+ * alive, so it is shut down here: libcurl then finds it dead and connects
+ * afresh. (HTTP/2 frames name their stream: nothing to do there.) */
+static void drop_if_unclean(CURL *e) {
+  long version = 0;
+  curl_socket_t fd = CURL_SOCKET_BAD;
+  char b;
+  if (curl_easy_getinfo(e, CURLINFO_HTTP_VERSION, &version) != CURLE_OK || version >= CURL_HTTP_VERSION_2_0) return;
+  if (curl_easy_getinfo(e, CURLINFO_ACTIVESOCKET, &fd) != CURLE_OK || fd == CURL_SOCKET_BAD) return;
+  if (recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0) shutdown(fd, SHUT_RDWR);
+}
+
 static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc) {
   cp_outcome o;
   cp_decision d;
   double now = cp_now_ms();
+  if (rc == CURLE_OK) drop_if_unclean(s->easy);
   curl_multi_remove_handle(t->multi, s->easy);
   if (!s->on_wire) cp_gov_unsent(t->gov);
   s->attempts++;

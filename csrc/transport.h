@@ -43,6 +43,8 @@ typedef struct cp_transport {
  * with a message in err (nothing left allocated). */
 int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const char **err);
 void cp_transport_close(cp_transport *t);
+/* Drops every pooled connection: 0, or -1 (inside perform, or out of memory). */
+int cp_transport_drop_connections(cp_transport *t);
 /* client:perform(source, on_done): see transport.c. */
 int cp_transport_perform(lua_State *L, cp_transport *t);
 /* The signal (SIGINT, SIGTERM) that stopped the last perform, or 0. */

@@ -306,10 +306,28 @@ function Client:_pacer()
   return self._ngx and self._ngx.pacer
 end
 
-function Client:_request(method, path, q, body)
+-- Forgets the pooled connections of both transports.
+function Client:_drop_connections()
+  if self._curl then self._curl:drop_connections() end
+  if self._ngx then self._ngx:drop_connections() end
+end
+
+-- One request; about_id: the id a read is about. An answer naming another id
+-- belongs to another request (a connection that held stale bytes): the
+-- connections are dropped and the read is sent once more on a fresh one;
+-- twice is an error, never an answer.
+function Client:_request(method, path, q, body, about_id)
   local req = { method = method, url = self._prefix .. path .. q, body = body }
-  local res = self:_perform({ req })[1]
-  return outcome(req, res)
+  for attempt = 1, 2 do
+    local env, err = outcome(req, self:_perform({ req })[1])
+    local other = env and about_id and ops.names_other(env, about_id)
+    if not other then return env, err end
+    self:_drop_connections()
+    if attempt == 2 then
+      return nil, Error.new { kind = "decode", code = "desync", method = method, url = response.strip_userinfo(req.url),
+        message = "the answer named another id than the one asked (" .. other .. "), twice: not taken" }
+    end
+  end
 end
 
 ------------------------------------------------------------------ batches
@@ -358,7 +376,7 @@ end
 function Client:get_unsubscribe_all_status(id, opts)
   local seg = segment("get_unsubscribe_all_status", id)
   opts = check_opts("get_unsubscribe_all_status", opts, O_BU_VERBOSE)
-  return self:_request("GET", "statuses/" .. seg .. "/unsubscribe-all", query(self, opts, true, true))
+  return self:_request("GET", "statuses/" .. seg .. "/unsubscribe-all", query(self, opts, true, true), nil, id)
 end
 
 function Client:unsubscribe_all(id, opts)
@@ -386,7 +404,7 @@ end
 function Client:get_status(id, opts)
   local seg = segment("get_status", id)
   opts = check_opts("get_status", opts, O_BU)
-  return self:_request("GET", "statuses/" .. seg, query(self, opts, true))
+  return self:_request("GET", "statuses/" .. seg, query(self, opts, true), nil, id)
 end
 
 function Client:update_status(id, request, opts)

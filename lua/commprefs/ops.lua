@@ -131,6 +131,18 @@ function M.match(env, ids, on)
   end
 end
 
+-- The id another than `id` that an answer about `id` names (a result's
+-- subscriberIdString), or nil: such an answer belongs to another request
+-- (a desynchronised connection) and must never be taken as id's.
+function M.names_other(env, id)
+  local k = lower(id)
+  for _, r in ipairs(env.results or {}) do
+    local named = type(r) == "table" and r.subscriberIdString
+    if type(named) == "string" and lower(named) ~= k then return named end
+  end
+  return nil
+end
+
 -- Calls record(id, outcome, detail) once for every id of chunk, given the
 -- envelope (or Error) of the batch request: outcome is one of op.counts or
 -- "failed" (detail: the per-id result, or the Error).

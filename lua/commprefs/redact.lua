@@ -121,6 +121,10 @@ end
 --   pieces / folded_pieces: the quick check's pieces for either kind.
 local function prepare(secret)
   local e = { secret = secret, exact = {}, folded = {}, pieces = {}, folded_pieces = {} }
+  if #secret < MIN_FORM then -- too short for derived forms (they would match ordinary text): exact only
+    e.exact[1], e.pieces[1] = secret, secret:sub(1, PIECE)
+    return e
+  end
   local seen, pseen, fseen = {}, {}, {}
   for _, f in ipairs(base64_forms(secret)) do add_form(e.exact, seen, f, secret) end
   base64_pieces(e, pseen, secret)

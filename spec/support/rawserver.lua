@@ -4,7 +4,10 @@
 --   lua5.4 spec/support/rawserver.lua MODE PORT
 -- MODE: slowread (reads each request body in small slices, then answers {}),
 -- endless (a 200 with an endless chunked body), biglength (Content-Length of
--- 1 GB, then streams), hang (reads the request, never answers).
+-- 1 GB, then streams), hang (reads the request, never answers), dup and
+-- dup-late (keep-alive; every GET .../statuses/ID/unsubscribe-all is answered
+-- for ID, unsubscribed when ID starts with "u", and then the same answer is
+-- sent once more: at once, or 20 ms later).
 -- Used from a spec: `local srv = require("support.rawserver").start(mode)`
 -- -> {url=, port=, pid=}; `srv:stop()`. It exits by itself after 120 s.
 local socket = require "socket"
@@ -12,15 +15,27 @@ local socket = require "socket"
 local M = {}
 
 local function read_request(c)
-  local len = 0
+  local len, first = 0, nil
   while true do
     local line = c:receive("*l")
     if not line then return nil end
     if line == "" then break end
+    first = first or line
     local v = line:lower():match("^content%-length:%s*(%d+)")
     if v then len = tonumber(v) end
   end
-  return len
+  return len, first
+end
+
+-- The answer HubSpot gives a GET of statuses/ID/unsubscribe-all.
+local function status_answer(request_line)
+  local id = (request_line or ""):match("/statuses/([^/?]+)/unsubscribe%-all") or "none"
+  id = id:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+  local body = string.format('{"status":"COMPLETE","results":[{"subscriberIdString":"%s","wideStatusType":'
+    .. '"PORTAL_WIDE","status":"%s","channel":"EMAIL","timestamp":"2026-01-01T00:00:00Z"}],'
+    .. '"startedAt":"2026-01-01T00:00:00Z","completedAt":"2026-01-01T00:00:00Z"}',
+    id, id:sub(1, 1) == "u" and "UNSUBSCRIBED" or "SUBSCRIBED")
+  return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body
 end
 
 local ANSWER = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -34,9 +49,15 @@ local function serve(mode, port)
     if c then
       c:settimeout(30)
       while true do
-        local len = read_request(c)
+        local len, first = read_request(c)
         if not len then break end
-        if mode == "slowread" then
+        if mode == "dup" or mode == "dup-late" then
+          if len > 0 then c:receive(len) end
+          local answer = status_answer(first)
+          if not c:send(answer) then break end
+          if mode == "dup-late" then socket.sleep(0.02) end
+          if not c:send(answer) then break end
+        elseif mode == "slowread" then
           local left = len
           while left > 0 do
             local n = math.min(left, 256 * 1024)

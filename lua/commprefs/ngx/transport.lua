@@ -30,7 +30,7 @@ end
 -- connect to), port=, authority= ("host[:port]" for the Host header), pool=},
 -- or nil. The keep-alive pool is named by all that decides whether a
 -- connection may be reused: scheme, host, port and TLS verification.
-local function parse_origin(origin, verify_tls)
+local function parse_origin(origin, verify_tls, generation)
   local scheme, authority = origin:match("^(https?)://(.*)$")
   authority = authority:gsub("^.*@", "")
   local host, port = authority:match("^%[([^%]]+)%]:?(%d*)$")
@@ -41,8 +41,8 @@ local function parse_origin(origin, verify_tls)
   return { tls = tls, host = host, port = port, authority = authority,
     -- nginx resolves names only through its `resolver` directive; localhost is loopback by definition
     addr = host == "localhost" and "127.0.0.1" or host,
-    pool = { pool = string.format("commprefs:%s:%s:%d:%s", scheme, host, port,
-      tls and (verify_tls and "verify" or "noverify") or "") } }
+    pool = { pool = string.format("commprefs:%s:%s:%d:%s:%d", scheme, host, port,
+      tls and (verify_tls and "verify" or "noverify") or "", generation) } }
 end
 
 -- The target of a request URL (parsed once per origin) and its path+query.
@@ -51,7 +51,7 @@ local function target(t, url)
   if not origin then return nil end
   local tg = t.targets[origin]
   if tg == nil then
-    tg = parse_origin(origin, t.settings.verify_tls) or false
+    tg = parse_origin(origin, t.settings.verify_tls, t.generation) or false
     if t.ntargets < 16 then t.targets[origin], t.ntargets = tg, t.ntargets + 1 end
   end
   if not tg then return nil end
@@ -132,7 +132,7 @@ local function exchange(t, req, pacer, resent)
   local res = parser:result()
   parser:close()
   if res.keepalive then sock:setkeepalive() else sock:close() end
-  res.keepalive = nil
+  res.keepalive, res.extra = nil, nil -- extra: bytes after the answer (never reused: keepalive is false)
   if res.status < 300 or res.status > 399 then res.location = nil end -- C2: location= only on a redirect
   return res, true
 end
@@ -261,13 +261,21 @@ local function perform(t, source, on_done)
   return ending()
 end
 
+-- Forgets this transport's pooled connections: new ones are made under a
+-- new pool name (the old ones idle out in nginx's pool, never reused).
+local function drop_connections(t)
+  t.generation = t.generation + 1
+  t.targets, t.ntargets = {}, 0
+  return true
+end
+
 -- new(governor, pacer, token) -> transport with :perform(source, on_done).
 -- The token lives only in the closure that writes request heads.
 function M.new(gov, pacer, token)
   local settings = gov:settings()
   local fixed = "User-Agent: " .. settings.user_agent .. "\r\nAuthorization: Bearer " .. token
     .. "\r\nAccept: application/json\r\n"
-  local t = { gov = gov, pacer = pacer, settings = settings, targets = {}, ntargets = 0 }
+  local t = { gov = gov, pacer = pacer, settings = settings, targets = {}, ntargets = 0, generation = 0 }
   t.head = function(method, path, authority, body)
     if body then
       return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", fixed,
@@ -277,7 +285,7 @@ function M.new(gov, pacer, token)
   end
   token = nil
   return setmetatable(t, {
-    __index = { perform = perform },
+    __index = { perform = perform, drop_connections = drop_connections },
     __tostring = function() return "commprefs.ngx.transport" end,
   })
 end
