@@ -84,6 +84,12 @@ void cp_gov_on_wire(cp_governor *g, double now) {
 
 void cp_gov_unsent(cp_governor *g) { cp_rl_unsent(&g->rl); }
 
+void cp_gov_resent(cp_governor *g, double now) {
+  cp_rl_record(&g->rl, now);
+  g->sent++;
+  g->retries++;
+}
+
 void cp_gov_abandon(cp_governor *g, int on_wire) {
   if (on_wire) cp_rl_answered(&g->rl);
   else cp_rl_unsent(&g->rl);
@@ -221,6 +227,7 @@ static int gov_next(lua_State *L) {
 
 static int gov_begin(lua_State *L) { cp_gov_begin(cp_check_governor(L, 1)); return 0; }
 static int gov_on_wire(lua_State *L) { cp_gov_on_wire(cp_check_governor(L, 1), cp_now_ms()); return 0; }
+static int gov_resent(lua_State *L) { cp_gov_resent(cp_check_governor(L, 1), cp_now_ms()); return 0; }
 static int gov_unsent(lua_State *L) { cp_gov_unsent(cp_check_governor(L, 1)); return 0; }
 static int gov_abandon(lua_State *L) {
   cp_gov_abandon(cp_check_governor(L, 1), lua_toboolean(L, 2));
@@ -306,6 +313,7 @@ static int gov_settings(lua_State *L) {
   lua_setfield(L, -2, "verify_tls");
   cp_set_string(L, "user_agent", g->user_agent);
   cp_set_integer(L, "max_response_size", g->max_response);
+  cp_set_integer(L, "max_retries", g->policy.max_retries);
   if (g->max_concurrency) cp_set_integer(L, "max_concurrency", g->max_concurrency);
   if (g->rl.max > 0) cp_set_integer(L, "rate_max", g->rl.max);
   cp_set_integer(L, "rate_interval_ms", g->rl.interval_ms);
@@ -341,7 +349,7 @@ static int gov_tostring(lua_State *L) {
 
 void cp_register_governor(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"new_call", gov_new_call}, {"next", gov_next}, {"begin", gov_begin}, {"on_wire", gov_on_wire},
+    {"new_call", gov_new_call}, {"next", gov_next}, {"begin", gov_begin}, {"on_wire", gov_on_wire}, {"resent", gov_resent},
     {"unsent", gov_unsent}, {"abandon", gov_abandon}, {"finish", gov_finish}, {"target", gov_target},
     {"manual", gov_manual}, {"settings", gov_settings}, {"stats", gov_stats}, {"close", gov_gc},
     {NULL, NULL}};

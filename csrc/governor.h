@@ -50,6 +50,8 @@ void cp_gov_new_call(cp_governor *g);
 double cp_gov_next(cp_governor *g, double now, const char **stop, const char **why);
 void cp_gov_begin(cp_governor *g);
 void cp_gov_on_wire(cp_governor *g, double now);
+/* the transport sent the same attempt again (a replay on a fresh connection): counted, window too */
+void cp_gov_resent(cp_governor *g, double now);
 void cp_gov_unsent(cp_governor *g);
 /* it was abandoned (the call stopped or raised): on the wire or not */
 void cp_gov_abandon(cp_governor *g, int on_wire);

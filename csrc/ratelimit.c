@@ -72,7 +72,7 @@ double cp_rl_wait(cp_ratelimit *rl, double now) {
   return wait > 0 ? wait : 0;
 }
 
-static void rl_record(cp_ratelimit *rl, double now) {
+void cp_rl_record(cp_ratelimit *rl, double now) {
   if (rl->count == rl->cap) { /* full ring: forget the oldest */
     rl->head = (rl->head + 1) % rl->cap;
     rl->count--;
@@ -86,7 +86,7 @@ void cp_rl_start(cp_ratelimit *rl) { rl->pending++; }
 void cp_rl_sent(cp_ratelimit *rl, double now) {
   if (rl->pending > 0) rl->pending--;
   rl->on_wire++;
-  rl_record(rl, now);
+  cp_rl_record(rl, now);
 }
 
 void cp_rl_unsent(cp_ratelimit *rl) {

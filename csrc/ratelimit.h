@@ -28,6 +28,8 @@ double cp_rl_wait(cp_ratelimit *rl, double now);
 void cp_rl_start(cp_ratelimit *rl);
 void cp_rl_sent(cp_ratelimit *rl, double now);
 void cp_rl_unsent(cp_ratelimit *rl);
+/* One more send at now in the window (a replay of an attempt already on the wire). */
+void cp_rl_record(cp_ratelimit *rl, double now);
 /* Learn the window from X-HubSpot-RateLimit-Max / -Interval-Milliseconds. */
 void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms);
 /* A 429 arrived: hold every send for hold_ms (policy.c decides how long). */

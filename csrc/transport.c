@@ -17,6 +17,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <signal.h>
 #include <time.h>
 #include <sys/types.h>
@@ -115,16 +116,49 @@ static size_t on_body(char *data, size_t size, size_t n, void *ud) {
   return add;
 }
 
-/* libcurl is about to send the request: that is when the rate window counts it. */
+/* libcurl is about to send the request: that is when the rate window counts
+ * it. Called again for the same attempt when libcurl resends it on a fresh
+ * connection (a reused one died unanswered). A GET is then only replaced
+ * (as the cosocket transport replaces a stale pooled connection), but a
+ * POST may have been acted on: its replay is an attempt of its own, counted
+ * and sent only while retries are left (max_retries = 0: one send). */
 static int on_prereq(void *ud, char *ip, char *local_ip, int port, int local_port) {
   cp_slot *s = ud;
+  cp_governor *g = s->owner->gov;
   (void)ip; (void)local_ip; (void)port; (void)local_port;
+  s->length_seen = -1;
   if (!s->on_wire) {
     s->on_wire = 1;
     s->sent_at = cp_now_ms();
-    cp_gov_on_wire(s->owner->gov, s->sent_at);
+    cp_gov_on_wire(g, s->sent_at);
+    return CURL_PREREQFUNC_OK;
   }
+  if (!s->post) return CURL_PREREQFUNC_OK;
+  if (s->attempts + 1 > g->policy.max_retries) {
+    s->replay_refused = 1;
+    return CURL_PREREQFUNC_ABORT;
+  }
+  s->attempts++;
+  cp_gov_resent(g, cp_now_ms());
   return CURL_PREREQFUNC_OK;
+}
+
+/* Each header line of the answer: two different Content-Length values make
+ * its framing ambiguous (which bytes are the body?): the answer is refused. */
+static size_t on_header(char *line, size_t size, size_t n, void *ud) {
+  cp_slot *s = ud;
+  size_t len = size * n;
+  static const char name[] = "content-length:";
+  if (len >= 5 && strncmp(line, "HTTP/", 5) == 0) s->length_seen = -1; /* a new header block (after a 1xx) */
+  if (len > sizeof(name) - 1 && strncasecmp(line, name, sizeof(name) - 1) == 0) {
+    long v = strtol(line + sizeof(name) - 1, NULL, 10);
+    if (s->length_seen >= 0 && v != s->length_seen) {
+      s->bad_length = 1;
+      return 0; /* libcurl stops the transfer */
+    }
+    s->length_seen = v;
+  }
+  return len;
 }
 
 static char *dup_or_null(const char *s) {
@@ -143,6 +177,8 @@ static CURL *new_easy(cp_transport *t, cp_slot *s) {
   curl_easy_setopt(e, CURLOPT_PRIVATE, s);
   curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, on_prereq);
   curl_easy_setopt(e, CURLOPT_PREREQDATA, s);
+  curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+  curl_easy_setopt(e, CURLOPT_HEADERDATA, s);
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, s);
   curl_easy_setopt(e, CURLOPT_ERRORBUFFER, s->errbuf);
@@ -271,11 +307,15 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s) {
   if (!s->easy && !(s->easy = new_easy(t, s))) luaL_error(L, "perform: out of memory");
   s->len = 0;
   s->too_large = 0;
+  s->replay_refused = 0;
+  s->bad_length = 0;
+  s->length_seen = -1;
   s->errbuf[0] = '\0';
   /* libcurl copies the URL and (COPYPOSTFIELDS) the body: nothing it keeps
    * points into a Lua string, which the source or on_done may let go */
   curl_easy_setopt(s->easy, CURLOPT_URL, url);
-  if (method && strcmp(method, "POST") == 0) {
+  s->post = method && strcmp(method, "POST") == 0;
+  if (s->post) {
     curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, t->post_headers);
     curl_easy_setopt(s->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
     curl_easy_setopt(s->easy, CURLOPT_COPYPOSTFIELDS, body ? body : "");
@@ -350,6 +390,10 @@ static void push_result(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, 
     lua_setfield(L, -2, "kind");
     if (strcmp(o->kind, "too_large") == 0)
       lua_pushfstring(L, "the answer is larger than max_response_size (%d bytes)", (int)t->gov->max_response);
+    else if (s->replay_refused)
+      lua_pushliteral(L, "the connection closed before an answer; not sent again (no retries left)");
+    else if (s->bad_length)
+      lua_pushliteral(L, "the answer had two different Content-Length values (ambiguous framing): refused");
     else
       lua_pushstring(L, s->errbuf[0] ? s->errbuf : curl_easy_strerror(rc));
     lua_setfield(L, -2, "message");

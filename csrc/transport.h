@@ -19,6 +19,10 @@ typedef struct {
   lua_Integer index;       /* the request's number, given back to on_done */
   int attempts;
   int on_wire;             /* this attempt's request has been sent */
+  int post;                /* this request is a POST */
+  int replay_refused;      /* libcurl would have resent it on a fresh connection: no retries left */
+  int bad_length;          /* the answer had two different Content-Length values */
+  long length_seen;        /* the Content-Length of this answer's header block, -1: none yet */
   int too_large;           /* this attempt's answer passed max_response_size */
   double sent_at;          /* monotonic ms when this attempt went on the wire */
   double not_before;       /* monotonic ms: earliest start of the next attempt */

@@ -7,7 +7,10 @@
 -- 1 GB, then streams), hang (reads the request, never answers), dup and
 -- dup-late (keep-alive; every GET .../statuses/ID/unsubscribe-all is answered
 -- for ID, unsubscribed when ID starts with "u", and then the same answer is
--- sent once more: at once, or 20 ms later).
+-- sent once more: at once, or 20 ms later), dieafter1 (keep-alive: answers
+-- the first request of each connection, reads the second and closes without
+-- answering; every answer's body is {"n": requests received so far}),
+-- twolengths (a 200 with Content-Length: 2 and Content-Length: 3).
 -- Used from a spec: `local srv = require("support.rawserver").start(mode)`
 -- -> {url=, port=, pid=}; `srv:stop()`. It exits by itself after 120 s.
 local socket = require "socket"
@@ -40,6 +43,13 @@ end
 
 local ANSWER = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
+local received = 0
+
+local function counted_answer()
+  local body = string.format('{"n":%d}', received)
+  return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body
+end
+
 local function serve(mode, port)
   local srv = assert(socket.bind("127.0.0.1", port))
   srv:settimeout(1)
@@ -48,10 +58,19 @@ local function serve(mode, port)
     local c = srv:accept()
     if c then
       c:settimeout(30)
+      local on_this = 0
       while true do
         local len, first = read_request(c)
         if not len then break end
-        if mode == "dup" or mode == "dup-late" then
+        received, on_this = received + 1, on_this + 1
+        if mode == "dieafter1" then
+          if len > 0 then c:receive(len) end
+          if on_this > 1 then break end
+          if not c:send(counted_answer()) then break end
+        elseif mode == "twolengths" then
+          if len > 0 then c:receive(len) end
+          c:send("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}x")
+        elseif mode == "dup" or mode == "dup-late" then
           if len > 0 then c:receive(len) end
           local answer = status_answer(first)
           if not c:send(answer) then break end

@@ -157,14 +157,26 @@ local function run(t, req, pacer, st)
       return last or { stopped = stop, attempts = 0, message = why }
     end
     local t0 = now_ms()
-    local res, on_wire, stale, was_sent
-    for _ = 1, 4 do -- a pooled connection the server had closed: replaced at once, not an attempt
+    local res, replays, was_sent = nil, 0, false
+    for _ = 1, 4 do
+      local on_wire, stale
       res, on_wire, stale = exchange(t, req, pacer, was_sent)
       was_sent = was_sent or on_wire
       if not stale then break end
+      -- A pooled connection the server had closed: replaced at once. A GET is
+      -- only replaced; a POST it had sent may have been acted on, so its
+      -- replay is an attempt, sent only while retries are left (as libcurl's).
+      if on_wire and req.method == "POST" then
+        if attempts + replays + 1 > t.settings.max_retries then
+          res.message = "the connection closed before an answer; not sent again (no retries left)"
+          break
+        end
+        replays = replays + 1
+        t.gov:resent()
+      end
     end
     if not was_sent then pacer:unsent() end
-    attempts = attempts + 1
+    attempts = attempts + 1 + replays
     res.attempts = attempts
     local retry, delay_ms = pacer:finish(res, was_sent, now_ms() - t0)
     if not retry then return res end
