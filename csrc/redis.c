@@ -494,6 +494,17 @@ static int core_budget_lost_wait(lua_State *L) {
   return 1;
 }
 
+double cp_budget_wait_cap(double wait_ms, long interval_ms) {
+  double most = (interval_ms > 0 ? interval_ms : CP_DEFAULT_INTERVAL_MS) + cp_budget_margin_ms(interval_ms > 0 ? interval_ms : CP_DEFAULT_INTERVAL_MS);
+  return wait_ms > most ? most : wait_ms;
+}
+
+/* core.budget_wait_cap(wait_ms, interval_ms | nil) -> the wait a backing obeys at most */
+static int core_budget_wait_cap(lua_State *L) {
+  lua_pushnumber(L, cp_budget_wait_cap(luaL_checknumber(L, 1), (long)luaL_optnumber(L, 2, 0)));
+  return 1;
+}
+
 double cp_budget_margin_ms(long interval_ms) {
   return cp_rl_margin_ms(interval_ms) + CP_BUDGET_SLACK_MS;
 }
@@ -525,6 +536,8 @@ void cp_register_redis(lua_State *L) {
   lua_setfield(L, -2, "redis_url");
   lua_pushcfunction(L, core_budget_margin_ms);
   lua_setfield(L, -2, "budget_margin_ms");
+  lua_pushcfunction(L, core_budget_wait_cap);
+  lua_setfield(L, -2, "budget_wait_cap");
   lua_pushnumber(L, CP_REDIS_DEFAULT_WAIT_S);
   lua_setfield(L, -2, "budget_wait"); /* seconds a lost Redis is waited for, by default */
 }
@@ -594,6 +607,7 @@ static double budget_acquire(void *ud, const char **err) {
     return budget_lost(b, err);
   }
   wait = rep->integer < 0 ? 0 : (double)rep->integer;
+  wait = cp_budget_wait_cap(wait, b->interval_ms); /* a reply's absurd wait: ask again within a window */
   freeReplyObject(rep);
   b->lost_since = 0;
   return wait;

@@ -11,6 +11,7 @@
 #include "compat.h"
 #include "backing.h"
 #include "ratelimit.h"
+#include "limits.h"
 
 /* The most elements a reply array may announce (bigger: a protocol error). */
 #define CP_RESP_MAX_ELEMENTS (1 << 20)
@@ -24,6 +25,9 @@
 #define CP_BUDGET_SLACK_MS 50.0
 /* The margin (ms) the shared budget adds to HubSpot's interval: core.budget_margin_ms. */
 double cp_budget_margin_ms(long interval_ms);
+/* The longest wait a budget's reply is obeyed for (one window and its margin):
+ * after it the backing is asked again, so no reply can stall a caller for ever. */
+double cp_budget_wait_cap(double wait_ms, long interval_ms);
 /* How long a budget waits for a lost Redis before perform stops with
  * "budget", unless set with cp_redis_budget_wait (seconds). */
 #define CP_REDIS_DEFAULT_WAIT_S 30.0

@@ -81,7 +81,8 @@ function Budget:acquire()
   local v, err = self:run("acquire", max, interval, margin)
   if type(v) ~= "number" then return self:lost(err or "unexpected reply to the budget script") end
   self.lost_since = nil
-  return v > 0 and v or 0
+  if v <= 0 then return 0 end
+  return core.budget_wait_cap(v, self.interval_ms) -- an absurd wait: ask again within a window
 end
 
 -- manual: a window set by hand, which no learned one replaces (the script's rule).
