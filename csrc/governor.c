@@ -84,6 +84,12 @@ void cp_gov_on_wire(cp_governor *g, double now) {
 
 void cp_gov_unsent(cp_governor *g) { cp_rl_unsent(&g->rl); }
 
+void cp_gov_paced(cp_governor *g, double ms) {
+  if (!(ms > 1)) return; /* under a millisecond: no wait worth telling */
+  g->m.paced++;
+  g->m.paced_s += ms / 1000.0;
+}
+
 void cp_gov_resent(cp_governor *g, double now) {
   cp_rl_record(&g->rl, now);
   g->sent++;
@@ -112,6 +118,22 @@ static void tell_backing(cp_governor *g, const cp_decision *d) {
   if (d->hold_ms >= 0 && g->backing.throttled) g->backing.throttled(g->backing.ud, d->hold_ms);
 }
 
+static void count_outcome(cp_metrics *m, const cp_outcome *o, int on_wire, double latency_ms) {
+  static const double bounds[] = CP_DURATION_BUCKETS;
+  static const char *kinds[] = CP_KINDS;
+  int i;
+  if (o->status >= 100 && o->status <= 599) m->by_status[o->status - 100]++;
+  else if (o->status <= 0) {
+    for (i = 0; i < CP_NKINDS && !(o->kind && strcmp(o->kind, kinds[i]) == 0); i++) {}
+    m->by_kind[i]++;
+  }
+  if (o->status <= 0 || !on_wire || !(latency_ms >= 0)) return;
+  for (i = 0; i < CP_NBUCKETS; i++)
+    if (latency_ms / 1000.0 <= bounds[i]) m->duration_count[i]++;
+  m->duration_n++;
+  m->duration_sum_s += latency_ms / 1000.0;
+}
+
 void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms, cp_decision *d) {
   memset(d, 0, sizeof(*d));
   d->hold_ms = -1;
@@ -129,6 +151,8 @@ void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms
   /* a 2xx: HubSpot's would carry the window (an edge's 5xx or a 429 may not) */
   if (o->status >= 200 && o->status < 300) g->answers++;
   if (o->status == 429) g->throttled++;
+  if (o->daily_limit) g->m.throttled_daily++;
+  count_outcome(&g->m, o, on_wire, latency_ms);
   if (o->status == 429 && !o->daily_limit) d->hold_ms = d->delay_ms;
   if (d->retry) g->retries++;
   tell_backing(g, d);
@@ -228,6 +252,7 @@ static int gov_next(lua_State *L) {
 static int gov_begin(lua_State *L) { cp_gov_begin(cp_check_governor(L, 1)); return 0; }
 static int gov_on_wire(lua_State *L) { cp_gov_on_wire(cp_check_governor(L, 1), cp_now_ms()); return 0; }
 static int gov_resent(lua_State *L) { cp_gov_resent(cp_check_governor(L, 1), cp_now_ms()); return 0; }
+static int gov_paced(lua_State *L) { cp_gov_paced(cp_check_governor(L, 1), luaL_checknumber(L, 2)); return 0; }
 static int gov_unsent(lua_State *L) { cp_gov_unsent(cp_check_governor(L, 1)); return 0; }
 static int gov_abandon(lua_State *L) {
   cp_gov_abandon(cp_check_governor(L, 1), lua_toboolean(L, 2));
@@ -320,11 +345,45 @@ static int gov_settings(lua_State *L) {
   return 1;
 }
 
+/* stats().by_status = {[200] = n, ...}, by_kind = {network = n, ...},
+ * duration = {bounds = {...}, counts = {...}, count =, sum =}, throttled_daily,
+ * paced, paced_seconds, daily_remaining (when known). */
+static void push_metrics(lua_State *L, const cp_governor *g) {
+  static const double bounds[] = CP_DURATION_BUCKETS;
+  static const char *kinds[] = CP_KINDS;
+  int i;
+  lua_newtable(L);
+  for (i = 0; i < 500; i++)
+    if (g->m.by_status[i]) {
+      lua_pushinteger(L, g->m.by_status[i]);
+      lua_rawseti(L, -2, i + 100);
+    }
+  lua_setfield(L, -2, "by_status");
+  lua_newtable(L);
+  for (i = 0; i <= CP_NKINDS; i++)
+    if (g->m.by_kind[i]) cp_set_integer(L, i < CP_NKINDS ? kinds[i] : "other", g->m.by_kind[i]);
+  lua_setfield(L, -2, "by_kind");
+  lua_createtable(L, 0, 4);
+  lua_createtable(L, CP_NBUCKETS, 0);
+  for (i = 0; i < CP_NBUCKETS; i++) { lua_pushnumber(L, bounds[i]); lua_rawseti(L, -2, i + 1); }
+  lua_setfield(L, -2, "bounds");
+  lua_createtable(L, CP_NBUCKETS, 0);
+  for (i = 0; i < CP_NBUCKETS; i++) { lua_pushinteger(L, g->m.duration_count[i]); lua_rawseti(L, -2, i + 1); }
+  lua_setfield(L, -2, "counts");
+  cp_set_integer(L, "count", g->m.duration_n);
+  cp_set_number(L, "sum", g->m.duration_sum_s);
+  lua_setfield(L, -2, "duration");
+  cp_set_integer(L, "throttled_daily", g->m.throttled_daily);
+  cp_set_integer(L, "paced", g->m.paced);
+  cp_set_number(L, "paced_seconds", g->m.paced_s);
+  if (!g->closed && g->rl.daily_left >= 0) cp_set_integer(L, "daily_remaining", g->rl.daily_left);
+}
+
 /* g:stats() -> {sent=, retries=, throttled=, answers=, rate_max=, rate_interval_ms=,
  * in_flight_target=, latency_ms=} */
 static int gov_stats(lua_State *L) {
   cp_governor *g = luaL_checkudata(L, 1, GOV_MT);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 16);
   cp_set_integer(L, "sent", g->sent);
   cp_set_integer(L, "retries", g->retries);
   cp_set_integer(L, "throttled", g->throttled);
@@ -333,6 +392,7 @@ static int gov_stats(lua_State *L) {
   cp_set_integer(L, "rate_interval_ms", g->closed ? 0 : g->rl.interval_ms);
   cp_set_integer(L, "in_flight_target", g->closed ? 0 : cp_gov_target(g, CP_ADAPTIVE_SLOTS));
   cp_set_number(L, "latency_ms", g->latency_ms);
+  push_metrics(L, g);
   return 1;
 }
 
@@ -349,7 +409,7 @@ static int gov_tostring(lua_State *L) {
 
 void cp_register_governor(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"new_call", gov_new_call}, {"next", gov_next}, {"begin", gov_begin}, {"on_wire", gov_on_wire}, {"resent", gov_resent},
+    {"new_call", gov_new_call}, {"next", gov_next}, {"begin", gov_begin}, {"on_wire", gov_on_wire}, {"resent", gov_resent}, {"paced", gov_paced},
     {"unsent", gov_unsent}, {"abandon", gov_abandon}, {"finish", gov_finish}, {"target", gov_target},
     {"manual", gov_manual}, {"settings", gov_settings}, {"stats", gov_stats}, {"close", gov_gc},
     {NULL, NULL}};

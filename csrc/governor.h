@@ -21,6 +21,25 @@
 #include "ratelimit.h"
 #include "backing.h"
 
+/* The request duration histogram's upper bounds (seconds), Prometheus' defaults. */
+#define CP_DURATION_BUCKETS {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
+#define CP_NBUCKETS 11
+#define CP_KINDS {"network", "timeout", "tls", "too_large"}
+#define CP_NKINDS 4
+
+/* What an operator watches (client:stats(), commprefs.prometheus): counted
+ * per attempt, here only, for both transports. */
+typedef struct {
+  lua_Integer by_status[500];        /* answers by HTTP status 100..599 */
+  lua_Integer by_kind[CP_NKINDS + 1]; /* attempts without an answer, by kind (last: other) */
+  lua_Integer throttled_daily;       /* 429s because the daily limit is spent */
+  lua_Integer duration_count[CP_NBUCKETS]; /* answered attempts at most each bound */
+  lua_Integer duration_n;
+  double duration_sum_s;
+  double paced_s;                    /* time attempts waited for pacing or the budget */
+  lua_Integer paced;                 /* attempts that had to wait */
+} cp_metrics;
+
 typedef struct {
   cp_policy policy;
   cp_ratelimit rl;
@@ -28,6 +47,7 @@ typedef struct {
   int max_concurrency;    /* 0: adaptive */
   double latency_ms;      /* moving average of answered attempts; 0 = none seen */
   lua_Integer answers, sent, retries, throttled;
+  cp_metrics m;
   int closed;
   /* what every transport needs (never the token) */
   long timeout_ms, connect_timeout_ms, max_response;
@@ -53,6 +73,8 @@ void cp_gov_on_wire(cp_governor *g, double now);
 /* the transport sent the same attempt again (a replay on a fresh connection): counted, window too */
 void cp_gov_resent(cp_governor *g, double now);
 void cp_gov_unsent(cp_governor *g);
+/* an attempt waited ms for pacing or the budget before it could begin */
+void cp_gov_paced(cp_governor *g, double ms);
 /* it was abandoned (the call stopped or raised): on the wire or not */
 void cp_gov_abandon(cp_governor *g, int on_wire);
 void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms, cp_decision *d);

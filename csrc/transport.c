@@ -325,6 +325,7 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s) {
   }
   lua_pop(L, 4);
   s->on_wire = 0;
+  cp_gov_paced(t->gov, cp_now_ms() - s->not_before);
   cp_gov_begin(t->gov);
   curl_multi_add_handle(t->multi, s->easy);
   s->state = SLOT_RUNNING;
@@ -460,7 +461,7 @@ static int fill_slot(lua_State *L, cp_transport *t, cp_slot *s, source_state *sr
   lua_rawseti(L, ST_INFLIGHT, i);
   s->index = src->next++;
   s->attempts = 0;
-  s->not_before = 0;
+  s->not_before = cp_now_ms(); /* ready now: any later start waited for pacing */
   s->state = SLOT_WAITING;
   t->in_use++;
   return 1;

@@ -112,7 +112,7 @@ local NEW_OPTIONS = {
   user_agent = "string", ca_file = "string", verify_tls = "boolean", batch_size = "number",
   max_concurrency = "number", rate_limit = "table", backoff_base = "number",
   backoff_max = "number", max_retry_after = "number", transport = "string", max_response_size = "number",
-  shared_dict = "string",
+  shared_dict = "string", metrics = "table",
   coalesce = "number", cache = "table",
 }
 
@@ -203,6 +203,16 @@ function M.new(opts)
       .. "'" .. (in_nginx and ": declare it in nginx.conf's http block)" or ": it exists only inside nginx)"))
   end
   lookup.check(opts.coalesce, opts.cache)
+  local metrics_dict = opts.metrics and opts.metrics.shared_dict
+  if opts.metrics ~= nil then
+    for k in pairs(opts.metrics) do
+      if k ~= "shared_dict" then raise("new", "bad option 'metrics' (unknown field '" .. tostring(k) .. "')") end
+    end
+    if type(metrics_dict) ~= "string" or not (in_nginx and ngx.shared[metrics_dict]) then
+      raise("new", "bad option 'metrics.shared_dict' (the name of a lua_shared_dict of nginx.conf expected"
+        .. (in_nginx and ")" or ": it exists only inside nginx)"))
+    end
+  end
   local cosockets = transport ~= "curl" and in_nginx
   if transport == "ngx" and opts.ca_file then raise("new", transport_choice.NGX_CA_FILE) end
   local config = {
@@ -233,7 +243,7 @@ function M.new(opts)
     base_url = base_url, api_version = version, business_unit_id = opts.business_unit_id,
     batch_size = batch_size, max_concurrency = opts.max_concurrency, -- nil: adaptive
     _gov = gov, _prefix = base_url .. "/communication-preferences/" .. version .. "/",
-    _transport = transport, _ngx = ngx_t, _ca_file = opts.ca_file ~= nil,
+    _transport = transport, _ngx = ngx_t, _ca_file = opts.ca_file ~= nil, _metrics_dict = metrics_dict,
     -- inside nginx, libcurl only for init_by_lua calls: made then
     _curl = not cosockets and make_curl() or nil, _make_curl = cosockets and make_curl or nil,
   }, Client)
@@ -252,8 +262,22 @@ function Client:close()
 end
 Client.__close = Client.close
 
+-- The counters of client:stats() (README "Metrics"), the lookup's included.
 function Client:stats()
-  return self._gov:stats()
+  local s = self._gov:stats()
+  s.lookup = lookup.stats(self)
+  return s
+end
+
+-- commprefs.prometheus(client) -> Prometheus' text format of its counters (with
+-- metrics.shared_dict: every nginx worker's, added up in the dict).
+function M.prometheus(client)
+  local metrics = require "commprefs.metrics"
+  local name = client._metrics_dict
+  if not name then return metrics.render(metrics.series(client:stats())) end
+  local dict = ngx.shared[name]
+  metrics.flush(client, dict)
+  return metrics.render(metrics.collect(dict))
 end
 
 ------------------------------------------------------------------ requests
@@ -275,6 +299,9 @@ end
 
 -- The one entry to the transports: the choice is commprefs.transport's.
 function Client:_perform(source, on_done)
+  if self._metrics_dict and not self._metrics_watched then
+    self._metrics_watched = require("commprefs.metrics").watch(self, self._metrics_dict)
+  end
   if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
     return self._ngx:perform(source, on_done)
   end

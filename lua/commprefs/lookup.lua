@@ -461,6 +461,7 @@ function M.new(client, coalesce, cache, timeout)
   return {
     cache = cache and new_cache(cache, client.api_version), coalesce = coalesce,
     timeout = timeout or 30, groups = {}, order = {}, senders = 0, ready = 0, requests = 0, rtt = 0,
+    hits = 0, misses = 0, coalesced = 0, -- for the metrics
   }
 end
 
@@ -473,9 +474,13 @@ function M.is_unsubscribed_from_all(client, id, opts)
   if L and L.cache then
     key = L.cache:key(id, bu)
     local hit = L.cache:get(key)
-    if hit ~= nil then return hit end
+    if hit ~= nil then L.hits = L.hits + 1; return hit end
+    L.misses = L.misses + 1
   end
-  if L and L.coalesce and gathering(client) then return coalesced(L, client, id, bu) end
+  if L and L.coalesce and gathering(client) then
+    L.coalesced = L.coalesced + 1
+    return coalesced(L, client, id, bu)
+  end
   local started = now()
   local env, err = client:get_unsubscribe_all_status(id, opts)
   if not env then return nil, err end
@@ -518,12 +523,14 @@ function M.note_batch(client, ids, bu, env, unsubscribe)
   end
 end
 
--- For tests and client:stats(): entries held in process (nil with a shared dict).
+-- For client:stats() and the metrics: entries held in process (nil with a
+-- shared dict), batch reads sent, cache hits and misses, coalesced reads.
 function M.stats(client)
   local L = client._lookup
   if not L then return nil end
   local store = L.cache and L.cache.store
-  return { cache_entries = store and store.count and store:count() or nil, batch_reads = L.requests }
+  return { cache_entries = store and store.count and store:count() or nil, batch_reads = L.requests,
+    cache_hits = L.hits, cache_misses = L.misses, coalesced_reads = L.coalesced }
 end
 
 return M

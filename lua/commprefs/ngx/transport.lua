@@ -144,6 +144,7 @@ local function run(t, req, pacer, st)
   local attempts, last = 0, nil
   while true do
     local wait, stop, why = pacer:wait()
+    local ready_at = (wait and wait > 0 or pacer.shared) and now_ms() or nil -- for the pacing-wait metric
     while wait and wait > 0 do
       ngx.sleep(wait / 1000)
       wait, stop, why = pacer:wait()
@@ -157,6 +158,7 @@ local function run(t, req, pacer, st)
       return last or { stopped = stop, attempts = 0, message = why }
     end
     local t0 = now_ms()
+    if ready_at then t.gov:paced(t0 - ready_at) end
     local res, replays, was_sent = nil, 0, false
     for _ = 1, 4 do
       local on_wire, stale
