@@ -42,6 +42,35 @@ describe("support.nginx", function()
       env = "it's here", dict = true, workers = 2 }, t)
   end)
 
+  it("runs its workers as the invoking user, who reads what only this user can", function()
+    -- a mode-700 directory, as root's home and every `mktemp -d` are
+    local dir = io.popen("mktemp -d"):read("*l")
+    finally(function() os.execute("rm -rf '" .. dir .. "'") end)
+    local f = assert(io.open(dir .. "/private.txt", "w"))
+    f:write("only for me")
+    f:close()
+    local uid = io.popen("id -u"):read("*l")
+    local status, body = nginx.run(inst, string.format([[
+      local status = io.open("/proc/self/status"):read("*a")
+      local f, err = io.open(%q)
+      return { uid = status:match("\nUid:%%s+(%%d+)"), text = f and f:read("*a") or err,
+               module = type(require("support.hostile").run_case) }
+    ]], dir .. "/private.txt"))
+    assert.equals(200, status, body)
+    assert.same({ uid = uid, text = "only for me", module = "function" }, require("cjson").decode(body))
+  end)
+
+  it("says in one line why a place cannot serve nginx, and nothing here", function()
+    assert.is_nil(nginx.place_problem())
+    for _, bad in ipairs { "/home/a;b/p", "/home/a b/p", "/home/what?/p", '/home/"q"/p' } do
+      local why = nginx.place_problem(bad)
+      assert.is_string(why)
+      assert.is_nil(why:find("\n"), why)
+      assert.matches("the checkout " .. bad:gsub("%p", "%%%0"), why)
+    end
+    assert.matches("TMPDIR /no/such/dir has no room", nginx.place_problem(nil, "/no/such/dir"))
+  end)
+
   it("lets the code yield (cosockets, ngx.sleep)", function()
     local status, body = nginx.run(inst, [[
       ngx.sleep(0.01)
