@@ -134,6 +134,22 @@ describe("support.nginx", function()
     s:stop()
   end)
 
+  it("takes another port when another process binds its port first", function()
+    local proc = require "support.proc"
+    local taken = assert(socket.bind("127.0.0.1", 0)) -- what another suite beside this one holds
+    local _, busy = taken:getsockname()
+    local real, calls = proc.free_port, 0
+    proc.free_port = function() calls = calls + 1; return calls == 1 and tonumber(busy) or real() end
+    local ok, other = pcall(nginx.start, {})
+    proc.free_port = real
+    taken:close()
+    assert.is_true(ok, other)
+    finally(function() other:stop() end)
+    assert.equals(2, calls)
+    assert.are_not.equal(tonumber(busy), other.port)
+    assert.equals(200, (nginx.request(other, "GET", "/__health")))
+  end)
+
   it("fails clearly on a bad configuration, leaving no prefix behind", function()
     local ok, err = pcall(nginx.start, { conf = "this_is_no_directive on;" })
     assert.is_false(ok)

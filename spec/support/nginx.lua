@@ -58,7 +58,6 @@ local function exists(path)
 end
 
 local proc = require "support.proc"
-local free_port = proc.free_port
 
 -- This checkout's root: two directories above this file, made absolute.
 local function checkout_root()
@@ -221,19 +220,8 @@ local function copy_file(path, to)
   assert(ok == true or ok == 0, "support.nginx.start: cannot copy " .. path)
 end
 
--- opts: conf, server, workers, env, trusted_ca, log_level (see the top of the file).
-function M.start(opts)
-  opts = opts or {}
-  assert(type(opts) == "table", "support.nginx.start: opts must be a table")
-  local build = M.luajit_build()
-  local prefix = capture("mktemp -d \"${TMPDIR:-/tmp}/commprefs-nginx.XXXXXX\""):gsub("%s+$", "")
-  assert(prefix ~= "", "support.nginx.start: mktemp failed")
-  -- the workers are this user (see the top): the prefix may stay private
-  os.execute(string.format("mkdir -p %s/logs %s/conf %s/tmp %s/work",
-    shell_quote(prefix), shell_quote(prefix), shell_quote(prefix), shell_quote(prefix)))
-  local port = free_port()
-  if opts.trusted_ca then copy_file(opts.trusted_ca, prefix .. "/conf/trusted_ca.pem") end
-  local conf = prefix .. "/conf/nginx.conf"
+-- Writes the configuration for port and runs sim/daemon: the master's pid, or nil and what it said.
+local function launch(opts, prefix, conf, port, build)
   local f = assert(io.open(conf, "w"))
   f:write(render(opts, prefix, port, build))
   f:close()
@@ -244,7 +232,29 @@ function M.start(opts)
     shell_quote(ROOT), table.concat(vars, " "), shell_quote(prefix), shell_quote(conf),
     shell_quote("http://127.0.0.1:" .. port .. "/__health"), my_pid())
   local out = capture(cmd)
-  local pid = out:match("pid=(%d+)")
+  return out:match("pid=(%d+)"), out
+end
+
+-- opts: conf, server, workers, env, trusted_ca, log_level (see the top of the file).
+function M.start(opts)
+  opts = opts or {}
+  assert(type(opts) == "table", "support.nginx.start: opts must be a table")
+  local build = M.luajit_build()
+  local prefix = capture("mktemp -d \"${TMPDIR:-/tmp}/commprefs-nginx.XXXXXX\""):gsub("%s+$", "")
+  assert(prefix ~= "", "support.nginx.start: mktemp failed")
+  -- the workers are this user (see the top): the prefix may stay private
+  os.execute(string.format("mkdir -p %s/logs %s/conf %s/tmp %s/work",
+    shell_quote(prefix), shell_quote(prefix), shell_quote(prefix), shell_quote(prefix)))
+  if opts.trusted_ca then copy_file(opts.trusted_ca, prefix .. "/conf/trusted_ca.pem") end
+  local conf = prefix .. "/conf/nginx.conf"
+  local port, pid, out
+  -- free_port's port is free only until someone binds it: on a busy machine
+  -- another suite may take it first, then nginx cannot listen; take another
+  for _ = 1, 5 do
+    port = proc.free_port()
+    pid, out = launch(opts, prefix, conf, port, build)
+    if pid or not out:find("Address already in use", 1, true) then break end
+  end
   if not pid then
     os.execute("rm -rf " .. shell_quote(prefix))
     error("support.nginx.start: nginx did not start:\n" .. out, 2)
