@@ -42,6 +42,35 @@ describe("support.nginx", function()
       env = "it's here", dict = true, workers = 2 }, t)
   end)
 
+  it("runs its workers as the invoking user, who reads what only this user can", function()
+    -- a mode-700 directory, as root's home and every `mktemp -d` are
+    local dir = io.popen("mktemp -d"):read("*l")
+    finally(function() os.execute("rm -rf '" .. dir .. "'") end)
+    local f = assert(io.open(dir .. "/private.txt", "w"))
+    f:write("only for me")
+    f:close()
+    local uid = io.popen("id -u"):read("*l")
+    local status, body = nginx.run(inst, string.format([[
+      local status = io.open("/proc/self/status"):read("*a")
+      local f, err = io.open(%q)
+      return { uid = status:match("\nUid:%%s+(%%d+)"), text = f and f:read("*a") or err,
+               module = type(require("support.hostile").run_case) }
+    ]], dir .. "/private.txt"))
+    assert.equals(200, status, body)
+    assert.same({ uid = uid, text = "only for me", module = "function" }, require("cjson").decode(body))
+  end)
+
+  it("says in one line why a place cannot serve nginx, and nothing here", function()
+    assert.is_nil(nginx.place_problem())
+    for _, bad in ipairs { "/home/a;b/p", "/home/a b/p", "/home/what?/p", '/home/"q"/p' } do
+      local why = nginx.place_problem(bad)
+      assert.is_string(why)
+      assert.is_nil(why:find("\n"), why)
+      assert.matches("the checkout " .. bad:gsub("%p", "%%%0"), why)
+    end
+    assert.matches("TMPDIR /no/such/dir has no room", nginx.place_problem(nil, "/no/such/dir"))
+  end)
+
   it("lets the code yield (cosockets, ngx.sleep)", function()
     local status, body = nginx.run(inst, [[
       ngx.sleep(0.01)
@@ -103,6 +132,22 @@ describe("support.nginx", function()
       assert.equals("verified", body)
     end
     s:stop()
+  end)
+
+  it("takes another port when another process binds its port first", function()
+    local proc = require "support.proc"
+    local taken = assert(socket.bind("127.0.0.1", 0)) -- what another suite beside this one holds
+    local _, busy = taken:getsockname()
+    local real, calls = proc.free_port, 0
+    proc.free_port = function() calls = calls + 1; return calls == 1 and tonumber(busy) or real() end
+    local ok, other = pcall(nginx.start, {})
+    proc.free_port = real
+    taken:close()
+    assert.is_true(ok, other)
+    finally(function() other:stop() end)
+    assert.equals(2, calls)
+    assert.are_not.equal(tonumber(busy), other.port)
+    assert.equals(200, (nginx.request(other, "GET", "/__health")))
   end)
 
   it("fails clearly on a bad configuration, leaving no prefix behind", function()

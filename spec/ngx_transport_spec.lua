@@ -151,18 +151,14 @@ describe("the cosocket transport in nginx", function()
     local conf = "lua_shared_dict spec_phases 1m;\n"
       .. "init_by_lua_block { require('support.ngx_phases').try('init') }\n"
       .. "init_worker_by_lua_block { require('support.ngx_phases').try('init_worker') }\n"
-    -- nginx's workers may run as nobody: they read a world-readable copy of the CA
-    local ca_copy = os.tmpname()
-    assert(os.execute(string.format("cp %s %s && chmod 644 %s", sim.ca_file, ca_copy, ca_copy)))
-    insts.ca_copy = ca_copy
+    -- nginx's workers are this user (support.nginx): they read the simulator's CA where it is
     insts.ca = nginx.start { env = env, server = phases,
-      conf = conf .. "lua_ssl_trusted_certificate " .. ca_copy .. ";" }
+      conf = conf .. "lua_ssl_trusted_certificate " .. sim.ca_file .. ";" }
     insts.none = nginx.start { env = env }
   end)
   teardown(function()
     if insts.ca then insts.ca:stop() end
     if insts.none then insts.none:stop() end
-    if insts.ca_copy then os.remove(insts.ca_copy) end
   end)
   before_each(function() sim.reset() end)
 

@@ -25,12 +25,12 @@ M.TOKEN = "hostile-test-token-4c1d2e"
 ------------------------------------------------------------------ server
 
 local proc = require "support.proc"
-local free_port, my_pid = proc.free_port, proc.my_pid
+local my_pid = proc.my_pid
 
 
--- Starts the server (Lua 5.4 + luasocket) on a free port; it exits when this process ends.
-function M.start()
-  local port = free_port()
+-- Launches the server on port: its pid once it listens there, or nil when it
+-- died (the port was taken by another process in the meantime).
+local function launch(port)
   local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "spec/support"
   local cmd = string.format("env -u LD_PRELOAD -u ASAN_OPTIONS lua5.4 %s/hostile_server.lua %d %s"
     .. " >/dev/null 2>&1 & echo $!", here, port, my_pid())
@@ -39,11 +39,23 @@ function M.start()
   f:close()
   local socket = require "socket"
   for _ = 1, 200 do
+    if not proc.alive(pid) then return nil end
     local c = socket.connect("127.0.0.1", port)
-    if c then c:close(); return { url = "http://127.0.0.1:" .. port, port = port, pid = pid } end
+    -- alive after the connect: whoever answered, the server held the port (it exits when bind fails)
+    if c then c:close(); socket.sleep(0.05); if proc.alive(pid) then return pid end end
     socket.sleep(0.05)
   end
   error("support.hostile: the server did not start on port " .. port)
+end
+
+-- Starts the server (Lua 5.4 + luasocket) on a free port; it exits when this process ends.
+function M.start()
+  for _ = 1, 5 do
+    local port = proc.free_port()
+    local pid = launch(port)
+    if pid then return { url = "http://127.0.0.1:" .. port, port = port, pid = pid } end
+  end
+  error("support.hostile: the server did not start: every port tried was taken")
 end
 
 function M.stop(inst)

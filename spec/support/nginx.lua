@@ -11,9 +11,8 @@
 --     server = "location /x { return 200; }",     -- lines inside the test server {}
 --     workers = 1,                                -- worker_processes
 --     env = { SIM_URL = sim.url },                -- environment; each gets an `env NAME;`
---     trusted_ca = sim.ca_file,                   -- copied into the prefix (workers must read
---   }                                             -- it) as lua_ssl_trusted_certificate
---   (a lua_ssl_trusted_certificate written in conf/server is pointed at such a copy too)
+--     trusted_ca = sim.ca_file,                   -- copied into the prefix, used as
+--   }                                             -- lua_ssl_trusted_certificate
 --   inst.url, inst.port, inst.pid (master), inst.prefix, inst.tmp (writable by workers)
 --   inst:stop()   inst:log() (the whole error log)   inst:errors() (lines at [error] or worse)
 --   local status, body = nginx.run(inst, "return 1 + 1")   --> 200, "2"
@@ -26,6 +25,13 @@
 -- the body; a returned table is sent as JSON; nothing returned leaves the body
 -- to ngx.say/ngx.print in the code. A compile error or a raised error gives
 -- status 500 with the message and traceback as the body.
+--
+-- Who the workers are: the invoking user, always. A root master would hand
+-- them to `nobody`, who cannot read a checkout under a mode-700 directory
+-- (root's home, any `mktemp -d`), nor its build, nor the prefix: as root the
+-- configuration says `user root root;` (as anyone else nginx cannot switch).
+-- M.place_problem() says, in one line, why this checkout cannot serve nginx
+-- at all (spec/helper.lua stops the suite with it before the first spec).
 --
 -- The Lua paths inside nginx: this checkout's lua/ and spec/, then the system's.
 -- The C path: the LuaJIT build of the core (nginx runs LuaJIT), chosen as
@@ -52,7 +58,6 @@ local function exists(path)
 end
 
 local proc = require "support.proc"
-local free_port = proc.free_port
 
 -- This checkout's root: two directories above this file, made absolute.
 local function checkout_root()
@@ -81,6 +86,44 @@ end
 
 local my_pid = proc.my_pid
 
+-- `user NAME GROUP;` naming this process's user when it is root, else "" (a
+-- non-root master cannot switch users: its workers are already this user).
+-- nil, why when root has no name nginx could look up.
+local function user_line()
+  local uid = capture("id -u"):gsub("%s+$", "")
+  if uid ~= "0" then return "" end
+  local name, group = capture("id -un 2>/dev/null"):gsub("%s+$", ""), capture("id -gn 2>/dev/null"):gsub("%s+$", "")
+  if name == "" or group == "" then return nil, "uid 0 has no user or group name for nginx's `user` directive" end
+  return string.format("user %s %s;", name, group)
+end
+
+local USER, USER_PROBLEM = user_line()
+M.USER = USER or ""
+
+-- Characters nginx's configuration or Lua's package paths cannot carry
+-- (";" and "?" are path syntax, the rest break nginx's quoting or tokens).
+local UNSAFE = "[%s;?\"'\\{}$#]"
+
+-- nil when nginx can run this checkout's code from here, else one line saying
+-- why not. root and tmp (default: this checkout and $TMPDIR) let a spec ask about other places.
+function M.place_problem(root, tmp)
+  if USER_PROBLEM then return USER_PROBLEM end
+  tmp = tmp or os.getenv("TMPDIR")
+  if not tmp or tmp == "" then tmp = "/tmp" end
+  for what, path in pairs { ["the checkout"] = root or ROOT, ["TMPDIR"] = tmp } do
+    local bad = path:match(UNSAFE)
+    if bad then
+      return string.format("%s %s has %q in its path, which nginx's configuration or Lua's"
+        .. " package path cannot hold: clone it elsewhere", what, path, bad)
+    end
+  end
+  local probe = capture(string.format("mktemp -d %s 2>&1", shell_quote(tmp .. "/commprefs-place.XXXXXX")))
+    :gsub("%s+$", "")
+  if not probe:match("^/") then return "TMPDIR " .. tmp .. " has no room for nginx's prefix: " .. probe end
+  os.execute("rm -rf " .. shell_quote(probe))
+  return nil
+end
+
 local RUN_HANDLER = [[
       ngx.req.read_body()
       local code = ngx.req.get_body_data()
@@ -94,8 +137,6 @@ local RUN_HANDLER = [[
       if res ~= nil then ngx.print(tostring(res)) end
 ]]
 
-local readable_copy, with_readable_certificates
-
 local function render(opts, prefix, port, build)
   local tls = opts.trusted_ca and ("  lua_ssl_trusted_certificate " .. prefix .. "/conf/trusted_ca.pem;\n"
     .. "  lua_ssl_verify_depth 3;") or ""
@@ -105,6 +146,7 @@ local function render(opts, prefix, port, build)
   return table.concat({
     "load_module /usr/lib/nginx/modules/ndk_http_module.so;",
     "load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;",
+    M.USER,
     "worker_processes " .. (opts.workers or 1) .. ";",
     "pid " .. prefix .. "/logs/nginx.pid;",
     "error_log " .. prefix .. "/logs/error.log " .. (opts.log_level or "warn") .. ";",
@@ -172,45 +214,14 @@ function Instance:errors()
   return out
 end
 
--- A copy of `path` at `to` that nginx's workers (nobody, under a root master) can read.
-function readable_copy(path, to)
-  local ok = os.execute(string.format("cp %s %s && chmod 644 %s", shell_quote(path), shell_quote(to), shell_quote(to)))
+-- A copy of `path` at `to` (trusted_ca lives in the prefix, as the top says).
+local function copy_file(path, to)
+  local ok = os.execute(string.format("cp %s %s", shell_quote(path), shell_quote(to)))
   assert(ok == true or ok == 0, "support.nginx.start: cannot copy " .. path)
 end
 
--- Workers load lua_ssl_trusted_certificate after dropping root, and the
--- simulator's prefix is private: point each such directive at a readable copy.
-function with_readable_certificates(opts, prefix)
-  local copy, n = {}, 0
-  for k, v in pairs(opts) do copy[k] = v end
-  for _, field in ipairs { "conf", "server" } do
-    if type(copy[field]) == "string" then
-      copy[field] = copy[field]:gsub("(lua_ssl_trusted_certificate%s+)([^;%s]+)", function(directive, path)
-        n = n + 1
-        local to = string.format("%s/conf/trusted_%d.pem", prefix, n)
-        readable_copy(path, to)
-        return directive .. to
-      end)
-    end
-  end
-  return copy
-end
-
--- opts: conf, server, workers, env, trusted_ca, log_level (see the top of the file).
-function M.start(opts)
-  opts = opts or {}
-  assert(type(opts) == "table", "support.nginx.start: opts must be a table")
-  local build = M.luajit_build()
-  local prefix = capture("mktemp -d \"${TMPDIR:-/tmp}/commprefs-nginx.XXXXXX\""):gsub("%s+$", "")
-  assert(prefix ~= "", "support.nginx.start: mktemp failed")
-  -- workers run as nobody when the master is root: they read and write here
-  os.execute(string.format("chmod 755 %s && mkdir -p %s/logs %s/conf %s/tmp %s/work && chmod 1777 %s/work",
-    shell_quote(prefix), shell_quote(prefix), shell_quote(prefix), shell_quote(prefix), shell_quote(prefix),
-    shell_quote(prefix)))
-  local port = free_port()
-  if opts.trusted_ca then readable_copy(opts.trusted_ca, prefix .. "/conf/trusted_ca.pem") end
-  opts = with_readable_certificates(opts, prefix)
-  local conf = prefix .. "/conf/nginx.conf"
+-- Writes the configuration for port and runs sim/daemon: the master's pid, or nil and what it said.
+local function launch(opts, prefix, conf, port, build)
   local f = assert(io.open(conf, "w"))
   f:write(render(opts, prefix, port, build))
   f:close()
@@ -221,7 +232,29 @@ function M.start(opts)
     shell_quote(ROOT), table.concat(vars, " "), shell_quote(prefix), shell_quote(conf),
     shell_quote("http://127.0.0.1:" .. port .. "/__health"), my_pid())
   local out = capture(cmd)
-  local pid = out:match("pid=(%d+)")
+  return out:match("pid=(%d+)"), out
+end
+
+-- opts: conf, server, workers, env, trusted_ca, log_level (see the top of the file).
+function M.start(opts)
+  opts = opts or {}
+  assert(type(opts) == "table", "support.nginx.start: opts must be a table")
+  local build = M.luajit_build()
+  local prefix = capture("mktemp -d \"${TMPDIR:-/tmp}/commprefs-nginx.XXXXXX\""):gsub("%s+$", "")
+  assert(prefix ~= "", "support.nginx.start: mktemp failed")
+  -- the workers are this user (see the top): the prefix may stay private
+  os.execute(string.format("mkdir -p %s/logs %s/conf %s/tmp %s/work",
+    shell_quote(prefix), shell_quote(prefix), shell_quote(prefix), shell_quote(prefix)))
+  if opts.trusted_ca then copy_file(opts.trusted_ca, prefix .. "/conf/trusted_ca.pem") end
+  local conf = prefix .. "/conf/nginx.conf"
+  local port, pid, out
+  -- free_port's port is free only until someone binds it: on a busy machine
+  -- another suite may take it first, then nginx cannot listen; take another
+  for _ = 1, 5 do
+    port = proc.free_port()
+    pid, out = launch(opts, prefix, conf, port, build)
+    if pid or not out:find("Address already in use", 1, true) then break end
+  end
   if not pid then
     os.execute("rm -rf " .. shell_quote(prefix))
     error("support.nginx.start: nginx did not start:\n" .. out, 2)

@@ -13,7 +13,7 @@ local socket = require "socket"
 local M = {}
 
 local proc = require "support.proc"
-local free_port, my_pid, alive = proc.free_port, proc.my_pid, proc.alive
+local my_pid, alive = proc.my_pid, proc.alive
 
 
 local function shell_quote(s)
@@ -38,15 +38,20 @@ function M.cli(inst, ...)
   return (out:gsub("\n$", ""))
 end
 
+-- Whether the server answering on inst.port is inst's own (on a busy machine
+-- another suite's redis-server may hold a port free_port gave out).
+local function ours(inst)
+  return M.cli(inst, "INFO", "server"):match("process_id:(%d+)") == inst.pid
+end
+
+-- true once inst's server answers; nil, its log when it died or never answered.
 local function wait_ready(inst)
   for _ = 1, 200 do
     if not alive(inst.pid) then break end
-    local out = M.cli(inst, "PING")
-    if out == "PONG" then return true end
+    if M.cli(inst, "PING") == "PONG" and ours(inst) then return true end
     socket.sleep(0.025)
   end
-  local log = run("cat " .. shell_quote(inst.dir .. "/redis.log") .. " 2>&1")
-  error("support.redis: redis-server did not start on port " .. inst.port .. ":\n" .. log, 3)
+  return nil, run("cat " .. shell_quote(inst.dir .. "/redis.log") .. " 2>&1")
 end
 
 -- Launches redis-server for inst (port, dir, password already set) and its watchdog.
@@ -65,7 +70,11 @@ local function launch(inst, dir)
     inst.watch, shell_quote(inst.dir))
   local out = run(cmd)
   inst.pid = assert(out:match("pid=(%d+)"), "support.redis: could not launch redis-server: " .. out)
-  wait_ready(inst)
+  return wait_ready(inst)
+end
+
+local function failed(inst, log)
+  error("support.redis: redis-server did not start on port " .. inst.port .. ":\n" .. tostring(log), 3)
 end
 
 local function url_of(inst)
@@ -76,10 +85,16 @@ end
 -- start{password=} -> {url=, port=, pid=, dir=, password=}
 function M.start(opts)
   opts = opts or {}
-  local inst = { port = opts.port or free_port(), password = opts.password, watch = my_pid() }
-  inst.url = url_of(inst)
-  launch(inst)
-  return inst
+  local inst = { password = opts.password, watch = my_pid() }
+  for _ = 1, 5 do -- a port another process bound first: take another (unless given)
+    inst.port = opts.port or proc.free_port()
+    inst.url = url_of(inst)
+    local ok, log = launch(inst)
+    if ok then return inst end
+    if opts.port or not log:find("already in use", 1, true) then failed(inst, log) end
+    M.stop(inst)
+  end
+  failed(inst, "every port tried was taken")
 end
 
 -- Stops the server and waits until it is gone (the port is free again); its
@@ -108,7 +123,8 @@ function M.restart(inst, opts)
   end
   M.stop(inst)
   if dir then assert(os.rename(old .. "/dump.rdb", dir .. "/dump.rdb")) end
-  launch(inst, dir)
+  local ok, log = launch(inst, dir)
+  if not ok then failed(inst, log) end
   return inst
 end
 

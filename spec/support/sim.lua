@@ -9,21 +9,24 @@ local cjson = require "cjson"
 local M = { vm = jit and "luajit" or "lua5.4" }
 
 local proc = require "support.proc"
-local free_port, my_pid = proc.free_port, proc.my_pid
+local my_pid = proc.my_pid
 
 
 function M.start(env)
   if M.url and not env then return M end
-  local port, tls = free_port(), free_port()
   local vars = ""
   for k, v in pairs(env or {}) do vars = vars .. k .. "=" .. v .. " " end
-  -- env -u: a sanitizer run preloads libasan into this process only, not into the simulator
-  local cmd = string.format("env -u LD_PRELOAD -u ASAN_OPTIONS %sSIM_PORT=%d SIM_TLS_PORT=%d sim/run --daemon --watch %s 2>&1",
-    vars, port, tls, my_pid())
-  local f = io.popen(cmd)
-  local out = f:read("*a")
-  f:close()
-  local pid = out:match("pid=(%d+)")
+  local port, tls, pid, out
+  for _ = 1, 5 do -- a port another process bound first (a busy machine): take others
+    port, tls = proc.free_port(), proc.free_port()
+    -- env -u: a sanitizer run preloads libasan into this process only, not into the simulator
+    local f = io.popen(string.format("env -u LD_PRELOAD -u ASAN_OPTIONS %sSIM_PORT=%d SIM_TLS_PORT=%d"
+      .. " sim/run --daemon --watch %s 2>&1", vars, port, tls, my_pid()))
+    out = f:read("*a")
+    f:close()
+    pid = out:match("pid=(%d+)")
+    if pid or not out:find("Address already in use", 1, true) then break end
+  end
   assert(pid, "the simulator did not start:\n" .. out)
   local inst = {
     url = "http://127.0.0.1:" .. port, tls_url = "https://127.0.0.1:" .. tls,
