@@ -249,9 +249,10 @@ describe("commprefs CLI (" .. VM .. ")", function()
   describe("commprefs sim", function()
     for _, sig in ipairs { { "INT", 130 }, { "TERM", 143 } } do
       it("removes its temporary prefix and stops nginx on SIG" .. sig[1], function()
-        local port, out, codef = proc.free_port(), tmpfile("sim.out"), tmpfile("sim.code")
-        local p = io.popen(string.format("sh -c '%s bin/commprefs sim --port %d >%s 2>&1 & pid=$!; echo $pid; wait $pid; echo $? >%s' 2>/dev/null &",
-          VM, port, out, codef))
+        local port, tls_port, out, codef = proc.free_port(), proc.free_port(), tmpfile("sim.out"), tmpfile("sim.code")
+        while tls_port == port do tls_port = proc.free_port() end
+        local p = io.popen(string.format("sh -c 'SIM_TLS_PORT=%d %s bin/commprefs sim --port %d >%s 2>&1 & pid=$!; echo $pid; wait $pid; echo $? >%s' 2>/dev/null &",
+          tls_port, VM, port, out, codef))
         local pid = p:read("*l")
         p:close()
         finally(function() exec("kill -KILL " .. pid .. " 2>/dev/null") end) -- only if it outlived the test
