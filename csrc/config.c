@@ -60,11 +60,17 @@ void cp_config_read(lua_State *L, int idx, const char *fname, cp_config *c) {
   c->handle_signals = opt_bool(L, idx, "handle_signals");
 }
 
+/* A limit as Lua shows it: an integer option's limits are integers (100, not 100.0). */
+static void push_limit(lua_State *L, double v, int integer) {
+  if (integer) lua_pushinteger(L, (lua_Integer)v);
+  else lua_pushnumber(L, v);
+}
+
 static void push_row(lua_State *L, double def, double min, double max, int integer, const char *unit) {
   lua_createtable(L, 0, 5);
-  lua_pushnumber(L, def); lua_setfield(L, -2, "default");
-  lua_pushnumber(L, min); lua_setfield(L, -2, "min");
-  lua_pushnumber(L, max); lua_setfield(L, -2, "max");
+  push_limit(L, def, integer); lua_setfield(L, -2, "default");
+  push_limit(L, min, integer); lua_setfield(L, -2, "min");
+  push_limit(L, max, integer); lua_setfield(L, -2, "max");
   lua_pushboolean(L, integer); lua_setfield(L, -2, "integer");
   lua_pushstring(L, unit); lua_setfield(L, -2, "unit");
 }

@@ -4,6 +4,7 @@
  * stats(); and the commprefs.core.governor userdata through which transports
  * written in Lua drive it. The retry decision itself is policy.c's, the
  * window arithmetic ratelimit.c's. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "governor.h"
@@ -345,7 +346,7 @@ static int gov_settings(lua_State *L) {
   return 1;
 }
 
-/* stats().by_status = {[200] = n, ...}, by_kind = {network = n, ...},
+/* stats().by_status = {["200"] = n, ...}, by_kind = {network = n, ...},
  * duration = {bounds = {...}, counts = {...}, count =, sum =}, throttled_daily,
  * paced, paced_seconds, daily_remaining (when known). */
 static void push_metrics(lua_State *L, const cp_governor *g) {
@@ -353,10 +354,11 @@ static void push_metrics(lua_State *L, const cp_governor *g) {
   static const char *kinds[] = CP_KINDS;
   int i;
   lua_newtable(L);
-  for (i = 0; i < 500; i++)
+  for (i = 0; i < 500; i++) /* string keys ("200"): stats() stays JSON-encodable */
     if (g->m.by_status[i]) {
-      lua_pushinteger(L, g->m.by_status[i]);
-      lua_rawseti(L, -2, i + 100);
+      char k[8];
+      snprintf(k, sizeof(k), "%d", i + 100);
+      cp_set_integer(L, k, g->m.by_status[i]);
     }
   lua_setfield(L, -2, "by_status");
   lua_newtable(L);

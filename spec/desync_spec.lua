@@ -8,7 +8,7 @@ local commprefs = require "commprefs"
 local TOKEN = "pat-na1-0d1e2f3a-4b5c-6d7e-8f90-a1b2c3d4e5f6"
 
 local READS = [[
-  local c = commprefs.new { token = TOKEN, base_url = URL, max_retries = 0 }
+  local c = commprefs.new { token = TOKEN, base_url = URL, backoff_base = 0.01, backoff_max = 0.05 }
   local wrong, errors = 0, 0
   for i = 1, N do
     local id = (i % 2 == 0 and "u" or "s") .. i .. "@example.com"

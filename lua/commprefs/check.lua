@@ -5,6 +5,7 @@
 -- twice. Each rule returns nil when v is fine, else the reason; the caller
 -- raises (with the stack level that points at its own caller).
 local core = require "commprefs.core"
+local ids = require "commprefs.ids"
 
 local limits = core.limits
 local M = { limits = limits, MAX_ID = limits.max_id_bytes, MAX_TOKEN = limits.max_token_bytes }
@@ -30,9 +31,16 @@ function M.text(name, v, allow_empty, max)
   if core.has_control(v) then return string.format("bad argument '%s' (contains control characters)", name) end
 end
 
--- An id (an e-mail address or HubSpot's subscriber id string).
+-- An id (an e-mail address or HubSpot's subscriber id string): a text that
+-- is valid UTF-8 with no invisible or control character in it (commprefs.ids;
+-- a plain space is HubSpot's to judge): such an id names another address
+-- than the one meant.
 function M.id(name, v)
-  return M.text(name, v, false, M.MAX_ID)
+  local why = M.text(name, v, false, M.MAX_ID)
+  if why then return why end
+  if not ids.valid_utf8(v) then return string.format("bad argument '%s' (not valid UTF-8)", name) end
+  local bad = ids.refused_char(v, true)
+  if bad then return string.format("bad argument '%s' (invisible or control character %s in it)", name, bad) end
 end
 
 function M.integer(name, v)

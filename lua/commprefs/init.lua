@@ -43,6 +43,12 @@ local function check_integer(fname, name, v)
   return v
 end
 
+local function check_id(fname, name, v)
+  local why = check.id(name, v)
+  if why then raise(fname, why) end
+  return v
+end
+
 -- The numeric options of core.limits, by the names the user wrote.
 local function check_option(name, v)
   local why = check.option(name, v)
@@ -70,7 +76,7 @@ local function check_ids(fname, ids)
   for k in pairs(ids) do
     if not is_integer(k) or k < 1 or k > n then raise(fname, "bad argument 'ids' (array expected)") end
   end
-  for i = 1, n do check_text(fname, "ids[" .. i .. "]", ids[i], false, MAX_ID) end
+  for i = 1, n do check_id(fname, "ids[" .. i .. "]", ids[i]) end
   return ops.unique(ids) -- a repeat, in any letter case, is sent once
 end
 
@@ -93,7 +99,7 @@ local function check_status_request(fname, name, r, with_id)
     elseif k == "legalBasisExplanation" then out[k] = check_text(fname, name .. "." .. k, v, true)
     elseif k == "channel" then
       if v ~= "EMAIL" then raise(fname, "bad argument '" .. name .. ".channel' (only EMAIL)") end
-    elseif k == "subscriberIdString" and with_id then out[k] = check_text(fname, name .. "." .. k, v, false, MAX_ID)
+    elseif k == "subscriberIdString" and with_id then out[k] = check_id(fname, name .. "." .. k, v)
     else raise(fname, "bad argument '" .. name .. "' (unknown field '" .. tostring(k) .. "')") end
   end
   if out.subscriptionId == nil then raise(fname, "bad argument '" .. name .. "' (subscriptionId is required)") end
@@ -397,7 +403,7 @@ local O_BU_VERBOSE = { business_unit_id = true, verbose = true }
 local O_DEFS = { business_unit_id = true, include_translations = true }
 
 local function segment(fname, id)
-  return core.escape(check_text(fname, "id", id, false, MAX_ID))
+  return core.escape(check_id(fname, "id", id))
 end
 
 function Client:get_unsubscribe_all_status(id, opts)
@@ -472,7 +478,7 @@ end
 
 function Client:generate_links(request, opts)
   if type(request) ~= "table" then raise("generate_links", "bad argument 'request' (table expected, got " .. type(request) .. ")") end
-  local body = { subscriberIdString = check_text("generate_links", "request.subscriberIdString", request.subscriberIdString, false, MAX_ID) }
+  local body = { subscriberIdString = check_id("generate_links", "request.subscriberIdString", request.subscriberIdString) }
   for k, v in pairs(request) do
     if k == "subscriptionId" then body[k] = check_integer("generate_links", "request.subscriptionId", v)
     elseif k == "language" then body[k] = check_text("generate_links", "request.language", v)
@@ -486,7 +492,7 @@ end
 
 -- With the coalesce and cache options: see commprefs.lookup.
 function Client:is_unsubscribed_from_all(id, opts)
-  check_text("is_unsubscribed_from_all", "id", id, false, MAX_ID)
+  check_id("is_unsubscribed_from_all", "id", id)
   opts = check_opts("is_unsubscribed_from_all", opts, O_BU)
   return lookup.is_unsubscribed_from_all(self, id, opts)
 end
