@@ -63,7 +63,13 @@ check-memory: deps
 bench: deps
 	$(MAKE) all
 	$(MAKE) all LUA=luajit
+	$(MAKE) build/curl_floor
 	lua5.4 bench/run.lua
+
+# the libcurl transport's floor (bench/curl_floor.c): a bare easy-API GET loop
+build/curl_floor: bench/curl_floor.c
+	@mkdir -p build
+	$(CC) $(WARN) $(CFLAGS) -o $@ $< $(PKG_LIBS)
 
 demo: deps
 	$(MAKE) all

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 #include "config.h"
+#include "ratelimit.h"
 
 #define VERSION_UA "commprefs/0.1.0"
 
@@ -85,5 +86,6 @@ void cp_register_limits(lua_State *L) {
   lua_pushinteger(L, CP_MAX_TOKEN_BYTES); lua_setfield(L, -2, "max_token_bytes");
   lua_pushinteger(L, CP_SANE_MAX_MAX); lua_setfield(L, -2, "sane_max_max");
   lua_pushinteger(L, CP_DEFAULT_INTERVAL_MS); lua_setfield(L, -2, "default_interval_ms");
+  lua_pushinteger(L, CP_PACE_BURST); lua_setfield(L, -2, "pace_burst"); /* ratelimit.h: even spacing */
   lua_setfield(L, -2, "limits");
 }

@@ -76,7 +76,7 @@ double cp_gov_next(cp_governor *g, double now, const char **stop, const char **w
   return w;
 }
 
-void cp_gov_begin(cp_governor *g) { cp_rl_start(&g->rl); }
+void cp_gov_begin(cp_governor *g) { cp_rl_start(&g->rl, cp_now_ms()); }
 
 void cp_gov_on_wire(cp_governor *g, double now) {
   cp_rl_sent(&g->rl, now);
@@ -136,6 +136,7 @@ static void count_outcome(cp_metrics *m, const cp_outcome *o, int on_wire, doubl
 }
 
 void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms, cp_decision *d) {
+  double now;
   memset(d, 0, sizeof(*d));
   d->hold_ms = -1;
   if (on_wire) cp_rl_answered(&g->rl);
@@ -147,7 +148,9 @@ void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms
     }
     if (o->daily_remaining >= 0) cp_rl_daily(&g->rl, o->daily_remaining);
   }
-  d->retry = cp_policy_decide(&g->policy, &g->rl, o, cp_now_ms(), &d->delay_ms);
+  now = cp_now_ms();
+  o->sent_at = on_wire && latency_ms >= 0 ? now - latency_ms : 0;
+  d->retry = cp_policy_decide(&g->policy, &g->rl, o, now, &d->delay_ms);
   d->daily_limit = o->daily_limit;
   /* a 2xx: HubSpot's would carry the window (an edge's 5xx or a 429 may not) */
   if (o->status >= 200 && o->status < 300) g->answers++;

@@ -253,6 +253,23 @@ void cp_http1_free(cp_http1 *r) {
   }
 }
 
+#define H1_KEEP_BODY_CAP 65536 /* a reset keeps a body buffer up to this size for the next answer */
+
+void cp_http1_reset(cp_http1 *r) {
+  char *body = r->body;
+  size_t cap = r->body_cap, max = r->max_body;
+  int i;
+  for (i = 0; i < H1_NHEADERS; i++) free(r->value[i]);
+  if (cap > H1_KEEP_BODY_CAP) {
+    free(body);
+    body = NULL;
+    cap = 0;
+  }
+  cp_http1_init(r, max);
+  r->body = body;
+  r->body_cap = cap;
+}
+
 /* ------------------------------------------------------------ Lua binding */
 
 static int l_new(lua_State *L) {
@@ -330,6 +347,13 @@ static int l_result(lua_State *L) {
   return 1;
 }
 
+/* parser:reset() -> parser: ready for the next answer (same max_body), as new */
+static int l_reset(lua_State *L) {
+  cp_http1_reset(luaL_checkudata(L, 1, HTTP1_MT));
+  lua_settop(L, 1);
+  return 1;
+}
+
 static int l_close(lua_State *L) {
   cp_http1_free(luaL_checkudata(L, 1, HTTP1_MT));
   return 0;
@@ -343,7 +367,7 @@ static int l_tostring(lua_State *L) {
 
 void cp_register_http1(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"feed", l_feed}, {"result", l_result}, {"close", l_close}, {NULL, NULL}};
+    {"feed", l_feed}, {"result", l_result}, {"reset", l_reset}, {"close", l_close}, {NULL, NULL}};
   lua_pushcfunction(L, l_new);
   lua_setfield(L, -2, "http1_response");
   cp_register_class(L, HTTP1_MT, methods, l_close, l_tostring);

@@ -48,5 +48,7 @@ int cp_http1_keepalive(const cp_http1 *r);
 /* A kept header as a non-negative integer, or -1 when absent or invalid. */
 long cp_http1_header_long(const cp_http1 *r, int which);
 void cp_http1_free(cp_http1 *r);
+/* Makes r a new reader with the same max_body (a small body buffer is kept). */
+void cp_http1_reset(cp_http1 *r);
 
 #endif

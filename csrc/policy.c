@@ -77,7 +77,7 @@ int cp_policy_decide(cp_policy *p, cp_ratelimit *rl, cp_outcome *o, double now, 
         o->daily_limit = 1;
         return 0;
       }
-      if (rl->max > 0 && o->retry_after_ms <= 0) cp_rl_skewed(rl, now);
+      if (rl->max > 0 && o->retry_after_ms <= 0) cp_rl_skewed(rl, now, o->sent_at);
       *delay_ms = throttled_delay(p, rl, o, now);
       cp_rl_throttled(rl, now, *delay_ms);
     } else if (o->status >= 500) {

@@ -21,6 +21,7 @@ typedef struct {
   double retry_after_ms;  /* a valid Retry-After, or -1 */
   long rate_max, rate_interval_ms, daily_remaining; /* -1: header absent */
   int daily_limit;        /* out: a 429 because the daily limit is spent */
+  double sent_at;         /* when its request was sent (monotonic ms); 0: unknown */
 } cp_outcome;
 
 void cp_policy_init(cp_policy *p, int max_retries, double backoff_base_ms, double backoff_max_ms,

@@ -1,7 +1,11 @@
 /* ratelimit.c: owns client-side pacing under a rolling-window rate limit.
  * It keeps the send times of the last `max` requests: a new request may go
  * when fewer than `max` were sent in the last interval (plus a margin for
- * the trip to the server), exactly the rule HubSpot's rolling window applies. */
+ * the trip to the server), exactly the rule HubSpot's rolling window applies.
+ * On top of that bound it spaces attempts evenly (GCRA-like: one every
+ * (interval + margin) / max once CP_PACE_BURST are in the window), so the
+ * requests of a window are spread across it, never sent in a burst at its
+ * edge, and it learns a server's counting delay from a 429 (cp_rl_skewed). */
 #include <stdlib.h>
 #include "ratelimit.h"
 
@@ -15,24 +19,34 @@ static double margin_ms(const cp_ratelimit *rl) {
   return cp_rl_margin_ms(rl->interval_ms) + rl->skew_ms;
 }
 
-static int rl_resize(cp_ratelimit *rl, int cap) {
-  double *ring;
+/* Grows a ring of doubles (oldest at *head) to cap entries, keeping its order. */
+static int ring_grow(double **ring, int *rcap, int *head, int count, int cap) {
+  double *r;
   int i;
-  if (cap > RL_MAX_CAP) cap = RL_MAX_CAP;
-  if (cap <= rl->cap) return 0;
-  ring = malloc(sizeof(double) * (size_t)cap);
-  if (!ring) return -1;
-  for (i = 0; i < rl->count; i++) ring[i] = rl->sent[(rl->head + i) % rl->cap];
-  free(rl->sent);
-  rl->sent = ring;
-  rl->cap = cap;
-  rl->head = 0;
+  if (cap <= *rcap) return 0;
+  r = malloc(sizeof(double) * (size_t)cap);
+  if (!r) return -1;
+  for (i = 0; i < count; i++) r[i] = (*ring)[(*head + i) % *rcap];
+  free(*ring);
+  *ring = r;
+  *rcap = cap;
+  *head = 0;
   return 0;
 }
 
+/* The window ring holds max sends; the history twice that (a 429's window
+ * reaches back beyond what the window ring still keeps). */
+static int rl_resize(cp_ratelimit *rl, int cap) {
+  if (cap > RL_MAX_CAP) cap = RL_MAX_CAP;
+  if (ring_grow(&rl->sent, &rl->cap, &rl->head, rl->count, cap) != 0) return -1;
+  return ring_grow(&rl->hist, &rl->hcap, &rl->hhead, rl->hcount, 2 * cap);
+}
+
 int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms) {
-  rl->sent = NULL;
+  rl->sent = rl->hist = NULL;
   rl->cap = rl->head = rl->count = 0;
+  rl->hcap = rl->hhead = rl->hcount = 0;
+  rl->started_at = 0;
   rl->blocked_until = 0;
   rl->pending = 0;
   rl->daily_left = -1;
@@ -47,8 +61,9 @@ int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms) {
 
 void cp_rl_free(cp_ratelimit *rl) {
   free(rl->sent);
-  rl->sent = NULL;
-  rl->cap = rl->count = 0;
+  free(rl->hist);
+  rl->sent = rl->hist = NULL;
+  rl->cap = rl->count = rl->hcap = rl->hcount = 0;
 }
 
 static void rl_expire(cp_ratelimit *rl, double now) {
@@ -57,6 +72,10 @@ static void rl_expire(cp_ratelimit *rl, double now) {
     rl->head = (rl->head + 1) % rl->cap;
     rl->count--;
   }
+}
+
+double cp_rl_spacing_ms(const cp_ratelimit *rl) {
+  return rl->max > 0 ? (rl->interval_ms + margin_ms(rl)) / rl->max : 0;
 }
 
 double cp_rl_wait(cp_ratelimit *rl, double now) {
@@ -69,6 +88,10 @@ double cp_rl_wait(cp_ratelimit *rl, double now) {
     double w = oldest + rl->interval_ms + margin_ms(rl) - now;
     if (w > wait) wait = w;
   }
+  if (rl->max > 0 && rl->count + rl->pending >= CP_PACE_BURST && rl->started_at > 0) {
+    double w = rl->started_at + cp_rl_spacing_ms(rl) - now; /* even spacing */
+    if (w > wait) wait = w;
+  }
   return wait > 0 ? wait : 0;
 }
 
@@ -79,9 +102,19 @@ void cp_rl_record(cp_ratelimit *rl, double now) {
   }
   rl->sent[(rl->head + rl->count) % rl->cap] = now;
   rl->count++;
+  if (rl->hcap == 0) return;
+  if (rl->hcount == rl->hcap) {
+    rl->hhead = (rl->hhead + 1) % rl->hcap;
+    rl->hcount--;
+  }
+  rl->hist[(rl->hhead + rl->hcount) % rl->hcap] = now;
+  rl->hcount++;
 }
 
-void cp_rl_start(cp_ratelimit *rl) { rl->pending++; }
+void cp_rl_start(cp_ratelimit *rl, double now) {
+  rl->pending++;
+  rl->started_at = now;
+}
 
 void cp_rl_sent(cp_ratelimit *rl, double now) {
   if (rl->pending > 0) rl->pending--;
@@ -104,12 +137,36 @@ void cp_rl_throttled(cp_ratelimit *rl, double now, double hold_ms) {
   if (hold_ms > 0 && now + hold_ms > rl->blocked_until) rl->blocked_until = now + hold_ms;
 }
 
-void cp_rl_skewed(cp_ratelimit *rl, double now) {
-  double most = rl->interval_ms / 10.0;
-  if (rl->skew_ms > 0 && now - rl->skewed_at < rl->interval_ms) return;
-  rl->skewed_at = now;
-  rl->skew_ms = rl->skew_ms > 0 ? rl->skew_ms * 2 : 10.0;
-  if (rl->skew_ms > most) rl->skew_ms = most;
+/* The least counting delay a 429 for a request sent at sent_at proves: the
+ * server held max requests in (sent_at - interval, sent_at]; those we sent
+ * in that span it counted, the rest were sends older than the span that it
+ * counted late. The oldest of those it still counted is the (max - k)-th
+ * newest before the span (k: our sends in it): its delay was at least
+ * sent_at - it - interval. -1 when the history cannot tell. */
+static double counting_delay(const cp_ratelimit *rl, double sent_at) {
+  double edge = sent_at - rl->interval_ms;
+  int i, k = 0, need;
+  for (i = rl->hcount - 1; i >= 0; i--) {
+    double t = rl->hist[(rl->hhead + i) % rl->hcap];
+    if (t <= edge) break;
+    if (t < sent_at) k++;
+  }
+  need = rl->max - k; /* old sends the server still counted */
+  if (need <= 0 || i - (need - 1) < 0) return -1;
+  return sent_at - rl->hist[(rl->hhead + i - (need - 1)) % rl->hcap] - rl->interval_ms;
+}
+
+void cp_rl_skewed(cp_ratelimit *rl, double now, double sent_at) {
+  double most = rl->interval_ms / 10.0, base = cp_rl_margin_ms(rl->interval_ms);
+  double delay = counting_delay(rl, sent_at > 0 && sent_at <= now ? sent_at : now);
+  double want = delay >= 0 ? delay + CP_SKEW_LITTLE_MS - base : 0; /* in one step */
+  if (!(rl->skew_ms > 0 && now - rl->skewed_at < rl->interval_ms) && want < rl->skew_ms + CP_SKEW_LITTLE_MS)
+    want = rl->skew_ms + CP_SKEW_LITTLE_MS; /* a first 429 of this window: at least a little wider */
+  if (want > most) want = most;
+  if (want > rl->skew_ms) {
+    rl->skew_ms = want;
+    rl->skewed_at = now;
+  }
 }
 
 void cp_rl_answered(cp_ratelimit *rl) {

@@ -15,7 +15,16 @@ typedef struct {
   int on_wire;        /* sent and not answered yet */
   double skew_ms;     /* margin learned from 429s inside the known window (clock skew) */
   double skewed_at;   /* when skew_ms last grew */
+  double started_at;  /* when the last attempt started (even spacing); 0 = none */
+  double *hist;       /* ring of the last hcap send times, never expired (cp_rl_skewed reads it) */
+  int hcap, hhead, hcount;
 } cp_ratelimit;
+
+/* Even pacing: with the window known, the first CP_PACE_BURST attempts of a
+ * window may start at once (a job's first requests); after that one starts
+ * every (interval + margin) / max, so a window's requests never leave in a
+ * burst at its edge. The rolling-window rule stays the hard bound. */
+#define CP_PACE_BURST 4
 
 /* The margin (ms) added to the window for the trip to the server. */
 double cp_rl_margin_ms(long interval_ms);
@@ -24,8 +33,10 @@ int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms);
 void cp_rl_free(cp_ratelimit *rl);
 /* Milliseconds to wait before the next send is allowed (0 = now). */
 double cp_rl_wait(cp_ratelimit *rl, double now);
+/* The even spacing of a known window: (interval + margin) / max ms. */
+double cp_rl_spacing_ms(const cp_ratelimit *rl);
 /* An attempt is started (pending) / is sent now (recorded) / ended unsent. */
-void cp_rl_start(cp_ratelimit *rl);
+void cp_rl_start(cp_ratelimit *rl, double now);
 void cp_rl_sent(cp_ratelimit *rl, double now);
 void cp_rl_unsent(cp_ratelimit *rl);
 /* One more send at now in the window (a replay of an attempt already on the wire). */
@@ -35,10 +46,15 @@ void cp_rl_learn(cp_ratelimit *rl, long max, long interval_ms);
 /* A 429 arrived: hold every send for hold_ms (policy.c decides how long). */
 void cp_rl_throttled(cp_ratelimit *rl, double now, double hold_ms);
 /* A 429 although the known window had room (the server counted an earlier
- * request later than we sent it: scheduling or network delay): widen the margin
- * (10 ms, doubling, at most a tenth of the interval; once per interval, as the
- * 429s of one late burst arrive together) for this window's life. */
-void cp_rl_skewed(cp_ratelimit *rl, double now);
+ * request later than we sent it: scheduling or network delay). The refused
+ * request was sent at sent_at (now when unknown); the server still counted
+ * the send that opened its slot, so its counting delay was at least
+ * sent_at - that send - interval: the margin becomes that + CP_SKEW_LITTLE_MS
+ * in one step (at least CP_SKEW_LITTLE_MS wider than before, once per
+ * interval, as the 429s of one late burst arrive together; at most a tenth of
+ * the interval) for this window's life. */
+#define CP_SKEW_LITTLE_MS 10.0
+void cp_rl_skewed(cp_ratelimit *rl, double now, double sent_at);
 /* A request that was on the wire has ended (answered or failed). */
 void cp_rl_answered(cp_ratelimit *rl);
 /* X-HubSpot-RateLimit-Daily-Remaining said `remaining` (call after cp_rl_answered).

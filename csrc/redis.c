@@ -9,7 +9,9 @@
  * commprefs:{K}:window, a sorted set of the times (Redis TIME, ms) requests
  * were granted in the current rolling window, and commprefs:{K}:limits, a
  * hash with HubSpot's learned max, interval and margin (ms: ratelimit.c's
- * plus CP_BUDGET_SLACK_MS, see redis.h) and a 429's blocked-until time.
+ * plus CP_BUDGET_SLACK_MS, see redis.h), a 429's blocked-until time and the
+ * last grant ("last": grants are spaced evenly, ratelimit.c's rule: once
+ * CP_PACE_BURST are in the window, one per (interval + margin) / max).
  * Both expire. Only numbers are written: never the token. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
@@ -29,6 +31,8 @@
  * "learn" max interval margin [manual]: written for every participant; a window
  * set by hand ("manual") is never replaced by a learned one. "throttled" ms:
  * nobody is granted anything for that long. Time comes from Redis alone. */
+#define BUDGET_STR_(x) #x
+#define BUDGET_STR(x) BUDGET_STR_(x)
 static const char BUDGET_SCRIPT[] =
   "-- commprefs budget: one atomic step per acquisition (see csrc/redis.c)\n"
   "local w, s, op = KEYS[1], KEYS[2], ARGV[1]\n"
@@ -53,7 +57,7 @@ static const char BUDGET_SCRIPT[] =
   "elseif op ~= 'acquire' then\n"
   "  return redis.error_reply('commprefs budget: unknown operation')\n"
   "end\n"
-  "local l = redis.call('HMGET', s, 'max', 'interval', 'margin', 'blocked')\n"
+  "local l = redis.call('HMGET', s, 'max', 'interval', 'margin', 'blocked', 'last')\n"
   "local max, interval, margin = tonumber(l[1]), tonumber(l[2]), tonumber(l[3])\n"
   "if not max and tonumber(ARGV[2]) then\n"
   "  max, interval, margin = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])\n"
@@ -69,8 +73,14 @@ static const char BUDGET_SCRIPT[] =
   "    local oldest = redis.call('ZRANGE', w, n - max, n - max, 'WITHSCORES')\n"
   "    return math.max(1, math.ceil(tonumber(oldest[2]) + interval + margin - now))\n"
   "  end\n"
+  "  local last = tonumber(l[5])\n"
+  "  if n >= " BUDGET_STR(CP_PACE_BURST) " and last then\n"
+  "    local next = last + (interval + margin) / max\n"
+  "    if next > now then return math.max(1, math.ceil(next - now)) end\n"
+  "  end\n"
   "end\n"
   "redis.call('ZADD', w, now, redis.call('HINCRBY', s, 'seq', 1))\n"
+  "redis.call('HSET', s, 'last', now)\n"
   "redis.call('PEXPIRE', w, math.ceil(interval + margin) + 1000)\n"
   "redis.call('PEXPIRE', s, keep)\n"
   "return 0\n";

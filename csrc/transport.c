@@ -35,14 +35,20 @@ enum { ARG_SELF = 1, ARG_SOURCE, ARG_ON_DONE, ST_RESULTS, ST_INFLIGHT };
  * The one piece of global mutable state beyond curl_global_init: a signal
  * handler can only talk to the code it interrupted through a static
  * volatile sig_atomic_t. It holds the number of the SIGINT/SIGTERM caught
- * while a perform ran (0: none). perform installs the handler only for its
- * own duration (unless the signal is ignored), stops within SIGNAL_CHECK_MS
- * when it fires, and restores the previous handler. Then, unless a caller
- * asked for signals to be kept (core.trap_signals, the CLI's bulk jobs and
- * the worker: perform is then "nested"), the signal is raised again, so it
- * does what it would have done without commprefs (lua's "interrupted!",
- * the default termination) right after perform returns. */
+ * while a perform ran (0: none); `trapped` says core.trap_signals keeps the
+ * handler in place. A perform installs the handler only once it has lasted
+ * SIGNAL_LAZY_MS (a short perform makes no system call for it; a signal in
+ * its first milliseconds does its usual action, as it would without
+ * commprefs), unless the signal is ignored; it then stops within
+ * SIGNAL_CHECK_MS when it fires, and restores the previous handler. Then,
+ * unless a caller asked for signals to be kept (core.trap_signals, the CLI's
+ * bulk jobs and the worker: perform is then "nested" and installs nothing),
+ * the signal is raised again, so it does what it would have done without
+ * commprefs (lua's "interrupted!", the default termination) right after
+ * perform returns. */
+#define SIGNAL_LAZY_MS 10.0
 static volatile sig_atomic_t caught_signal = 0;
+static volatile sig_atomic_t trapped = 0;
 
 static void on_signal(int sig) { caught_signal = sig; }
 
@@ -51,23 +57,43 @@ int cp_caught_signal(void) { return (int)caught_signal; }
 typedef struct {
   struct sigaction old_int, old_term;
   int installed_int, installed_term, nested;
+  int armed;           /* the handler is installed (or nested) */
+  double since;        /* when the perform started (monotonic ms) */
 } signal_guard;
 
+/* Installs on_signal for sig unless sig is ignored (then the old action is put back). */
 static int install_one(int sig, struct sigaction *old) {
   struct sigaction sa;
-  if (sigaction(sig, NULL, old) != 0 || old->sa_handler == SIG_IGN) return 0;
   memset(&sa, 0, sizeof(sa));
   sa.sa_handler = on_signal;
   sigemptyset(&sa.sa_mask);
-  return sigaction(sig, &sa, NULL) == 0;
+  if (sigaction(sig, &sa, old) != 0) return 0;
+  if (old->sa_handler == SIG_IGN) {
+    sigaction(sig, old, NULL);
+    return 0;
+  }
+  return 1;
 }
 
-static void signals_install(signal_guard *g) {
-  struct sigaction cur;
-  g->nested = sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == on_signal;
-  if (!g->nested) caught_signal = 0; /* an outer perform or a trap keeps what it caught */
-  g->installed_int = install_one(SIGINT, &g->old_int);
-  g->installed_term = install_one(SIGTERM, &g->old_term);
+static void signals_begin(signal_guard *g) {
+  memset(g, 0, sizeof(*g));
+  g->nested = g->armed = trapped != 0;
+  if (!g->nested) caught_signal = 0; /* an outer trap keeps what it caught */
+  g->since = cp_now_ms();
+}
+
+/* Before a wait of up to `wake` ms: installs the handler once the perform
+ * has lasted SIGNAL_LAZY_MS; returns the wait, cut so the flag is looked at
+ * in time (and the handler installed in time). */
+static double signals_before_wait(signal_guard *g, double wake) {
+  if (!g->armed) {
+    double ran = cp_now_ms() - g->since;
+    if (ran < SIGNAL_LAZY_MS) return wake < SIGNAL_LAZY_MS - ran ? wake : SIGNAL_LAZY_MS - ran;
+    g->installed_int = install_one(SIGINT, &g->old_int);
+    g->installed_term = install_one(SIGTERM, &g->old_term);
+    g->armed = 1;
+  }
+  return wake > SIGNAL_CHECK_MS ? SIGNAL_CHECK_MS : wake;
 }
 
 static void signals_restore(signal_guard *g) {
@@ -89,6 +115,7 @@ void cp_trap_signals(int on) {
   sa.sa_handler = on ? on_signal : SIG_DFL;
   sigemptyset(&sa.sa_mask);
   if (on) caught_signal = 0;
+  trapped = on != 0;
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
 }
@@ -143,20 +170,67 @@ static int on_prereq(void *ud, char *ip, char *local_ip, int port, int local_por
   return CURL_PREREQFUNC_OK;
 }
 
-/* Each header line of the answer: two different Content-Length values make
- * its framing ambiguous (which bytes are the body?): the answer is refused. */
+/* The HubSpot headers perform acts on, in cp_slot.hubspot's order. */
+static const char *const HUBSPOT_HEADERS[4] = {
+  "retry-after", "x-hubspot-ratelimit-max", "x-hubspot-ratelimit-interval-milliseconds",
+  "x-hubspot-ratelimit-daily-remaining"};
+
+static int name_is(const char *line, size_t n, const char *lower) {
+  size_t i, len = strlen(lower);
+  if (n != len) return 0;
+  for (i = 0; i < len; i++) {
+    char c = line[i];
+    if (c >= 'A' && c <= 'Z') c = (char)(c - 'A' + 'a');
+    if (c != lower[i]) return 0;
+  }
+  return 1;
+}
+
+/* A Content-Length line: two different values in one answer make its
+ * framing ambiguous (which bytes are the body?): 0 refuses the answer. */
+static int length_consistent(cp_slot *s, const char *line, size_t len) {
+  static const char name[] = "content-length:";
+  long v;
+  if (len <= sizeof(name) - 1 || strncasecmp(line, name, sizeof(name) - 1) != 0) return 1;
+  v = strtol(line + sizeof(name) - 1, NULL, 10);
+  if (s->length_seen >= 0 && v != s->length_seen) {
+    s->bad_length = 1;
+    return 0;
+  }
+  s->length_seen = v;
+  return 1;
+}
+
+/* Each header line of the answer: a status line starts a new answer (1xx,
+ * a proxy's CONNECT answer); the first of each HubSpot header is kept, its
+ * value trimmed (a value too long for any valid one is kept as "?"); two
+ * different Content-Length values stop the transfer (libcurl takes them). */
 static size_t on_header(char *line, size_t size, size_t n, void *ud) {
   cp_slot *s = ud;
-  size_t len = size * n;
-  static const char name[] = "content-length:";
-  if (len >= 5 && strncmp(line, "HTTP/", 5) == 0) s->length_seen = -1; /* a new header block (after a 1xx) */
-  if (len > sizeof(name) - 1 && strncasecmp(line, name, sizeof(name) - 1) == 0) {
-    long v = strtol(line + sizeof(name) - 1, NULL, 10);
-    if (s->length_seen >= 0 && v != s->length_seen) {
-      s->bad_length = 1;
-      return 0; /* libcurl stops the transfer */
+  size_t len = size * n, colon, i;
+  const char *v, *end;
+  if (len >= 5 && memcmp(line, "HTTP/", 5) == 0) {
+    memset(s->hubspot, 0, sizeof(s->hubspot));
+    s->length_seen = -1;
+    return len;
+  }
+  if ((line[0] == 'c' || line[0] == 'C') && !length_consistent(s, line, len)) return 0;
+  if (len < 12 || (line[0] != 'r' && line[0] != 'R' && line[0] != 'x' && line[0] != 'X')) return len;
+  for (colon = 0; colon < len && line[colon] != ':'; colon++) {}
+  if (colon == len) return len;
+  for (i = 0; i < 4; i++) {
+    if (!name_is(line, colon, HUBSPOT_HEADERS[i]) || s->hubspot[i][0]) continue;
+    v = line + colon + 1;
+    end = line + len;
+    while (v < end && (*v == ' ' || *v == '\t')) v++;
+    while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' || end[-1] == '\t')) end--;
+    if (end == v) break;
+    if ((size_t)(end - v) >= sizeof(s->hubspot[i])) strcpy(s->hubspot[i], "?");
+    else {
+      memcpy(s->hubspot[i], v, (size_t)(end - v));
+      s->hubspot[i][end - v] = '\0';
     }
-    s->length_seen = v;
+    break;
   }
   return len;
 }
@@ -182,6 +256,10 @@ static CURL *new_easy(cp_transport *t, cp_slot *s) {
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, s);
   curl_easy_setopt(e, CURLOPT_ERRORBUFFER, s->errbuf);
+  if (!t->proxy_env) { /* no proxy configured: libcurl need not look in the environment per transfer */
+    curl_easy_setopt(e, CURLOPT_PROXY, "");
+    curl_easy_setopt(e, CURLOPT_NOPROXY, "");
+  }
   curl_easy_setopt(e, CURLOPT_USERAGENT, g->user_agent);
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, g->timeout_ms);
@@ -232,11 +310,24 @@ static void wipe_headers(struct curl_slist *h) {
   curl_slist_free_all(h);
 }
 
+/* Whether the user configured a proxy through the environment libcurl reads. */
+static int proxy_configured(void) {
+  static const char *const names[] = {"http_proxy", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
+                                      "no_proxy", "NO_PROXY"};
+  size_t i;
+  for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+    const char *v = getenv(names[i]);
+    if (v && *v) return 1;
+  }
+  return 0;
+}
+
 int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const char **err) {
   memset(t, 0, sizeof(*t));
   t->gov = g;
   t->gov_ref = LUA_NOREF;
   t->handle_signals = c->handle_signals;
+  t->proxy_env = proxy_configured();
   t->nslots = g->max_concurrency ? g->max_concurrency : CP_ADAPTIVE_SLOTS;
   *err = "out of memory";
   t->ca_file = c->ca_file ? dup_or_null(c->ca_file) : NULL;
@@ -311,6 +402,7 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s) {
   s->bad_length = 0;
   s->length_seen = -1;
   s->errbuf[0] = '\0';
+  memset(s->hubspot, 0, sizeof(s->hubspot));
   /* libcurl copies the URL and (COPYPOSTFIELDS) the body: nothing it keeps
    * points into a Lua string, which the source or on_done may let go */
   curl_easy_setopt(s->easy, CURLOPT_URL, url);
@@ -346,17 +438,7 @@ static const char *error_kind(CURLcode rc, const cp_slot *s) {
 }
 
 /* A HubSpot count header (headers.c's rule), or -1 when absent or not a count. */
-static long header_long(CURL *e, const char *name) {
-  struct curl_header *h;
-  if (curl_easy_header(e, name, 0, CURLH_HEADER, -1, &h) != CURLHE_OK) return -1;
-  return cp_parse_header_count(h->value);
-}
-
-static double header_retry_after(CURL *e) {
-  struct curl_header *h;
-  if (curl_easy_header(e, "Retry-After", 0, CURLH_HEADER, -1, &h) != CURLHE_OK) return -1;
-  return cp_parse_retry_after(h->value);
-}
+static long header_long(const char *v) { return *v ? cp_parse_header_count(v) : -1; }
 
 /* What the attempt in slot s ended with. */
 static void read_outcome(cp_slot *s, CURLcode rc, cp_outcome *o) {
@@ -371,11 +453,11 @@ static void read_outcome(cp_slot *s, CURLcode rc, cp_outcome *o) {
     return;
   }
   curl_easy_getinfo(s->easy, CURLINFO_RESPONSE_CODE, &o->status);
-  ra = header_retry_after(s->easy);
+  ra = s->hubspot[0][0] ? cp_parse_retry_after(s->hubspot[0]) : -1;
   o->retry_after_ms = ra >= 0 ? ra * 1000.0 : -1;
-  o->rate_max = header_long(s->easy, "X-HubSpot-RateLimit-Max");
-  o->rate_interval_ms = header_long(s->easy, "X-HubSpot-RateLimit-Interval-Milliseconds");
-  o->daily_remaining = header_long(s->easy, "X-HubSpot-RateLimit-Daily-Remaining");
+  o->rate_max = header_long(s->hubspot[1]);
+  o->rate_interval_ms = header_long(s->hubspot[2]);
+  o->daily_remaining = header_long(s->hubspot[3]);
 }
 
 /* Pushes the C2 result table: {status=, body=, content_type=, retry_after=,
@@ -429,14 +511,15 @@ typedef struct {
 
 static void cleanup_running(cp_transport *t) {
   int i;
-  for (i = 0; t->slots && i < t->nslots; i++) {
+  if (t->in_use == 0) return; /* every slot is free */
+  for (i = 0; t->slots && i < t->high; i++) {
     if (t->slots[i].state == SLOT_RUNNING) {
       curl_multi_remove_handle(t->multi, t->slots[i].easy);
       cp_gov_abandon(t->gov, t->slots[i].on_wire);
     }
     t->slots[i].state = SLOT_FREE;
   }
-  t->in_use = 0;
+  t->in_use = t->high = 0;
 }
 
 /* Takes the next request from source into slot s; 0 when source is empty. */
@@ -464,6 +547,7 @@ static int fill_slot(lua_State *L, cp_transport *t, cp_slot *s, source_state *sr
   s->not_before = cp_now_ms(); /* ready now: any later start waited for pacing */
   s->state = SLOT_WAITING;
   t->in_use++;
+  if (i > t->high) t->high = i;
   return 1;
 }
 
@@ -472,6 +556,7 @@ static void deliver(lua_State *L, cp_transport *t, cp_slot *s) {
   int i = (int)(s - t->slots) + 1;
   s->state = SLOT_FREE;
   t->in_use--;
+  while (t->high > 0 && t->slots[t->high - 1].state == SLOT_FREE) t->high--;
   lua_pushnil(L);
   lua_rawseti(L, ST_INFLIGHT, i);
   if (lua_isnil(L, ARG_ON_DONE)) {
@@ -504,7 +589,7 @@ static void deliver_stopped(lua_State *L, cp_transport *t, cp_slot *s, const sou
 /* Stopping: requests not on their way are given back unsent (running ones too when `all`). */
 static void stop_slots(lua_State *L, cp_transport *t, const source_state *src, int all) {
   int i;
-  for (i = 0; i < t->nslots; i++) {
+  for (i = t->high - 1; i >= 0; i--) {
     cp_slot *s = &t->slots[i];
     if (s->state == SLOT_WAITING || (all && s->state == SLOT_RUNNING)) deliver_stopped(L, t, s, src);
   }
@@ -552,7 +637,11 @@ static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
     cp_slot *s = &t->slots[i];
     double w;
     if (s->state == SLOT_FREE) {
-      if (src->exhausted || t->in_use >= target || !fill_slot(L, t, s, src)) continue;
+      if (src->exhausted || t->in_use >= target) {
+        if (i >= t->high) break; /* the rest are free too */
+        continue;
+      }
+      if (!fill_slot(L, t, s, src)) continue;
     }
     if (s->state != SLOT_WAITING) continue;
     if (s->not_before > now) {
@@ -572,11 +661,12 @@ static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
 
 static int perform_loop(lua_State *L) {
   cp_transport *t = lua_touserdata(L, ARG_SELF);
+  signal_guard *g = lua_touserdata(L, ARG_ON_DONE + 1);
   source_state src = {0, 1, NULL, NULL};
   int running = 0;
   lua_settop(L, ARG_ON_DONE);
   lua_newtable(L); /* ST_RESULTS */
-  lua_createtable(L, t->nslots, 0); /* ST_INFLIGHT */
+  lua_createtable(L, t->nslots < 8 ? t->nslots : 8, 0); /* ST_INFLIGHT: grows as slots fill */
   cp_gov_new_call(t->gov);
   for (;;) {
     CURLMsg *msg;
@@ -598,7 +688,7 @@ static int perform_loop(lua_State *L) {
       delivered = 1;
     }
     if (delivered) continue; /* refill free slots at once */
-    if (t->handle_signals && wake > SIGNAL_CHECK_MS) wake = SIGNAL_CHECK_MS;
+    if (t->handle_signals) wake = signals_before_wait(g, wake);
     curl_multi_poll(t->multi, NULL, 0, wake < 1 ? 1 : (int)wake, NULL);
   }
   if (lua_isnil(L, ARG_ON_DONE)) lua_pushvalue(L, ST_RESULTS);
@@ -621,12 +711,13 @@ int cp_transport_perform(lua_State *L, cp_transport *t) {
   lua_settop(L, ARG_ON_DONE);
   cleanup_running(t);
   t->active = 1;
-  if (t->handle_signals) signals_install(&g);
+  if (t->handle_signals) signals_begin(&g);
   lua_pushcfunction(L, perform_loop);
   lua_pushvalue(L, ARG_SELF);
   lua_pushvalue(L, ARG_SOURCE);
   lua_pushvalue(L, ARG_ON_DONE);
-  rc = lua_pcall(L, 3, 2, 0);
+  lua_pushlightuserdata(L, &g);
+  rc = lua_pcall(L, 4, 2, 0);
   if (t->handle_signals) signals_restore(&g);
   t->active = 0;
   if (rc != 0) cleanup_running(t);

@@ -26,6 +26,9 @@ typedef struct {
   int too_large;           /* this attempt's answer passed max_response_size */
   double sent_at;          /* monotonic ms when this attempt went on the wire */
   double not_before;       /* monotonic ms: earliest start of the next attempt */
+  /* the HubSpot headers of this attempt's answer (header callback), "" = absent:
+   * Retry-After, X-HubSpot-RateLimit-Max, -Interval-Milliseconds, -Daily-Remaining */
+  char hubspot[4][64];
   char errbuf[CURL_ERROR_SIZE];
 } cp_slot;
 
@@ -36,11 +39,13 @@ typedef struct cp_transport {
   cp_slot *slots;
   int nslots;                      /* max_concurrency, or CP_ADAPTIVE_SLOTS when adaptive */
   int in_use;                      /* slots not free */
+  int high;                        /* slots at and above this index are free */
   cp_governor *gov;                /* the attempt lifecycle: kept alive by gov_ref */
   int gov_ref;                     /* registry reference to the governor userdata */
   char *ca_file;
   int closed, active;              /* active: inside perform() */
   int handle_signals;              /* perform stops on SIGINT/SIGTERM */
+  int proxy_env;                   /* the user configured a proxy in the environment */
 } cp_transport;
 
 /* Opens t over governor g (the caller keeps it alive and sets gov_ref): 0, or -1

@@ -244,10 +244,35 @@ describe("the cosocket transport in nginx", function()
     end)
   end)
 
+  describe("paced waits (issue 19)", function()
+    it("never pass the caller's timeout: a call the rate limit would hold longer fails at once, unsent", function()
+      sim.reset()
+      local out = run([[
+        local c = require("commprefs").new { token = "sim-token", base_url = SIM_URL, timeout = 1,
+          rate_limit = { max = 1, interval = 10 } }
+        assert(c:get_status("x@example.com"))
+        ngx.update_time()
+        local t0 = ngx.now()
+        local env, err = c:get_status("y@example.com")
+        ngx.update_time()
+        return string.format("%s %s %.2f", tostring(env), err and err.kind, ngx.now() - t0)]])
+      local env, kind, took = out:match("^(%S+) (%S+) (%S+)$")
+      assert.equal("nil", env)
+      assert.equal("timeout", kind)
+      assert.is_true(tonumber(took) < 0.5, out)
+      local log = sim.log()
+      assert.equal(1, #log) -- nothing was sent for the second call
+      assert.truthy(log[1].path:find("x%40example.com", 1, true))
+    end)
+  end)
+
   describe("a client across requests", function()
     it("made in one request, used in later ones, and by several requests at once", function()
       run([[
-        package.loaded.spec_kept_client = require("commprefs").new { token = "sim-token", base_url = SIM_URL }
+        -- a window set by hand wide enough for 40 at once: even pacing under the simulator's
+        -- HubSpot window (100 per 10 s: one per ~100 ms after a burst of 4) would spread them over 4 s
+        package.loaded.spec_kept_client = require("commprefs").new { token = "sim-token", base_url = SIM_URL,
+          rate_limit = { max = 1000, interval = 1 } }
         return "made"]])
       assert.equal("3", run([[return #assert(package.loaded.spec_kept_client:get_status("x@example.com")).results]]))
       -- 40 requests at once through the one client, the simulator taking 200 ms each:

@@ -218,6 +218,30 @@ print("status", res[1].status or res[1].kind, res[2].status, reason)
     end)
   end)
 
+  describe("proxies (issue 19: libcurl looks for one only when the environment names one)", function()
+    -- The simulator's nginx serves an absolute-form request line as a proxy
+    -- would pass it on: a request for a host that does not resolve is
+    -- answered only when it went through the proxy of http_proxy.
+    local function child_get(env)
+      local child = spawn(string.format([[
+local core = require "commprefs.core"
+local h = core.new { token = 'sim-token', max_retries = 0, connect_timeout = 2 }
+local res = h:perform { { method = 'GET', url = %q } }
+io.write("status=", tostring(res[1].status), " kind=", tostring(res[1].kind), "\n")
+]], "http://hubapi.invalid" .. GET), env)
+      local _, out = wait_child(child, 10)
+      return out
+    end
+
+    it("a proxy configured in the environment is used", function()
+      assert.matches("status=200", child_get("http_proxy=" .. sim.url), 1, true)
+    end)
+
+    it("without one, requests go straight to the host", function()
+      assert.matches("status=nil kind=network", child_get("http_proxy= https_proxy= all_proxy= HTTPS_PROXY= ALL_PROXY= no_proxy= NO_PROXY="), 1, true)
+    end)
+  end)
+
   describe("signals (issue 10, defect 4)", function()
     -- A child that keeps signals (core.trap_signals, as the CLI's bulk jobs do) and
     -- reports how perform stopped; without the trap the signal does its usual action.

@@ -304,19 +304,36 @@ end
 -- _cache_note, _prefix, batch_size, business_unit_id, max_concurrency.
 
 -- The one entry to the transports: the choice is commprefs.transport's.
-function Client:_perform(source, on_done)
-  if self._metrics_dict and not self._metrics_watched then
-    self._metrics_watched = require("commprefs.metrics").watch(self, self._metrics_dict)
-  end
-  if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
-    return self._ngx:perform(source, on_done)
-  end
+local function curl_of(self)
   local curl = self._curl
   if not curl then
     curl = self._make_curl()
     self._curl = curl
   end
-  return curl:perform(source, on_done)
+  return curl
+end
+
+-- With metrics.shared_dict: this worker flushes the client's counts (commprefs.metrics).
+local function watch_metrics(self)
+  self._metrics_watched = require("commprefs.metrics").watch(self, self._metrics_dict)
+end
+
+function Client:_perform(source, on_done)
+  if self._metrics_dict and not self._metrics_watched then watch_metrics(self) end
+  if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
+    return self._ngx:perform(source, on_done)
+  end
+  return curl_of(self):perform(source, on_done)
+end
+
+-- One request to its result (cosockets: without the array around it, and
+-- no paced wait past the client's timeout).
+function Client:_perform_one(req)
+  if self._metrics_dict and not self._metrics_watched then watch_metrics(self) end
+  if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
+    return self._ngx:perform_one(req)
+  end
+  return curl_of(self):perform({ req })[1]
 end
 
 -- Whether a call made now goes over cosockets (light threads can gather).
@@ -352,7 +369,7 @@ end
 function Client:_request(method, path, q, body, about_id)
   local req = { method = method, url = self._prefix .. path .. q, body = body }
   for attempt = 1, 2 do
-    local env, err = outcome(req, self:_perform({ req })[1])
+    local env, err = outcome(req, self:_perform_one(req))
     local other = env and about_id and ops.names_other(env, about_id)
     if not other then return env, err end
     self:_drop_connections()

@@ -7,7 +7,9 @@
 --   p:try()        -> 0 when an attempt started now (counted), else ms to wait | nil, stop
 --   p:sent() p:unsent() p:finish(result) p:new_call()
 -- (A backing that grants in start, such as Redis over cosockets, sleeps
--- there: try then reports how long it slept.) It returns a table that
+-- there: try then reports how long it slept.) P.sleep(ms) and P.now() (ms)
+-- are the clock of where the case runs; P.go(p) waits until p may start
+-- and starts it. It returns a table that
 -- `check(t, backing)` asserts on. `shared = true`:
 -- only for backings shared between participants.
 local assert = require "luassert"
@@ -146,6 +148,66 @@ case { name = "an attempt never sent frees its slot (Redis: keeps it, the safe s
     end
   end }
 
+-- Even pacing (ratelimit.c, the dict's tickets, the Redis script): the
+-- first CP_PACE_BURST of a window go at once, then one per
+-- (interval + margin) / max. 20 per 1,000 ms: 1,035 / 20 = 51.75 ms apart.
+case { name = "a learned window spreads attempts across it: a burst of a few, then evenly spaced",
+  code = [[
+    local a = P.new {}
+    a:finish { status = 200, attempts = 1, rate_max = 20, rate_interval_ms = 1000 }
+    local at = {}
+    for i = 1, 10 do P.go(a); at[i] = P.now(); a:sent() end
+    return { at = at, burst = core.limits.pace_burst }
+  ]],
+  check = function(t)
+    local at, burst = t.at, t.burst
+    assert.equal(4, burst)
+    for i = 2, burst do assert.is_true(at[i] - at[1] < 10, "burst " .. i .. ": " .. (at[i] - at[1])) end
+    for i = burst + 1, #at do
+      local gap = at[i] - at[i - 1]
+      assert.is_true(gap > 45 and gap < 90, "gap before send " .. i .. ": " .. gap)
+    end
+    -- no more than the burst within any 10 ms
+    for i = 1, #at - burst do assert.is_true(at[i + burst] - at[i] >= 10, "send " .. i) end
+  end }
+
+case { name = "participants share one even schedule", shared = true,
+  code = [[
+    local a, b = P.new {}, P.new {}
+    a:finish { status = 200, attempts = 1, rate_max = 20, rate_interval_ms = 1000 }
+    for i = 1, 4 do P.go(a); a:sent() end
+    local t0 = P.now()
+    P.go(b); local tb = P.now(); b:sent()
+    P.go(a); local ta = P.now(); a:sent()
+    return { b = tb - t0, a = ta - tb }
+  ]],
+  check = function(t)
+    assert.is_true(t.b > 40 and t.b < 90, "b waited " .. t.b)
+    assert.is_true(t.a > 40 and t.a < 90, "a waited " .. t.a)
+  end }
+
+-- A 429 although the window had room: the server counted the send that
+-- opened the refused request's slot late, by at least (refused send - that
+-- send - interval). Here that is ~1,100 - 1,000 ms: the margin becomes it
+-- + 10 ms at once (the old rule: 10 ms, doubling once per window).
+case { name = "a 429 inside the known window teaches the server's counting delay in one step",
+  code = [[
+    local a = P.new {}
+    a:finish { status = 200, attempts = 1, rate_max = 2, rate_interval_ms = 1000 }
+    P.go(a); a:sent(); P.go(a); a:sent()
+    P.sleep(1100)
+    P.go(a); local t1 = P.now(); a:sent()
+    a:finish { status = 429, attempts = 1 }
+    P.sleep(200)
+    P.go(a); a:sent()
+    local w = a:try()
+    return { window = w + P.now() - t1 }
+  ]],
+  check = function(t)
+    -- 1,000 + 35 margin + ~75 learned (old rule: ~1,045)
+    assert.is_true(t.window > 1090 and t.window < 1160, tostring(t.window))
+  end }
+
 -- The participant factories, as code put before each case's code. KEY names
 -- a fresh window per case (set by the spec).
 M.PRELUDE = {}
@@ -157,8 +219,19 @@ local C_PARTICIPANT = [[
       try = function() local w, stop = gov:next(); if w == 0 then gov:begin() end; return w, stop end,
       sent = function() gov:on_wire() end, unsent = function() gov:unsent() end,
       finish = function(_, res) res.attempts = res.attempts or 1; return gov:finish(res) end,
-      new_call = function() gov:new_call() end }
+      new_call = function() gov:new_call() end,
+      go = function()
+        while true do
+          local w, stop = gov:next()
+          assert(w, stop)
+          if w == 0 then gov:begin(); return end
+          require("socket").sleep(w / 1000)
+        end
+      end }
   end
+  local socket = require "socket"
+  local function now_ms() return socket.gettime() * 1000 end
+  local function sleep_ms(ms) socket.sleep(ms / 1000) end
 ]]
 
 local LUA_PARTICIPANT = [[
@@ -179,28 +252,44 @@ local LUA_PARTICIPANT = [[
       end,
       sent = function() p:sent() end, unsent = function() p:unsent() end,
       finish = function(_, res) return p:finish(res, true, 1) end,
-      new_call = function() gov:new_call() end }
+      new_call = function() gov:new_call() end,
+      go = function()
+        while true do
+          local w, stop = p:wait()
+          assert(w, stop)
+          if w == 0 then assert(p:start()); return end
+          ngx.sleep(w / 1000)
+        end
+      end }
   end
+  local function now_ms() ngx.update_time(); return ngx.now() * 1000 end
+  local function sleep_ms(ms) ngx.sleep(ms / 1000) end
+]]
+
+-- P's clock and P.go(p), the same for every backing.
+local CLOCK = [[
+  P.now, P.sleep = now_ms, sleep_ms
+  P.go = function(p) p:go() end
 ]]
 
 M.PRELUDE.window = C_PARTICIPANT .. [[
   P = { shared = false, new = function(opts) return participant(core.governor(opts)) end }
-]]
+]] .. CLOCK
 M.PRELUDE.redis_c = C_PARTICIPANT .. [[
   P = { shared = true, new = function(opts)
     opts.redis_url, opts.redis_key = REDIS_URL, KEY
     return participant(assert(core.governor(opts)))
   end }
-]]
+]] .. CLOCK
 M.PRELUDE.shared_dict = LUA_PARTICIPANT .. [[
   P = { shared = true, new = function(opts)
     return participant(core.governor(opts), { shared_dict = "pace", rate_limit = { key = KEY } })
   end }
-]]
+]] .. CLOCK
 M.PRELUDE.redis_ngx = LUA_PARTICIPANT .. [[
   P = { shared = true, new = function(opts)
     return participant(core.governor(opts), { rate_limit = { redis = REDIS_URL, key = KEY } })
   end }
-]]
+]] .. CLOCK
 
 return M

@@ -8,7 +8,11 @@
 -- read-modify-write; a ticket waits for a still-pending n - max, so any
 -- max + 1 tickets in a row span more than one window. A 429 sets a
 -- "blocked" key with `add` (the first hold wins) whose ttl every worker
--- reads. What is learned or held is decided by the governor, not here.
+-- reads. Tickets are also spaced evenly (ratelimit.c's rule, shared by all
+-- workers): once ticket n - burst is in the window, ticket n goes no sooner
+-- than (interval + margin) / max after ticket n - 1 was sent, so the workers
+-- of an nginx take turns on one schedule instead of each spending the
+-- window early. What is learned or held is decided by the governor, not here.
 local core = require "commprefs.core"
 
 local M = {}
@@ -58,19 +62,40 @@ function Dict:limit()
   return tonumber(max), tonumber(interval)
 end
 
+local BURST = core.limits.pace_burst
+local PENDING_POLL_MS = 10 -- the ticket before is not on the wire yet: ask again this soon
+
+-- ms until ticket n may go by the even spacing (0 = now): while ticket
+-- n - BURST is in the window, one spacing after ticket n - 1 was sent.
+function Dict:spacing_wait(n, now, max, window)
+  if n <= BURST then return 0 end
+  local dict, prefix = self.dict, self.ticket_prefix
+  local first = dict:get(prefix .. (n - BURST))
+  if not first or (first >= 0 and first <= now - window) then return 0 end -- a window's first few
+  local prev = dict:get(prefix .. (n - 1))
+  if not prev then return 0 end -- never sent: its turn is free
+  local spacing = window / max
+  if prev < 0 then return math.min(spacing, PENDING_POLL_MS) end
+  return prev + spacing - now
+end
+
 -- ms until ticket n may be sent (0 = now).
 function Dict:wait_for(n, now)
   local wait = 0
   local hold = self.dict:ttl(self.blocked_key)
   if hold and hold > 0 then wait = hold * 1000 end
   local max, interval = self:limit()
-  if max and n > max then
-    local sent = self.dict:get(self.ticket_prefix .. (n - max))
-    if sent and sent < 0 then
-      wait = math.max(wait, 1) -- that attempt is not on the wire yet: it lands first
-    elseif sent then
-      wait = math.max(wait, sent + interval + margin_ms(interval) - now)
+  if max then
+    local window = interval + margin_ms(interval)
+    if n > max then
+      local sent = self.dict:get(self.ticket_prefix .. (n - max))
+      if sent and sent < 0 then
+        wait = math.max(wait, 1) -- that attempt is not on the wire yet: it lands first
+      elseif sent then
+        wait = math.max(wait, sent + window - now)
+      end
     end
+    wait = math.max(wait, self:spacing_wait(n, now, max, window))
   end
   return wait > 0 and wait or 0
 end

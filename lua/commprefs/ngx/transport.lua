@@ -20,10 +20,19 @@ local choice = require "commprefs.transport"
 local M = { YIELDABLE = choice.YIELDABLE, in_nginx = choice.in_nginx, check_phase = choice.check_phase }
 
 local READ_CHUNK = 65536
+local PARSERS_KEPT = 16 -- reset parsers a transport keeps for its next answers
+
+-- nginx's functions, looked up once (this module is loaded inside nginx only
+-- for use there; outside, ngx is absent and nothing here runs).
+local ngx_ = rawget(_G, "ngx") or {}
+local ngx_now, ngx_update_time, ngx_sleep = ngx_.now, ngx_.update_time, ngx_.sleep
+local tcp = ngx_.socket and ngx_.socket.tcp
+local http1_response = core.http1_response
+local min, type, tostring, format = math.min, type, tostring, string.format
 
 local function now_ms()
-  ngx.update_time()
-  return ngx.now() * 1000
+  ngx_update_time()
+  return ngx_now() * 1000
 end
 
 -- Where "scheme://authority" points: {tls=, host= (no brackets), addr= (what to
@@ -59,6 +68,28 @@ local function target(t, url)
   return tg, path:find("#", 1, true) and path:gsub("#.*$", "") or path
 end
 
+-- A reset parser of the transport's own (made once, reset between answers:
+-- no new userdata per request); given back with give_parser.
+local function take_parser(t)
+  local pool, n = t.parsers, t.nparsers
+  if n > 0 then
+    local p = pool[n]
+    pool[n], t.nparsers = nil, n - 1
+    return p
+  end
+  return http1_response { max_body = t.settings.max_response_size }
+end
+
+local function give_parser(t, p)
+  if t.nparsers < PARSERS_KEPT then
+    p:reset()
+    t.nparsers = t.nparsers + 1
+    t.parsers[t.nparsers] = p
+  else
+    p:close()
+  end
+end
+
 local function no_answer(err, what, started)
   if err == "timeout" then
     return { kind = "timeout", message = string.format("%s timed out after %d ms", what, now_ms() - started) }
@@ -79,8 +110,8 @@ local function exchange(t, req, pacer, resent)
   local s = t.settings
   local started = now_ms()
   local deadline = started + s.timeout_ms
-  local sock = ngx.socket.tcp()
-  sock:settimeouts(math.min(s.connect_timeout_ms, s.timeout_ms), s.timeout_ms, s.timeout_ms)
+  local sock = tcp()
+  sock:settimeouts(min(s.connect_timeout_ms, s.timeout_ms), s.timeout_ms, s.timeout_ms)
   local ok, err = sock:connect(tg.addr, port, tg.pool)
   if not ok then return no_answer(err, "connect to " .. host .. ":" .. port, started), false end
   local reused = sock:getreusedtimes() > 0
@@ -103,7 +134,7 @@ local function exchange(t, req, pacer, resent)
     sock:close()
     return no_answer(serr, "sending to " .. host, started), true, reused and serr ~= "timeout"
   end
-  local parser = core.http1_response { max_body = s.max_response_size }
+  local parser = take_parser(t)
   local got = 0
   while true do
     local left = deadline - now_ms()
@@ -118,44 +149,58 @@ local function exchange(t, req, pacer, resent)
       done, perr, kind = parser:feed("")
     else
       sock:close()
-      parser:close()
-      return no_answer(rerr, string.format("reading the answer from %s (%d bytes received)", host, got), started),
+      give_parser(t, parser)
+      return no_answer(rerr, format("reading the answer from %s (%d bytes received)", host, got), started),
         true, reused and got == 0 and rerr ~= "timeout"
     end
     if done == nil then
       sock:close()
-      parser:close()
+      give_parser(t, parser)
       return { kind = kind, message = perr }, true, reused and got == 0 and rerr == "closed"
     end
     if done then break end
   end
   local res = parser:result()
-  parser:close()
+  give_parser(t, parser)
   if res.keepalive then sock:setkeepalive() else sock:close() end
   res.keepalive, res.extra = nil, nil -- extra: bytes after the answer (never reused: keepalive is false)
   if res.status < 300 or res.status > 399 then res.location = nil end -- C2: location= only on a redirect
   return res, true
 end
 
--- One request to its final result: attempts as the pacer lets them start,
--- and the retries the governor decides. A reused connection the server had
--- already closed is replaced at once (not an attempt), as libcurl does.
-local function run(t, req, pacer, st)
+-- The result of a request whose paced wait would pass its caller's deadline:
+-- nothing was sent for it (a caller who has gone gets no request).
+local function paced_out(t, attempts, last, waited_ms)
+  if last then return last end
+  return { kind = "timeout", attempts = attempts, message = format(
+    "not sent: the rate limit would hold it past the client's timeout (%d ms; waited %d ms)",
+    t.settings.timeout_ms, waited_ms) }
+end
+
+-- One request to its final result (and why perform must stop, or nil):
+-- attempts as the pacer lets them start, and the retries the governor
+-- decides. A reused connection the server had already closed is replaced
+-- at once (not an attempt), as libcurl does. With `deadline` (ms, the
+-- caller's: a single call's timeout) no paced wait goes past it.
+local function run(t, req, pacer, deadline)
   local attempts, last = 0, nil
+  local called = deadline and now_ms()
   while true do
     local wait, stop, why = pacer:wait()
     local ready_at = (wait and wait > 0 or pacer.shared) and now_ms() or nil -- for the pacing-wait metric
     while wait and wait > 0 do
-      ngx.sleep(wait / 1000)
+      if deadline and now_ms() + wait > deadline then return paced_out(t, attempts, last, now_ms() - called) end
+      ngx_sleep(wait / 1000)
       wait, stop, why = pacer:wait()
     end
     if not stop then
       local started, err = pacer:start()
       if not started then stop, why = "budget", err end
     end
-    if stop then
-      st.stop = st.stop or stop -- pull no more
-      return last or { stopped = stop, attempts = 0, message = why }
+    if stop then return last or { stopped = stop, attempts = 0, message = why }, stop end
+    if deadline and now_ms() > deadline then -- the backing held it in start past the deadline
+      pacer:unsent()
+      return paced_out(t, attempts, last, now_ms() - called)
     end
     local t0 = now_ms()
     if ready_at then t.gov:paced(t0 - ready_at) end
@@ -183,8 +228,27 @@ local function run(t, req, pacer, st)
     local retry, delay_ms = pacer:finish(res, was_sent, now_ms() - t0)
     if not retry then return res end
     last = res
-    if delay_ms and delay_ms > 0 then ngx.sleep(delay_ms / 1000) end
+    if delay_ms and delay_ms > 0 then
+      if deadline and now_ms() + delay_ms > deadline then return res end
+      ngx_sleep(delay_ms / 1000)
+    end
   end
+end
+
+-- The one request of a single call, checked as pull() checks each request.
+local function check_request(req, i)
+  if type(req) ~= "table" then error(format("perform: request %d is a %s, not a table", i, type(req)), 0) end
+  if type(req.url) ~= "string" then error(format("perform: request %d has no url", i), 0) end
+end
+
+-- perform_one(req) -> result: one request, no thread, no closure, no
+-- wrapper table (every single call: init.lua's _request, lookup's batches).
+-- Its paced waits are bounded by the client's timeout from now.
+local function perform_one(t, req)
+  check_request(req, 1)
+  M.check_phase(ngx.get_phase())
+  t.gov:new_call()
+  return (run(t, req, t.pacer, now_ms() + t.settings.timeout_ms))
 end
 
 ------------------------------------------------------------------ perform
@@ -238,16 +302,24 @@ local function perform(t, source, on_done)
     return nil, st.stop
   end
 
-  if type(source) == "table" and source[2] == nil then -- one request (every single call): no thread
+  if type(source) == "table" and source[2] == nil then -- one request: no thread
     local i, req = pull()
-    if i then deliver(i, run(t, req, pacer, st)) end
+    if i then
+      local res, stop = run(t, req, pacer, now_ms() + t.settings.timeout_ms)
+      st.stop = st.stop or stop
+      deliver(i, res)
+    end
     return ending()
   end
 
   -- One light thread per request in flight; results are delivered here, in
   -- the caller's coroutine, as they complete. After an error nothing more is
   -- pulled or delivered; what is in flight finishes first.
-  local function one(i, req) return i, run(t, req, pacer, st) end
+  local function one(i, req)
+    local res, stop = run(t, req, pacer)
+    st.stop = st.stop or stop -- pull no more
+    return i, res
+  end
   local live, slot_of = {}, {}
   local unpack = table.unpack or unpack
   while true do
@@ -289,7 +361,8 @@ function M.new(gov, pacer, token)
   local settings = gov:settings()
   local fixed = "User-Agent: " .. settings.user_agent .. "\r\nAuthorization: Bearer " .. token
     .. "\r\nAccept: application/json\r\n"
-  local t = { gov = gov, pacer = pacer, settings = settings, targets = {}, ntargets = 0, generation = 0 }
+  local t = { gov = gov, pacer = pacer, settings = settings, targets = {}, ntargets = 0, generation = 0,
+    parsers = {}, nparsers = 0 }
   t.head = function(method, path, authority, body)
     if body then
       return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", fixed,
@@ -299,7 +372,7 @@ function M.new(gov, pacer, token)
   end
   token = nil
   return setmetatable(t, {
-    __index = { perform = perform, drop_connections = drop_connections },
+    __index = { perform = perform, perform_one = perform_one, drop_connections = drop_connections },
     __tostring = function() return "commprefs.ngx.transport" end,
   })
 end
