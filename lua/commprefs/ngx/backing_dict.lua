@@ -47,6 +47,8 @@ function M.new(name, key, manual_max, manual_interval, settings)
   local self = setmetatable({
     dict = dict, name = name, seq_key = ns .. "seq", limit_key = ns .. "limit", blocked_key = ns .. "blocked",
     ticket_prefix = ns .. "t:", owned = setmetatable({}, { __mode = "k" }), queue = {},
+    -- tickets of this worker not yet sent or unsent: ticket -> its coroutine (weak)
+    mine = {}, holder = setmetatable({}, { __mode = "v" }),
     pending_ttl = (settings.connect_timeout_ms or 10000) / 1000 + 10,
   }, Dict)
   self.manual_max, self.manual_interval = manual_max, manual_interval -- set by hand: kept
@@ -72,11 +74,32 @@ function Dict:spacing_wait(n, now, max, window)
   local dict, prefix = self.dict, self.ticket_prefix
   local first = dict:get(prefix .. (n - BURST))
   if not first or (first >= 0 and first <= now - window) then return 0 end -- a window's first few
-  local prev = dict:get(prefix .. (n - 1))
+  local prev = self:sent_at(n - 1)
   if not prev then return 0 end -- never sent: its turn is free
   local spacing = window / max
   if prev < 0 then return math.min(spacing, PENDING_POLL_MS) end
   return prev + spacing - now
+end
+
+-- The send time of ticket m, nil when it never was (or was given up), or -1
+-- while pending. A pending ticket of this worker whose attempt is gone (its
+-- light thread killed, its request aborted: no exit path ran) is released
+-- here, so it never stalls the tickets after it.
+function Dict:sent_at(m)
+  local key = self.ticket_prefix .. m
+  local v = self.dict:get(key)
+  if v and v < 0 and self.mine[m] then
+    local co = self.holder[m]
+    if co == nil or (co and coroutine.status(co) == "dead") then -- nil: collected
+      self.dict:delete(key)
+      self.mine[m], self.holder[m] = nil, nil
+      for i, q in ipairs(self.queue) do
+        if q == m then table.remove(self.queue, i); break end
+      end
+      return nil
+    end
+  end
+  return v
 end
 
 -- ms until ticket n may be sent (0 = now).
@@ -88,7 +111,7 @@ function Dict:wait_for(n, now)
   if max then
     local window = interval + margin_ms(interval)
     if n > max then
-      local sent = self.dict:get(self.ticket_prefix .. (n - max))
+      local sent = self:sent_at(n - max)
       if sent and sent < 0 then
         wait = math.max(wait, 1) -- that attempt is not on the wire yet: it lands first
       elseif sent then
@@ -109,7 +132,9 @@ function Dict:start()
   if not n then return nil, "lua_shared_dict '" .. self.name .. "': " .. tostring(err) end
   local key = self.ticket_prefix .. n
   self.dict:set(key, -1, self.pending_ttl)
-  self.owned[coroutine.running() or self] = n
+  local co = coroutine.running()
+  self.owned[co or self] = n
+  self.mine[n], self.holder[n] = true, co or false -- false: no coroutine to watch
   self.queue[#self.queue + 1] = n
   while true do
     local w = self:wait_for(n, now_ms())
@@ -126,9 +151,11 @@ function Dict:take_ticket()
   for i, q in ipairs(self.queue) do
     if n == nil or q == n then
       table.remove(self.queue, i)
+      self.mine[q], self.holder[q] = nil, nil
       return q
     end
   end
+  if n then self.mine[n], self.holder[n] = nil, nil end
   return n
 end
 

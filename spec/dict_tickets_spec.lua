@@ -1,0 +1,36 @@
+-- The lua_shared_dict backing releases a ticket on every exit path of an
+-- attempt (HOSTILE: a request killed during connect or TLS left its ticket
+-- pending and stalled a later request for 20 s): a light thread killed
+-- between start and sent does not hold up the next attempt.
+local nginx = require "support.nginx"
+
+describe("a shared_dict ticket whose attempt was killed", function()
+  it("does not stall the next attempt", function()
+    local inst = nginx.start { conf = "lua_shared_dict pace 1m;" }
+    local status, body = nginx.run(inst, [[
+      local core, pacer = require "commprefs.core", require "commprefs.pacer"
+      local p = pacer.new(core.governor { rate_max = 1, rate_interval = 10 }, { shared_dict = "pace",
+        rate_limit = { key = "killed" } })
+      local t = ngx.thread.spawn(function()
+        assert(p:start())   -- a ticket, pending
+        ngx.sleep(30)       -- "connecting" when it is killed
+      end)
+      ngx.sleep(0.01)
+      ngx.thread.kill(t)
+      ngx.update_time()
+      local t0 = ngx.now()
+      local started = ngx.thread.spawn(function() return p:start() end)
+      local timer = ngx.thread.spawn(function() ngx.sleep(3) return "stalled" end)
+      local _, r = ngx.thread.wait(started, timer)
+      ngx.update_time()
+      return { result = tostring(r), seconds = ngx.now() - t0 }
+    ]])
+    inst:stop()
+    assert.equal(200, status, body)
+    local t = require("cjson").decode(body)
+    -- ticket 2 of a 1-per-10 s window waits for ticket 1 while it is pending (it
+    -- lands first); ticket 1's attempt is gone, so it is released and 2 goes at once
+    assert.equal("true", t.result)
+    assert.is_true(t.seconds < 1, tostring(t.seconds))
+  end)
+end)
