@@ -231,7 +231,12 @@ int cp_push_governor(lua_State *L, int idx, const char *fname) {
   return open_backing(L, g, &c, fname);
 }
 
-static int core_governor(lua_State *L) { return cp_push_governor(L, 1, "commprefs.core.governor"); }
+/* core.governor(config[, fname]): fname names the caller in messages (commprefs.new). */
+static int core_governor(lua_State *L) {
+  const char *fname = luaL_optstring(L, 2, "commprefs.core.governor");
+  lua_settop(L, 1);
+  return cp_push_governor(L, 1, fname);
+}
 
 static int gov_new_call(lua_State *L) {
   cp_gov_new_call(cp_check_governor(L, 1));

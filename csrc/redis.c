@@ -462,7 +462,8 @@ static int conn_tostring(lua_State *L) {
 static int core_redis_url(lua_State *L) {
   cp_redis r;
   const char *url = luaL_checkstring(L, 1);
-  if (redis_parse(&r, url) != 0) return luaL_error(L, "commprefs.core.redis_url: bad argument 'url' (%s)", r.err);
+  const char *fname = luaL_optstring(L, 2, "commprefs.core.redis_url"); /* who the message names */
+  if (redis_parse(&r, url) != 0) return luaL_error(L, "%s: bad argument 'url' (%s)", fname, r.err);
   lua_createtable(L, 0, 5);
   lua_pushstring(L, r.host);
   lua_setfield(L, -2, "host");
@@ -487,7 +488,8 @@ static int key_ok(const char *key);
 /* core.budget_keys(key) -> window_key, limits_key (raises on a bad key). */
 static int core_budget_keys(lua_State *L) {
   const char *key = luaL_checkstring(L, 1);
-  if (!key_ok(key)) return luaL_error(L, "commprefs.core.budget_keys: bad argument 'key' (1 to 200 characters, no control characters, no { or })");
+  const char *fname = luaL_optstring(L, 2, "commprefs.core.budget_keys"); /* who the message names */
+  if (!key_ok(key)) return luaL_error(L, "%s: bad argument 'key' (1 to 200 characters, no control characters, no { or })", fname);
   lua_pushfstring(L, BUDGET_KEY_FORMAT, key, "window");
   lua_pushfstring(L, BUDGET_KEY_FORMAT, key, "limits");
   return 2;

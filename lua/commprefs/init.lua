@@ -233,8 +233,8 @@ function M.new(opts)
     redis_url = rl and not cosockets and rl.redis or nil,
     redis_key = rl and rl.key, redis_timeout = rl and rl.redis_timeout, redis_wait = rl and rl.redis_wait,
   }
-  local ok, gov, budget_err = pcall(core.governor, config)
-  if not ok then raise("new", tostring(gov):gsub("^.-commprefs%.core%.governor: ", "")) end
+  local ok, gov, budget_err = pcall(core.governor, config, "commprefs.new")
+  if not ok then error(gov, 2) end
   if gov == nil then -- Redis unreachable or refusing us: a runtime failure
     return nil, Error.new { kind = "redis", message = "the shared budget is unavailable: " .. tostring(budget_err) }
   end

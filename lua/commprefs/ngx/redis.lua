@@ -128,8 +128,8 @@ function M.connect(url, opts)
   if type(url) ~= "string" then error("commprefs.ngx.redis.connect: bad argument 'url' (string expected)", 2) end
   opts = opts or {}
   if type(opts) ~= "table" then error("commprefs.ngx.redis.connect: bad argument 'opts' (table expected)", 2) end
-  local ok, u = pcall(core.redis_url, url)
-  if not ok then error((tostring(u):gsub("commprefs%.core%.redis_url", "commprefs.ngx.redis.connect")), 2) end
+  local ok, u = pcall(core.redis_url, url, "commprefs.ngx.redis.connect")
+  if not ok then error(u, 2) end
   local ct, t = seconds_opt(opts, "connect_timeout", 5), seconds_opt(opts, "timeout", 10)
   local sock = ngx.socket.tcp()
   sock:settimeouts(ct * 1000, t * 1000, t * 1000)

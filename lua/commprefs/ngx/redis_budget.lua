@@ -127,11 +127,11 @@ end
 function M.new(opts)
   if type(opts) ~= "table" then error("commprefs.ngx.redis_budget.new: bad argument (table expected)", 2) end
   if type(opts.url) ~= "string" then error("commprefs.ngx.redis_budget.new: bad option 'url' (redis:// URL expected)", 2) end
-  local ok, perr = pcall(core.redis_url, opts.url)
-  if not ok then error((tostring(perr):gsub("commprefs%.core%.redis_url", "commprefs.ngx.redis_budget.new")), 2) end
+  local ok, perr = pcall(core.redis_url, opts.url, "commprefs.ngx.redis_budget.new")
+  if not ok then error(perr, 2) end
   if type(opts.key) ~= "string" then error("commprefs.ngx.redis_budget.new: bad option 'key' (string expected)", 2) end
-  local okk, window_key, limits_key = pcall(core.budget_keys, opts.key)
-  if not okk then error((tostring(window_key):gsub("commprefs%.core%.budget_keys", "commprefs.ngx.redis_budget.new")), 2) end
+  local okk, window_key, limits_key = pcall(core.budget_keys, opts.key, "commprefs.ngx.redis_budget.new")
+  if not okk then error(window_key, 2) end
   return setmetatable({
     url = opts.url, window_key = window_key, limits_key = limits_key,
     timeout = seconds(opts, "timeout", 2), wait_ms = seconds(opts, "wait", core.budget_wait, true) * 1000,
