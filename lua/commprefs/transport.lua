@@ -41,6 +41,13 @@ function M.for_call(which, has_cosockets, has_ca_file)
   return "ngx"
 end
 
+-- ngx.sleep(ms / 1000), never for less than 1 ms: nginx rounds a shorter
+-- sleep to ngx.sleep(0), which Debian's nginx (no delayed-events patch) logs
+-- as a warning each time. Every cosocket wait of commprefs sleeps here.
+function M.nap(ms)
+  ngx.sleep(ms >= 1 and ms / 1000 or 0.001)
+end
+
 -- Whether a call made now goes over cosockets (never raises).
 function M.is_cosocket(which, has_cosockets)
   if which == "curl" or not has_cosockets then return false end

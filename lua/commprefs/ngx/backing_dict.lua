@@ -10,6 +10,7 @@
 -- "blocked" key with `add` (the first hold wins) whose ttl every worker
 -- reads. What is learned or held is decided by the governor, not here.
 local core = require "commprefs.core"
+local nap = require("commprefs.transport").nap -- never ngx.sleep(0)
 
 local M = {}
 
@@ -89,7 +90,7 @@ function Dict:start()
   while true do
     local w = self:wait_for(n, now_ms())
     if w <= 0 then return true end
-    ngx.sleep(w / 1000)
+    nap(w)
   end
 end
 

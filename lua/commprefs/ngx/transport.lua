@@ -7,8 +7,14 @@
 -- (csrc/transport.c): perform(source, on_done) with the same result tables.
 -- Every attempt goes through the pacer (commprefs.pacer), which drives the
 -- client's governor (csrc/governor.c: when an attempt may start, what its
--- end decides, every count) and the shared backing; responses are parsed by
+-- end decides, every count, the call's deadline and each attempt's timeout
+-- within it) and the shared backing; responses are parsed by
 -- core.http1_response (csrc/http1.c). Nothing here decides a rule.
+--
+-- An attempt's timeout covers DNS too: nginx's resolver waits for its own
+-- resolver_timeout (30 s by default) whatever a socket's connect timeout
+-- says, so a connect to a name runs in a light thread that is killed when
+-- the attempt's connect timeout passes first (nginx then cancels the lookup).
 --
 -- A client may be created anywhere (init_by_lua included) and used from any
 -- request or timer, by several at once: no socket outlives one perform
@@ -16,6 +22,8 @@
 -- which nginx keeps in its per-worker pool.
 local core = require "commprefs.core"
 local choice = require "commprefs.transport"
+local semaphore = require "ngx.semaphore"
+local nap = choice.nap
 
 local M = { YIELDABLE = choice.YIELDABLE, in_nginx = choice.in_nginx, check_phase = choice.check_phase }
 
@@ -39,6 +47,7 @@ local function parse_origin(origin, verify_tls, generation)
   local tls = scheme == "https"
   port = tonumber(port) or (tls and 443 or 80)
   return { tls = tls, host = host, port = port, authority = authority,
+    literal = host == "localhost" or host:find("^[%d.]+$") ~= nil or host:find(":", 1, true) ~= nil,
     -- nginx resolves names only through its `resolver` directive; localhost is loopback by definition
     addr = host == "localhost" and "127.0.0.1" or host,
     pool = { pool = string.format("commprefs:%s:%s:%d:%s:%d", scheme, host, port,
@@ -68,20 +77,40 @@ end
 
 ------------------------------------------------------------------ one attempt
 
+local function connect_and_post(sock, addr, port, pool, done)
+  local ok, err = sock:connect(addr, port, pool)
+  done:post(1)
+  return ok, err
+end
+
+-- sock:connect bounded by connect_ms, resolving included (see the top).
+local function connect(sock, tg, connect_ms)
+  if tg.literal then return sock:connect(tg.addr, tg.port, tg.pool) end
+  local done = semaphore.new(0)
+  local th = ngx.thread.spawn(connect_and_post, sock, tg.addr, tg.port, tg.pool, done)
+  if not done:wait(connect_ms / 1000) then
+    ngx.thread.kill(th)
+    return nil, "timeout"
+  end
+  local _, ok, err = ngx.thread.wait(th)
+  return ok, err
+end
+
 -- Sends one request on a pooled or new connection and reads the answer.
 -- Returns the result (C2 fields, no attempts), whether it was on the wire, and
 -- whether a pooled connection failed before any byte of an answer (stale: the
 -- server had closed it). resent: the replacement of a stale attempt.
-local function exchange(t, req, pacer, resent)
+-- timeout_ms, connect_ms: this attempt's (the governor's, within the call's deadline).
+local function exchange(t, req, pacer, resent, timeout_ms, connect_ms)
   local tg, path = target(t, req.url)
   if not tg then return { kind = "network", message = "bad URL: " .. req.url }, false end
   local tls, host, port = tg.tls, tg.host, tg.port
   local s = t.settings
   local started = now_ms()
-  local deadline = started + s.timeout_ms
+  local deadline = started + timeout_ms
   local sock = ngx.socket.tcp()
-  sock:settimeouts(math.min(s.connect_timeout_ms, s.timeout_ms), s.timeout_ms, s.timeout_ms)
-  local ok, err = sock:connect(tg.addr, port, tg.pool)
+  sock:settimeouts(connect_ms, timeout_ms, timeout_ms)
+  local ok, err = connect(sock, tg, connect_ms)
   if not ok then return no_answer(err, "connect to " .. host .. ":" .. port, started), false end
   local reused = sock:getreusedtimes() > 0
   if tls and not reused then
@@ -140,36 +169,57 @@ end
 -- One request to its final result: attempts as the pacer lets them start,
 -- and the retries the governor decides. A reused connection the server had
 -- already closed is replaced at once (not an attempt), as libcurl does.
-local function run(t, req, pacer, st)
+-- What an attempt got, for the deadline result's message.
+local function last_outcome(res)
+  if not res then return nil end
+  return res.status and ("HTTP " .. res.status) or res.kind
+end
+
+-- One request to its final result: attempts as the pacer lets them start,
+-- and the retries the governor decides, all within the call's deadline
+-- (the governor's clock; nil = none). A reused connection the server had
+-- already closed is replaced at once (not an attempt), as libcurl does.
+local function run(t, req, pacer, st, deadline)
   local attempts, last = 0, nil
+  local gov = t.gov
   while true do
-    local wait, stop, why = pacer:wait()
+    local wait, stop, why = pacer:wait(deadline)
     while wait and wait > 0 do
-      ngx.sleep(wait / 1000)
-      wait, stop, why = pacer:wait()
+      nap(wait)
+      wait, stop, why = pacer:wait(deadline)
     end
     if not stop then
       local started, err = pacer:start()
       if not started then stop, why = "budget", err end
     end
+    local timeout_ms, connect_ms
+    if not stop then
+      timeout_ms, connect_ms = gov:attempt_timeout(deadline)
+      if not timeout_ms then pacer:unsent(); stop = "deadline" end -- started, never sent
+    end
     if stop then
       st.stop = st.stop or stop -- pull no more
+      if stop == "deadline" then return gov:deadline_result(attempts, last_outcome(last)) end
       return last or { stopped = stop, attempts = 0, message = why }
     end
     local t0 = now_ms()
     local res, on_wire, stale, was_sent
     for _ = 1, 4 do -- a pooled connection the server had closed: replaced at once, not an attempt
-      res, on_wire, stale = exchange(t, req, pacer, was_sent)
+      res, on_wire, stale = exchange(t, req, pacer, was_sent, timeout_ms, connect_ms)
       was_sent = was_sent or on_wire
       if not stale then break end
     end
     if not was_sent then pacer:unsent() end
     attempts = attempts + 1
     res.attempts = attempts
-    local retry, delay_ms = pacer:finish(res, was_sent, now_ms() - t0)
+    local retry, delay_ms, refused = pacer:finish(res, was_sent, now_ms() - t0, deadline)
+    if refused then
+      st.stop = st.stop or "deadline"
+      return gov:deadline_result(attempts, last_outcome(res))
+    end
     if not retry then return res end
     last = res
-    if delay_ms and delay_ms > 0 then ngx.sleep(delay_ms / 1000) end
+    if delay_ms and delay_ms > 0 then nap(delay_ms) end
   end
 end
 
@@ -179,8 +229,8 @@ local function target_of(t)
   return math.max(1, t.gov:target())
 end
 
--- perform(source, on_done): the C2 contract (see transport.c for the libcurl twin).
-local function perform(t, source, on_done)
+-- perform(source, on_done[, deadline]): the C2 contract (see transport.c for the libcurl twin).
+local function perform(t, source, on_done, deadline)
   if type(source) ~= "table" and type(source) ~= "function" then
     error("bad argument #1 to 'perform' (table or function expected)", 2)
   end
@@ -226,14 +276,14 @@ local function perform(t, source, on_done)
 
   if type(source) == "table" and source[2] == nil then -- one request (every single call): no thread
     local i, req = pull()
-    if i then deliver(i, run(t, req, pacer, st)) end
+    if i then deliver(i, run(t, req, pacer, st, deadline)) end
     return ending()
   end
 
   -- One light thread per request in flight; results are delivered here, in
   -- the caller's coroutine, as they complete. After an error nothing more is
   -- pulled or delivered; what is in flight finishes first.
-  local function one(i, req) return i, run(t, req, pacer, st) end
+  local function one(i, req) return i, run(t, req, pacer, st, deadline) end
   local live, slot_of = {}, {}
   local unpack = table.unpack or unpack
   while true do
