@@ -223,6 +223,7 @@ function M.new(opts)
   local gov, ngx_t
   if bundle then
     gov, ngx_t = bundle.gov, bundle.ngx
+    bundle.clients = bundle.clients + 1
   else
     local ok, g, budget_err = pcall(core.governor, config)
     if not ok then raise("new", tostring(g):gsub("^.-commprefs%.core%.governor: ", "")) end
@@ -243,14 +244,15 @@ function M.new(opts)
     _gov = gov, _prefix = base_url .. "/communication-preferences/" .. version .. "/",
     _transport = transport, _ngx = ngx_t, _ca_file = opts.ca_file ~= nil,
     _deadline = opts.deadline, _timeout = opts.timeout or check.limits.timeout.default,
-    _shared = share_key and true or nil,
+    _shared = share_key or nil,
     -- inside nginx, libcurl only for init_by_lua calls: made then
     _curl = not cosockets and make_curl() or nil, _make_curl = cosockets and make_curl or nil,
   }, Client)
   if bundle then client._lookup = bundle.lookup
   else
     client._lookup = lookup.new(client, opts.coalesce, opts.cache, opts.timeout)
-    if share_key and not require("commprefs.shared").put(share_key, { gov = gov, ngx = ngx_t, lookup = client._lookup }) then
+    if share_key and not require("commprefs.shared").put(share_key,
+      { gov = gov, ngx = ngx_t, lookup = client._lookup, clients = 1 }) then
       client._shared = nil
     end
   end
@@ -262,11 +264,17 @@ function Client:__tostring()
   return string.format("commprefs.client: %s (api %s)", self.base_url, self.api_version)
 end
 
--- A client sharing its worker's bundle (commprefs.shared) closes only its
--- own libcurl handle: the others go on with the governor.
+-- A client sharing its worker's bundle (commprefs.shared) closes the
+-- governor only when it is the last open client of the bundle: the others
+-- go on with it.
 function Client:close()
   if self._curl then self._curl:close() end
-  if not self._shared then self._gov:close() end
+  if self._shared then
+    local key = self._shared
+    self._shared = nil
+    if not require("commprefs.shared").release(key) then return end
+  end
+  self._gov:close()
 end
 Client.__close = Client.close
 

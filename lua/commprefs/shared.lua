@@ -75,4 +75,15 @@ function M.put(key, bundle)
   return true
 end
 
+-- One client of key's bundle was closed: true when it was the last one (the
+-- bundle is then forgotten and its governor may be closed).
+function M.release(key)
+  local b = bundles[key]
+  if not b then return true end
+  b.clients = b.clients - 1
+  if b.clients > 0 then return false end
+  bundles[key], count = nil, count - 1
+  return true
+end
+
 return M
