@@ -28,6 +28,7 @@ int cp_gov_init(cp_governor *g, const cp_config *c) {
   g->timeout_ms = (long)(c->timeout * 1000);
   g->connect_timeout_ms = (long)(c->connect_timeout * 1000);
   g->max_response = (long)c->max_response_size;
+  g->deadline_ms = c->deadline * 1000;
   g->verify_tls = c->verify_tls;
   g->user_agent = dup_string(c->user_agent);
   if (!g->user_agent || cp_rl_init(&g->rl, c->rate_set ? (int)c->rate_max : 0, (long)(c->rate_interval * 1000)) != 0) {
@@ -56,10 +57,49 @@ void cp_gov_new_call(cp_governor *g) {
   if (g->rl.on_wire == 0 && g->rl.pending == 0) g->rl.daily_left = -1;
 }
 
-double cp_gov_next(cp_governor *g, double now, const char **stop, const char **why) {
+static double next_window(cp_governor *g, double now, const char **stop, const char **why);
+
+double cp_gov_deadline(const cp_governor *g, double now, double seconds) {
+  if (seconds > 0) return now + seconds * 1000;
+  return g->deadline_ms > 0 ? now + g->deadline_ms : 0;
+}
+
+long cp_gov_attempt_timeout(const cp_governor *g, double now, double deadline, long *connect_ms) {
+  long total = g->timeout_ms, connect = g->connect_timeout_ms;
+  if (deadline > 0) {
+    double left = deadline - now;
+    if (left < 1) return 0;
+    if (left < total) total = (long)left;
+  }
+  if (connect > total) connect = total;
+  if (connect_ms) *connect_ms = connect;
+  return total;
+}
+
+/* Whether waiting w ms from now would reach the deadline (0: none). */
+static int past_deadline(double now, double w, double deadline) {
+  return deadline > 0 && now + (w > 0 ? w : 0) >= deadline - 1;
+}
+
+double cp_gov_next(cp_governor *g, double now, double deadline, const char **stop, const char **why) {
   double w;
   *stop = NULL;
   *why = NULL;
+  if (past_deadline(now, 0, deadline)) {
+    *stop = "deadline";
+    return -1;
+  }
+  w = next_window(g, now, stop, why);
+  if (!*stop && w > 0 && past_deadline(now, w, deadline)) {
+    *stop = "deadline";
+    return -1;
+  }
+  return w;
+}
+
+/* cp_gov_next without a deadline: the daily rules, the window, the C backing. */
+static double next_window(cp_governor *g, double now, const char **stop, const char **why) {
+  double w;
   if (cp_rl_daily_spent(&g->rl)) {
     if (g->rl.on_wire > 0) return DAILY_POLL_MS; /* their answers may say some remain */
     *stop = "daily_limit";
@@ -135,7 +175,7 @@ static void count_outcome(cp_metrics *m, const cp_outcome *o, int on_wire, doubl
   m->duration_sum_s += latency_ms / 1000.0;
 }
 
-void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms, cp_decision *d) {
+void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms, double deadline, cp_decision *d) {
   double now;
   memset(d, 0, sizeof(*d));
   d->hold_ms = -1;
@@ -151,6 +191,10 @@ void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms
   now = cp_now_ms();
   o->sent_at = on_wire && latency_ms >= 0 ? now - latency_ms : 0;
   d->retry = cp_policy_decide(&g->policy, &g->rl, o, now, &d->delay_ms);
+  if (d->retry && past_deadline(now, d->delay_ms, deadline)) {
+    d->retry = 0; /* the next attempt could not start in time: the call ends now */
+    d->deadline = 1;
+  }
   d->daily_limit = o->daily_limit;
   /* a 2xx: HubSpot's would carry the window (an edge's 5xx or a 429 may not) */
   if (o->status >= 200 && o->status < 300) g->answers++;
@@ -160,6 +204,21 @@ void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms
   if (o->status == 429 && !o->daily_limit) d->hold_ms = d->delay_ms;
   if (d->retry) g->retries++;
   tell_backing(g, d);
+}
+
+void cp_gov_push_deadline_result(lua_State *L, int attempts, const char *last) {
+  lua_createtable(L, 0, 4);
+  lua_pushliteral(L, "timeout");
+  lua_setfield(L, -2, "kind");
+  lua_pushliteral(L, "deadline");
+  lua_setfield(L, -2, "code");
+  cp_set_integer(L, "attempts", attempts);
+  if (last)
+    lua_pushfstring(L, "the call's deadline passed after %d attempt%s (the last: %s)", attempts,
+                    attempts == 1 ? "" : "s", last);
+  else
+    lua_pushfstring(L, "the call's deadline passed after %d attempt%s", attempts, attempts == 1 ? "" : "s");
+  lua_setfield(L, -2, "message");
 }
 
 /* One attempt until a 2xx answer has been seen (HubSpot's headers give the
@@ -243,10 +302,11 @@ static int gov_new_call(lua_State *L) {
   return 0;
 }
 
-/* g:next() -> ms (0: start now) | nil, "daily_limit" | nil, "budget", why */
+/* g:next([deadline]) -> ms (0: start now) | nil, "daily_limit" | nil, "budget", why
+ * | nil, "deadline" */
 static int gov_next(lua_State *L) {
   const char *stop, *why;
-  double w = cp_gov_next(cp_check_governor(L, 1), cp_now_ms(), &stop, &why);
+  double w = cp_gov_next(cp_check_governor(L, 1), cp_now_ms(), luaL_optnumber(L, 2, 0), &stop, &why);
   if (!stop) {
     lua_pushnumber(L, w);
     return 1;
@@ -295,8 +355,9 @@ static void read_outcome(lua_State *L, int idx, cp_outcome *o) {
   o->daily_remaining = field_long(L, idx, "daily_remaining");
 }
 
-/* g:finish(result[, on_wire = true[, latency_ms]]) -> retry, delay_ms, hold_ms | nil,
- * learn_max | nil, learn_interval_ms | nil (what a Lua backing must be told).
+/* g:finish(result[, on_wire = true[, latency_ms[, deadline]]]) -> retry, delay_ms, hold_ms | nil,
+ * learn_max | nil, learn_interval_ms | nil (what a Lua backing must be told),
+ * true when the deadline refused a retry (the answer is then g:deadline_result).
  * Sets result.daily_limit = true when HubSpot's daily limit is spent. */
 static int gov_finish(lua_State *L) {
   cp_governor *g = cp_check_governor(L, 1);
@@ -304,7 +365,8 @@ static int gov_finish(lua_State *L) {
   cp_decision d;
   luaL_checktype(L, 2, LUA_TTABLE);
   read_outcome(L, 2, &o);
-  cp_gov_finish(g, &o, lua_isnoneornil(L, 3) || lua_toboolean(L, 3), luaL_optnumber(L, 4, -1), &d);
+  cp_gov_finish(g, &o, lua_isnoneornil(L, 3) || lua_toboolean(L, 3), luaL_optnumber(L, 4, -1),
+                luaL_optnumber(L, 5, 0), &d);
   if (d.daily_limit) {
     lua_pushboolean(L, 1);
     lua_setfield(L, 2, "daily_limit");
@@ -320,7 +382,41 @@ static int gov_finish(lua_State *L) {
     lua_pushnil(L);
     lua_pushnil(L);
   }
-  return 5;
+  if (!d.deadline) return 5;
+  lua_pushboolean(L, 1);
+  return 6;
+}
+
+/* g:clock() -> the governor's clock (monotonic ms), which deadlines are in */
+static int gov_clock(lua_State *L) {
+  lua_pushnumber(L, cp_now_ms());
+  return 1;
+}
+
+/* g:deadline([seconds]) -> the absolute deadline of a call starting now
+ * (seconds, else the deadline option), or nil when there is none */
+static int gov_deadline(lua_State *L) {
+  double d = cp_gov_deadline(cp_check_governor(L, 1), cp_now_ms(), luaL_optnumber(L, 2, 0));
+  if (d <= 0) return 0;
+  lua_pushnumber(L, d);
+  return 1;
+}
+
+/* g:attempt_timeout([deadline]) -> timeout_ms, connect_timeout_ms | nil (no time left) */
+static int gov_attempt_timeout(lua_State *L) {
+  long connect = 0;
+  long total = cp_gov_attempt_timeout(cp_check_governor(L, 1), cp_now_ms(), luaL_optnumber(L, 2, 0), &connect);
+  if (total <= 0) return 0;
+  lua_pushinteger(L, total);
+  lua_pushinteger(L, connect);
+  return 2;
+}
+
+/* g:deadline_result(attempts[, last]) -> the answer of a call whose deadline passed */
+static int gov_deadline_result(lua_State *L) {
+  cp_check_governor(L, 1);
+  cp_gov_push_deadline_result(L, (int)luaL_optinteger(L, 2, 0), luaL_optstring(L, 3, NULL));
+  return 1;
 }
 
 static int gov_target(lua_State *L) {
@@ -422,6 +518,8 @@ void cp_register_governor(lua_State *L) {
     {"new_call", gov_new_call}, {"next", gov_next}, {"begin", gov_begin}, {"on_wire", gov_on_wire}, {"resent", gov_resent}, {"paced", gov_paced},
     {"unsent", gov_unsent}, {"abandon", gov_abandon}, {"finish", gov_finish}, {"target", gov_target},
     {"manual", gov_manual}, {"settings", gov_settings}, {"stats", gov_stats}, {"close", gov_gc},
+    {"clock", gov_clock}, {"deadline", gov_deadline}, {"attempt_timeout", gov_attempt_timeout},
+    {"deadline_result", gov_deadline_result},
     {NULL, NULL}};
   cp_register_class(L, GOV_MT, methods, gov_gc, gov_tostring);
   lua_pushcfunction(L, core_governor);

@@ -9,6 +9,13 @@
  *   cp_gov_finish      it ended with outcome o: the decision (retry and when; what the
  *                      shared backing is told) and every count of stats()
  *
+ * A call's deadline (the `deadline` option, or one a caller gives) is an
+ * absolute monotonic ms time (cp_gov_deadline; 0 = none): cp_gov_next stops
+ * ("deadline") once it has passed or a wait would pass it, each attempt's
+ * timeout is capped by the time left (cp_gov_attempt_timeout), and
+ * cp_gov_finish refuses a retry whose delay would pass it. The answer is
+ * then the deadline result (cp_gov_push_deadline_result): kind "timeout".
+ *
  * The libcurl loop (transport.c) calls these from C; the cosocket transport
  * (lua/commprefs/ngx/transport.lua) through the commprefs.core.governor
  * userdata. Nothing else counts, learns or applies the daily rules. */
@@ -51,6 +58,7 @@ typedef struct {
   int closed;
   /* what every transport needs (never the token) */
   long timeout_ms, connect_timeout_ms, max_response;
+  double deadline_ms;     /* the `deadline` option; 0 = none */
   int verify_tls;
   char *user_agent;
 } cp_governor;
@@ -62,12 +70,19 @@ typedef struct {
   int daily_limit;        /* a 429 because HubSpot's daily limit is spent */
   long learn_max, learn_interval_ms; /* > 0: tell the shared backing this window */
   double hold_ms;         /* >= 0: tell the shared backing to hold everybody that long */
+  int deadline;           /* a retry was due but the call's deadline would pass first */
 } cp_decision;
 
 int cp_gov_init(cp_governor *g, const cp_config *c);   /* 0, or -1: out of memory */
 void cp_gov_free(cp_governor *g);
 void cp_gov_new_call(cp_governor *g);
-double cp_gov_next(cp_governor *g, double now, const char **stop, const char **why);
+/* The absolute deadline of a call starting at now: now + seconds (seconds > 0),
+ * else now + the deadline option; 0 when there is none. */
+double cp_gov_deadline(const cp_governor *g, double now, double seconds);
+/* An attempt's timeout (ms) and connect timeout, capped by what is left
+ * before deadline (0: none); 0 when nothing is left. */
+long cp_gov_attempt_timeout(const cp_governor *g, double now, double deadline, long *connect_ms);
+double cp_gov_next(cp_governor *g, double now, double deadline, const char **stop, const char **why);
 void cp_gov_begin(cp_governor *g);
 void cp_gov_on_wire(cp_governor *g, double now);
 /* the transport sent the same attempt again (a replay on a fresh connection): counted, window too */
@@ -77,7 +92,10 @@ void cp_gov_unsent(cp_governor *g);
 void cp_gov_paced(cp_governor *g, double ms);
 /* it was abandoned (the call stopped or raised): on the wire or not */
 void cp_gov_abandon(cp_governor *g, int on_wire);
-void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms, cp_decision *d);
+void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms, double deadline, cp_decision *d);
+/* Pushes the answer of a call whose deadline passed: {kind = "timeout", code =
+ * "deadline", attempts =, message =} (last: what the last attempt got, or NULL). */
+void cp_gov_push_deadline_result(lua_State *L, int attempts, const char *last);
 /* How many attempts should be in flight now (cap: the most the transport can run). */
 int cp_gov_target(const cp_governor *g, int cap);
 /* The window set by hand, for a shared backing at its start (0 when none). */

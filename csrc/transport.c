@@ -1,6 +1,6 @@
 /* transport.c: owns the HTTP transport on libcurl's multi interface.
  *
- * client:perform(source, on_done) runs requests ({method=, url=, body=})
+ * client:perform(source, on_done[, deadline]) runs requests ({method=, url=, body=})
  * taken from `source` (an array, or a function returning the next request
  * or nil) over reused connections (keep-alive, HTTP/2 multiplexing where
  * offered). Every attempt goes through the client's governor (governor.c):
@@ -10,7 +10,11 @@
  * called (i: its position in source); without on_done, perform returns the
  * array of results. perform's second return value is the reason it stopped
  * early ("daily_limit", "interrupted", "budget"), else nil; requests it did
- * not finish then get {stopped = reason, attempts = n}. Requests are pulled
+ * not finish then get {stopped = reason, attempts = n}. deadline (the
+ * governor's clock, see cp_gov_deadline) bounds the whole perform: attempts
+ * are cut at it, and what has not ended by then gets the governor's deadline
+ * result (kind "timeout"); the second return value is then "deadline".
+ * Requests are pulled
  * from source only when a slot is free, so memory stays bounded by the
  * in-flight count however long the source is. Nothing libcurl points to
  * belongs to Lua: URLs and bodies are copied. */
@@ -262,8 +266,6 @@ static CURL *new_easy(cp_transport *t, cp_slot *s) {
   }
   curl_easy_setopt(e, CURLOPT_USERAGENT, g->user_agent);
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, g->timeout_ms);
-  curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, g->connect_timeout_ms);
   curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)g->max_response);
   curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
   curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
@@ -383,7 +385,7 @@ void cp_transport_close(cp_transport *t) {
 
 /* ------------------------------------------------------------ one attempt */
 
-static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s) {
+static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s, long timeout_ms, long connect_ms) {
   int i = (int)(s - t->slots) + 1;
   const char *method, *url, *body;
   size_t body_len = 0;
@@ -416,6 +418,8 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s) {
     curl_easy_setopt(s->easy, CURLOPT_HTTPGET, 1L);
   }
   lua_pop(L, 4);
+  curl_easy_setopt(s->easy, CURLOPT_TIMEOUT_MS, timeout_ms); /* DNS, connect, TLS and the exchange */
+  curl_easy_setopt(s->easy, CURLOPT_CONNECTTIMEOUT_MS, connect_ms);
   s->on_wire = 0;
   cp_gov_paced(t->gov, cp_now_ms() - s->not_before);
   cp_gov_begin(t->gov);
@@ -507,6 +511,7 @@ typedef struct {
   lua_Integer next;    /* position of the next request in source */
   const char *stop;    /* why perform stopped early, or NULL */
   const char *stop_message; /* the budget's reason */
+  double deadline;     /* the governor's clock (ms); 0 = none */
 } source_state;
 
 static void cleanup_running(cp_transport *t) {
@@ -575,6 +580,11 @@ static void deliver_stopped(lua_State *L, cp_transport *t, cp_slot *s, const sou
     curl_multi_remove_handle(t->multi, s->easy);
     cp_gov_abandon(t->gov, s->on_wire);
   }
+  if (strcmp(src->stop, "deadline") == 0) {
+    cp_gov_push_deadline_result(L, s->attempts, NULL);
+    deliver(L, t, s);
+    return;
+  }
   lua_createtable(L, 0, 3);
   lua_pushstring(L, src->stop);
   lua_setfield(L, -2, "stopped");
@@ -610,7 +620,13 @@ static void drop_if_unclean(CURL *e) {
   if (recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0) shutdown(fd, SHUT_RDWR);
 }
 
-static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc) {
+/* What the last attempt got, for the deadline result's message. */
+static const char *last_outcome(lua_State *L, const cp_outcome *o) {
+  if (o->status > 0) return lua_pushfstring(L, "HTTP %d", (int)o->status);
+  return lua_pushfstring(L, "%s", o->kind ? o->kind : "no answer");
+}
+
+static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, double deadline) {
   cp_outcome o;
   cp_decision d;
   double now = cp_now_ms();
@@ -619,7 +635,13 @@ static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc) {
   if (!s->on_wire) cp_gov_unsent(t->gov);
   s->attempts++;
   read_outcome(s, rc, &o);
-  cp_gov_finish(t->gov, &o, s->on_wire, now - s->sent_at, &d);
+  cp_gov_finish(t->gov, &o, s->on_wire, now - s->sent_at, deadline, &d);
+  if (d.deadline) {
+    cp_gov_push_deadline_result(L, s->attempts, last_outcome(L, &o));
+    lua_remove(L, -2);
+    deliver(L, t, s);
+    return;
+  }
   if (d.retry) {
     s->state = SLOT_WAITING;
     s->not_before = now + d.delay_ms;
@@ -636,6 +658,7 @@ static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
   for (i = 0; i < t->nslots && !src->stop; i++) {
     cp_slot *s = &t->slots[i];
     double w;
+    long timeout_ms, connect_ms = 0;
     if (s->state == SLOT_FREE) {
       if (src->exhausted || t->in_use >= target) {
         if (i >= t->high) break; /* the rest are free too */
@@ -648,12 +671,13 @@ static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
       if (s->not_before - now < wake) wake = s->not_before - now;
       continue;
     }
-    w = cp_gov_next(t->gov, now, &src->stop, &src->stop_message);
+    w = cp_gov_next(t->gov, now, src->deadline, &src->stop, &src->stop_message);
     if (w != 0) {
       if (w > 0 && w < wake) wake = w;
       break;
     }
-    start_attempt(L, t, s);
+    timeout_ms = cp_gov_attempt_timeout(t->gov, now, src->deadline, &connect_ms);
+    start_attempt(L, t, s, timeout_ms > 0 ? timeout_ms : 1, connect_ms > 0 ? connect_ms : 1);
   }
   if (src->stop) stop_slots(L, t, src, 0);
   return wake;
@@ -661,9 +685,10 @@ static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
 
 static int perform_loop(lua_State *L) {
   cp_transport *t = lua_touserdata(L, ARG_SELF);
-  signal_guard *g = lua_touserdata(L, ARG_ON_DONE + 1);
-  source_state src = {0, 1, NULL, NULL};
+  signal_guard *g = lua_touserdata(L, ARG_ON_DONE + 2);
+  source_state src = {0, 1, NULL, NULL, 0};
   int running = 0;
+  src.deadline = luaL_optnumber(L, ARG_ON_DONE + 1, 0);
   lua_settop(L, ARG_ON_DONE);
   lua_newtable(L); /* ST_RESULTS */
   lua_createtable(L, t->nslots < 8 ? t->nslots : 8, 0); /* ST_INFLIGHT: grows as slots fill */
@@ -684,7 +709,7 @@ static int perform_loop(lua_State *L) {
       cp_slot *s;
       if (msg->msg != CURLMSG_DONE) continue;
       curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&s);
-      finish(L, t, s, msg->data.result);
+      finish(L, t, s, msg->data.result, src.deadline);
       delivered = 1;
     }
     if (delivered) continue; /* refill free slots at once */
@@ -708,7 +733,7 @@ int cp_transport_perform(lua_State *L, cp_transport *t) {
     luaL_argerror(L, ARG_SOURCE, "table or function expected");
   if (!lua_isnoneornil(L, ARG_ON_DONE)) luaL_checktype(L, ARG_ON_DONE, LUA_TFUNCTION);
   if (t->active) luaL_error(L, "perform: the client is busy (called from its own callback)");
-  lua_settop(L, ARG_ON_DONE);
+  lua_settop(L, ARG_ON_DONE + 1); /* the deadline */
   cleanup_running(t);
   t->active = 1;
   if (t->handle_signals) signals_begin(&g);
@@ -716,8 +741,9 @@ int cp_transport_perform(lua_State *L, cp_transport *t) {
   lua_pushvalue(L, ARG_SELF);
   lua_pushvalue(L, ARG_SOURCE);
   lua_pushvalue(L, ARG_ON_DONE);
+  lua_pushvalue(L, ARG_ON_DONE + 1); /* the deadline */
   lua_pushlightuserdata(L, &g);
-  rc = lua_pcall(L, 4, 2, 0);
+  rc = lua_pcall(L, 5, 2, 0);
   if (t->handle_signals) signals_restore(&g);
   t->active = 0;
   if (rc != 0) cleanup_running(t);

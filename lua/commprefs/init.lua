@@ -119,7 +119,7 @@ local NEW_OPTIONS = {
   max_concurrency = "number", rate_limit = "table", backoff_base = "number",
   backoff_max = "number", max_retry_after = "number", transport = "string", max_response_size = "number",
   shared_dict = "string", metrics = "table",
-  coalesce = "number", cache = "table",
+  coalesce = "number", cache = "table", deadline = "number",
 }
 
 local RATE_LIMIT_OPTIONS = { max = true, interval = true, redis = true, key = true,
@@ -183,7 +183,7 @@ function M.new(opts)
   end
   if opts.business_unit_id ~= nil then check_integer("new", "business_unit_id", opts.business_unit_id) end
   for _, k in ipairs { "batch_size", "max_retries", "max_concurrency", "timeout", "connect_timeout",
-    "backoff_base", "backoff_max", "max_retry_after", "max_response_size" } do
+    "backoff_base", "backoff_max", "max_retry_after", "max_response_size", "deadline" } do
     check_option(k, opts[k])
   end
   local batch_size = opts.batch_size or check.limits.batch_size.default
@@ -227,21 +227,30 @@ function M.new(opts)
     max_concurrency = opts.max_concurrency, backoff_base = opts.backoff_base,
     backoff_max = opts.backoff_max, max_retry_after = opts.max_retry_after,
     rate_max = rl and rl.max, rate_interval = rl and rl.interval,
-    max_response_size = opts.max_response_size,
+    max_response_size = opts.max_response_size, deadline = opts.deadline,
     handle_signals = not ngx, -- inside nginx, its own signal handling stays in charge
     -- the shared budget in C: inside nginx the cosocket pacer speaks to Redis instead
     redis_url = rl and not cosockets and rl.redis or nil,
     redis_key = rl and rl.key, redis_timeout = rl and rl.redis_timeout, redis_wait = rl and rl.redis_wait,
   }
-  local ok, gov, budget_err = pcall(core.governor, config, "commprefs.new")
-  if not ok then error(gov, 2) end
-  if gov == nil then -- Redis unreachable or refusing us: a runtime failure
-    return nil, Error.new { kind = "redis", message = "the shared budget is unavailable: " .. tostring(budget_err) }
-  end
-  local ngx_t
-  if cosockets then -- the token stays in the transport's closure
-    local pacer = require("commprefs.pacer").new(gov, { shared_dict = opts.shared_dict, rate_limit = rl })
-    ngx_t = require("commprefs.ngx.transport").new(gov, pacer, token)
+  -- inside nginx, clients of one app and options share one bundle per worker (commprefs.shared)
+  local share_key = cosockets and require("commprefs.shared").key(token, base_url, version, opts)
+  local bundle = share_key and require("commprefs.shared").get(share_key)
+  local gov, ngx_t
+  if bundle then
+    gov, ngx_t = bundle.gov, bundle.ngx
+    bundle.clients = bundle.clients + 1
+  else
+    local ok, g, budget_err = pcall(core.governor, config, "commprefs.new")
+    if not ok then error(g, 2) end
+    if g == nil then -- Redis unreachable or refusing us: a runtime failure
+      return nil, Error.new { kind = "redis", message = "the shared budget is unavailable: " .. tostring(budget_err) }
+    end
+    gov = g
+    if cosockets then -- the token stays in the transport's closure
+      local pacer = require("commprefs.pacer").new(gov, { shared_dict = opts.shared_dict, rate_limit = rl })
+      ngx_t = require("commprefs.ngx.transport").new(gov, pacer, token)
+    end
   end
   config.token = token
   local function make_curl() return core.new(config, gov) end
@@ -250,10 +259,19 @@ function M.new(opts)
     batch_size = batch_size, max_concurrency = opts.max_concurrency, -- nil: adaptive
     _gov = gov, _prefix = base_url .. "/communication-preferences/" .. version .. "/",
     _transport = transport, _ngx = ngx_t, _ca_file = opts.ca_file ~= nil, _metrics_dict = metrics_dict,
+    _deadline = opts.deadline, _timeout = opts.timeout or check.limits.timeout.default,
+    _shared = share_key or nil,
     -- inside nginx, libcurl only for init_by_lua calls: made then
     _curl = not cosockets and make_curl() or nil, _make_curl = cosockets and make_curl or nil,
   }, Client)
-  client._lookup = lookup.new(client, opts.coalesce, opts.cache, opts.timeout)
+  if bundle then client._lookup = bundle.lookup
+  else
+    client._lookup = lookup.new(client, opts.coalesce, opts.cache, opts.timeout)
+    if share_key and not require("commprefs.shared").put(share_key,
+      { gov = gov, ngx = ngx_t, lookup = client._lookup, clients = 1 }) then
+      client._shared = nil
+    end
+  end
   redact.remember(client, token) -- errors never show it (commprefs.redact)
   return client
 end
@@ -262,8 +280,16 @@ function Client:__tostring()
   return string.format("commprefs.client: %s (api %s)", self.base_url, self.api_version)
 end
 
+-- A client sharing its worker's bundle (commprefs.shared) closes the
+-- governor only when it is the last open client of the bundle: the others
+-- go on with it.
 function Client:close()
   if self._curl then self._curl:close() end
+  if self._shared then
+    local key = self._shared
+    self._shared = nil
+    if not require("commprefs.shared").release(key) then return end
+  end
   self._gov:close()
 end
 Client.__close = Client.close
@@ -301,7 +327,8 @@ end
 ------------------------------------------------------------------ the client port
 -- What the feature modules (bulk, lookup, worker) use of a client, and
 -- nothing else: _perform, _uses_cosockets, _has_cosockets, _in_flight_target, _pacer,
--- _cache_note, _prefix, batch_size, business_unit_id, max_concurrency.
+-- _cache_note, _get_unsubscribe_all, _gov:clock(), _deadline, _timeout, _prefix,
+-- batch_size, business_unit_id, max_concurrency.
 
 -- The one entry to the transports: the choice is commprefs.transport's.
 local function curl_of(self)
@@ -318,22 +345,22 @@ local function watch_metrics(self)
   self._metrics_watched = require("commprefs.metrics").watch(self, self._metrics_dict)
 end
 
-function Client:_perform(source, on_done)
+-- deadline: the call's (the governor's clock, gov:deadline()), or nil.
+function Client:_perform(source, on_done, deadline)
   if self._metrics_dict and not self._metrics_watched then watch_metrics(self) end
   if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
-    return self._ngx:perform(source, on_done)
+    return self._ngx:perform(source, on_done, deadline)
   end
-  return curl_of(self):perform(source, on_done)
+  return curl_of(self):perform(source, on_done, deadline)
 end
 
--- One request to its result (cosockets: without the array around it, and
--- no paced wait past the client's timeout).
-function Client:_perform_one(req)
+-- One request to its result (cosockets: without the array around it).
+function Client:_perform_one(req, deadline)
   if self._metrics_dict and not self._metrics_watched then watch_metrics(self) end
   if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
-    return self._ngx:perform_one(req)
+    return self._ngx:perform_one(req, deadline)
   end
-  return curl_of(self):perform({ req })[1]
+  return curl_of(self):perform({ req }, nil, deadline)[1]
 end
 
 -- Whether a call made now goes over cosockets (light threads can gather).
@@ -366,10 +393,12 @@ end
 -- belongs to another request (a connection that held stale bytes): the
 -- connections are dropped and the read is sent once more on a fresh one;
 -- twice is an error, never an answer.
-function Client:_request(method, path, q, body, about_id)
+-- seconds: the call's deadline when not the deadline option's.
+function Client:_request(method, path, q, body, about_id, seconds)
   local req = { method = method, url = self._prefix .. path .. q, body = body }
+  local deadline = self._gov:deadline(seconds or transport_choice.call_seconds(self._deadline, self._timeout))
   for attempt = 1, 2 do
-    local env, err = outcome(req, self:_perform_one(req))
+    local env, err = outcome(req, self:_perform_one(req, deadline))
     local other = env and about_id and ops.names_other(env, about_id)
     if not other then return env, err end
     self:_drop_connections()
@@ -390,7 +419,7 @@ function Client:_batch(path, q, items)
   local size = self.batch_size
   local chunks, reqs = ops.split(items, size), {}
   for i, chunk in ipairs(chunks) do reqs[i] = ops.batch_request(self._prefix .. path .. q, chunk) end
-  local results = self:_perform(reqs)
+  local results = self:_perform(reqs, nil, self._gov:deadline())
   local merged = { status = "COMPLETE", results = {} }
   local first_err, failed = nil, {}
   for i, req in ipairs(reqs) do
@@ -427,6 +456,13 @@ function Client:get_unsubscribe_all_status(id, opts)
   local seg = segment("get_unsubscribe_all_status", id)
   opts = check_opts("get_unsubscribe_all_status", opts, O_BU_VERBOSE)
   return self:_request("GET", "statuses/" .. seg .. "/unsubscribe-all", query(self, opts, true, true), nil, id)
+end
+
+-- The client port's read for lookups: id and opts checked; seconds: the
+-- lookup's deadline (nil: the deadline option's).
+function Client:_get_unsubscribe_all(id, opts, seconds)
+  return self:_request("GET", "statuses/" .. core.escape(id) .. "/unsubscribe-all", query(self, opts, true, true),
+    nil, id, seconds)
 end
 
 function Client:unsubscribe_all(id, opts)

@@ -20,6 +20,7 @@ local core = require "commprefs.core"
 local Error = require "commprefs.error"
 local response = require "commprefs.response"
 local ops = require "commprefs.ops"
+local nap = require("commprefs.transport").nap
 
 local M = { DEFAULT_MAX_ENTRIES = 10000 }
 
@@ -273,18 +274,23 @@ end
 
 -- The ids of g not sent yet that someone will still wait for at time
 -- `cutoff` (an answer arriving later would be too late for all of them),
--- and not yet in `seen`.
+-- and not yet in `seen`; and the latest time any of them still waits.
 local function hopeful_ids(g, cutoff, seen)
-  local ids = {}
+  local ids, latest = {}, 0
   for i = 1, g.n do
     local id = g.ids[i]
     if not seen[id] and not g.sent[id] and not g.answered[id] then
+      local hopeful = false
       for _, w in ipairs(g.waiters[id]) do
-        if not w.gone and not w.done and w.deadline > cutoff then ids[#ids + 1] = id; break end
+        if not w.gone and not w.done and w.deadline > cutoff then
+          hopeful = true
+          if w.deadline > latest then latest = w.deadline end
+        end
       end
+      if hopeful then ids[#ids + 1] = id end
     end
   end
-  return ids
+  return ids, latest
 end
 
 -- Sleeps until the pacer would let a request go (never takes the slot).
@@ -293,7 +299,7 @@ local function wait_for_pacer(client)
   if not p then return end
   local ms = p:wait()
   while ms and ms > 0 do
-    ngx.sleep(math.min(ms, 1000) / 1000)
+    nap(math.min(ms, 1000))
     ms = p:wait()
   end
 end
@@ -306,7 +312,7 @@ local function wait_until_due(L, client, g)
   while g.n < client.batch_size do
     local wait = g.born + L.coalesce - now()
     if wait <= 0 and L.senders - L.ready == 0 then return end
-    ngx.sleep(wait > 0 and wait or 0.002)
+    nap(wait > 0 and wait * 1000 or 2)
   end
 end
 
@@ -316,12 +322,13 @@ end
 -- Groups with none left are dropped: their callers time out.
 local function take_batch(L, client)
   local cutoff, first = now() + L.rtt, L.order[1]
-  local b = { groups = {}, ids = {}, bu = first.bu }
+  local b = { groups = {}, ids = {}, bu = first.bu, until_time = 0 }
   local seen = {}
   while L.order[1] and #b.ids < client.batch_size do
     local g = L.order[1]
     if g.bu ~= b.bu then break end
-    local ids = hopeful_ids(g, cutoff, seen)
+    local ids, latest = hopeful_ids(g, cutoff, seen)
+    if latest > b.until_time then b.until_time = latest end
     local room = client.batch_size - #b.ids
     if #ids <= room then
       table.remove(L.order, 1)
@@ -378,7 +385,9 @@ local function sender(premature, L, client)
     if not ok or not b then break end
     L.ready = L.ready - 1
     if L.order[1] then ensure_sender(L, client) end -- someone to take the next turn
-    local sent, results = pcall(client._perform, client, { b.req })
+    -- the batch read's deadline: the last of its callers stops waiting then (the governor's clock)
+    local deadline = client._gov:clock() + (b.until_time - now()) * 1000
+    local sent, results = pcall(client._perform, client, { b.req }, nil, deadline)
     L.ready = L.ready + 1
     L.rtt = 0.7 * L.rtt + 0.3 * (now() - b.started) -- how long an answer takes to come back
     if sent then settle(L, b, results[1])
@@ -411,14 +420,14 @@ function ensure_sender(L, client)
   return true
 end
 
-local function timeout_error(L, id)
-  return Error.new { kind = "timeout",
-    message = string.format("no answer for %s within %g s (the client's timeout): its batch read was still"
-      .. " waiting for HubSpot's rate limit or answer", id, L.timeout) }
+local function timeout_error(id, seconds)
+  return Error.new { kind = "timeout", code = "deadline",
+    message = string.format("no answer for %s within %g s (the call's deadline): its batch read was still"
+      .. " waiting for HubSpot's rate limit or answer", id, seconds) }
 end
 
--- One caller's share of a batch read: waits for its answer or its timeout.
-local function coalesced(L, client, id, bu)
+-- One caller's share of a batch read: waits for its answer or its deadline (seconds).
+local function coalesced(L, client, id, bu, seconds)
   local semaphore = require "ngx.semaphore"
   if not L.arrival then -- made in the worker, at first use
     L.arrival, L.turn = semaphore.new(0), semaphore.new(1)
@@ -435,7 +444,7 @@ local function coalesced(L, client, id, bu)
   elseif g.answered[id] then -- a part of g went out already, with id: its fresh answer
     return g.answered[id][1], g.answered[id][2]
   end
-  local w = { deadline = now() + L.timeout, sema = semaphore.new(0) }
+  local w = { deadline = now() + seconds, sema = semaphore.new(0) }
   list[#list + 1] = w
   local ok, terr = ensure_sender(L, client)
   if not ok then
@@ -450,7 +459,7 @@ local function coalesced(L, client, id, bu)
   if w.done then return w.answer, w.err end
   w.gone = true
   if w.failed then return nil, Error.new { kind = "network", message = w.failed } end
-  return nil, timeout_error(L, id)
+  return nil, timeout_error(id, seconds)
 end
 
 ------------------------------------------------------------------ API
@@ -465,6 +474,12 @@ function M.new(client, coalesce, cache, timeout)
   }
 end
 
+-- The seconds a lookup may take (commprefs.transport's rule for a single call).
+local call_seconds = require("commprefs.transport").call_seconds
+local function lookup_seconds(client)
+  return call_seconds(client._deadline, client._timeout)
+end
+
 -- client:is_unsubscribed_from_all(id, opts) once id and opts are checked.
 function M.is_unsubscribed_from_all(client, id, opts)
   local L = client._lookup
@@ -477,12 +492,13 @@ function M.is_unsubscribed_from_all(client, id, opts)
     if hit ~= nil then L.hits = L.hits + 1; return hit end
     L.misses = L.misses + 1
   end
+  local seconds = lookup_seconds(client)
   if L and L.coalesce and gathering(client) then
     L.coalesced = L.coalesced + 1
-    return coalesced(L, client, id, bu)
+    return coalesced(L, client, id, bu, seconds or L.timeout)
   end
   local started = now()
-  local env, err = client:get_unsubscribe_all_status(id, opts)
+  local env, err = client:_get_unsubscribe_all(id, opts, seconds)
   if not env then return nil, err end
   local answer = answer_of(env.results)
   if key then L.cache:remember(key, answer, started) end

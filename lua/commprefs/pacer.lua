@@ -10,20 +10,25 @@
 -- A backing is told only what the governor decides (a window to learn, a
 -- hold after a 429); the window set by hand is told once, before the first
 -- request. Operations:
---   p:wait()     -> ms before the next attempt may start (0 = now) | nil, stop, why; never yields
+--   p:wait(deadline) -> ms before the next attempt may start (0 = now) | nil, stop, why; never yields
+--                (stop "deadline": the call's deadline, governor clock, has passed or the wait would pass it)
 --   p:start()    -> true | nil, why (the backing is gone); may yield
 --   p:sent()     the attempt is on the wire now
 --   p:unsent()   it ended before anything was sent
 --   p:abandon(on_wire)  it was given up (killed, raised): released everywhere
---   p:finish(result, on_wire, latency_ms) -> retry, delay_ms
+--   p:finish(result, on_wire, latency_ms, deadline) -> retry, delay_ms, deadline_refused_retry
 local M = {}
 
 local Pacer = {}
 Pacer.__index = Pacer
 
-function Pacer:wait()
-  local w, stop, why = self.gov:next()
-  if w == 0 and self.shared then w = self.shared:wait() end
+function Pacer:wait(deadline)
+  local gov = self.gov
+  local w, stop, why = gov:next(deadline)
+  if w == 0 and self.shared then
+    w = self.shared:wait()
+    if deadline and w > 0 and gov:clock() + w >= deadline - 1 then return nil, "deadline" end
+  end
   return w, stop, why
 end
 
@@ -56,14 +61,14 @@ function Pacer:abandon(on_wire)
   if self.shared and not on_wire then self.shared:unsent() end
 end
 
-function Pacer:finish(res, on_wire, latency_ms)
-  local retry, delay_ms, hold_ms, learn_max, learn_interval = self.gov:finish(res, on_wire, latency_ms)
+function Pacer:finish(res, on_wire, latency_ms, deadline)
+  local retry, delay_ms, hold_ms, learn_max, learn_interval, refused = self.gov:finish(res, on_wire, latency_ms, deadline)
   local shared = self.shared
   if shared then
     if learn_max then shared:learn(learn_max, learn_interval) end
     if hold_ms then shared:throttled(hold_ms) end
   end
-  return retry, delay_ms
+  return retry, delay_ms, refused
 end
 
 -- new(governor, {shared_dict =, rate_limit =}): rate_limit is the client's

@@ -107,6 +107,7 @@ function M.outcome(req, res)
   if res.kind or not status then
     local base = error_base(req, res)
     base.kind = res.kind or (res.stopped and "stopped") or "network"
+    base.code = res.code -- "deadline": the call's deadline passed
     base.message = redact.text(tostring(res.message or (res.stopped and "not sent: " .. tostring(res.stopped))
       or "no answer"))
     return nil, Error.new(base)

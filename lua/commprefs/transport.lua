@@ -41,6 +41,26 @@ function M.for_call(which, has_cosockets, has_ca_file)
   return "ngx"
 end
 
+-- ngx.sleep(ms / 1000), never for less than 1 ms: nginx rounds a shorter
+-- sleep to ngx.sleep(0), which Debian's nginx (no delayed-events patch) logs
+-- as a warning each time. Every cosocket wait of commprefs sleeps here.
+function M.nap(ms)
+  ngx.sleep(ms >= 1 and ms / 1000 or 0.001)
+end
+
+-- Phases of a request (not a timer): a visitor is waiting there.
+local REQUEST_PHASES = { rewrite = true, server_rewrite = true, access = true, content = true }
+
+-- The seconds a single call made now may take: the deadline option; in a
+-- request phase without one, the client's timeout (a visitor waits for the
+-- page: no paced wait past it, nothing sent for a caller who has gone);
+-- else nil (the governor's own rule: the deadline option, or none).
+function M.call_seconds(deadline, timeout)
+  if deadline then return deadline end
+  if type(ngx) == "table" and ngx.get_phase and REQUEST_PHASES[ngx.get_phase()] then return timeout end
+  return nil
+end
+
 -- Whether a call made now goes over cosockets (never raises).
 function M.is_cosocket(which, has_cosockets)
   if which == "curl" or not has_cosockets then return false end

@@ -233,7 +233,8 @@ case { name = "percent-encodes ids so the server decodes exactly the id",
   end }
 
 case { name = "keeps one connection alive across calls",
-  call = [[for _ = 1, 5 do assert(c:get_status("k@example.com")) end return { sent = c:stats().sent }]],
+  -- (a delta: inside nginx, clients of one worker with the same options share one governor and its stats)
+  call = [[local s0 = c:stats().sent for _ = 1, 5 do assert(c:get_status("k@example.com")) end return { sent = c:stats().sent - s0 }]],
   check = function(r, sim)
     assert.equal(5, r.sent)
     local log = sim.log()

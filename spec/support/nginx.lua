@@ -15,6 +15,7 @@
 --   }                                             -- lua_ssl_trusted_certificate
 --   inst.url, inst.port, inst.pid (master), inst.prefix, inst.tmp (writable by workers)
 --   inst:stop()   inst:log() (the whole error log)   inst:errors() (lines at [error] or worse)
+--   inst:warnings() (lines at [warn] or worse: normal operation must log none)
 --   local status, body = nginx.run(inst, "return 1 + 1")   --> 200, "2"
 --   local status, body, headers, seconds = nginx.request(inst, "GET", "/x")
 --   local answers = nginx.concurrent(inst, { "/x", "/x" })  --> {status=, body=, seconds=} each
@@ -201,6 +202,18 @@ function Instance:log()
   local text = f:read("*a")
   f:close()
   return text
+end
+
+-- The error log's lines at level warn or worse.
+function Instance:warnings()
+  local out = {}
+  for line in self:log():gmatch("[^\n]+") do
+    if line:find("%[warn%]") or line:find("%[error%]") or line:find("%[crit%]") or line:find("%[alert%]")
+      or line:find("%[emerg%]") then
+      out[#out + 1] = line
+    end
+  end
+  return out
 end
 
 -- The error log's lines at level error or worse (what a spec asserts is empty).

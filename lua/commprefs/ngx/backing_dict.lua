@@ -14,6 +14,7 @@
 -- of an nginx take turns on one schedule instead of each spending the
 -- window early. What is learned or held is decided by the governor, not here.
 local core = require "commprefs.core"
+local nap = require("commprefs.transport").nap -- never ngx.sleep(0)
 
 local M = {}
 
@@ -139,7 +140,7 @@ function Dict:start()
   while true do
     local w = self:wait_for(n, now_ms())
     if w <= 0 then return true end
-    ngx.sleep(w / 1000)
+    nap(w)
   end
 end
 

@@ -19,6 +19,7 @@
 -- side), then nil, err.
 local core = require "commprefs.core"
 local redis = require "commprefs.ngx.redis"
+local nap = require("commprefs.transport").nap -- never ngx.sleep(0)
 
 local M = {}
 
@@ -110,7 +111,7 @@ function Budget:start()
     local ms, err = self:acquire()
     if ms == nil then return nil, err end
     if ms <= 0 then return true end
-    ngx.sleep(ms / 1000)
+    nap(ms)
   end
 end
 

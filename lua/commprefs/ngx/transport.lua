@@ -7,8 +7,14 @@
 -- (csrc/transport.c): perform(source, on_done) with the same result tables.
 -- Every attempt goes through the pacer (commprefs.pacer), which drives the
 -- client's governor (csrc/governor.c: when an attempt may start, what its
--- end decides, every count) and the shared backing; responses are parsed by
+-- end decides, every count, the call's deadline and each attempt's timeout
+-- within it) and the shared backing; responses are parsed by
 -- core.http1_response (csrc/http1.c). Nothing here decides a rule.
+--
+-- An attempt's timeout covers DNS too: nginx's resolver waits for its own
+-- resolver_timeout (30 s by default) whatever a socket's connect timeout
+-- says, so a connect to a name runs in a light thread that is killed when
+-- the attempt's connect timeout passes first (nginx then cancels the lookup).
 --
 -- A client may be created anywhere (init_by_lua included) and used from any
 -- request or timer, by several at once: no socket outlives one perform
@@ -16,6 +22,8 @@
 -- which nginx keeps in its per-worker pool.
 local core = require "commprefs.core"
 local choice = require "commprefs.transport"
+local semaphore = require "ngx.semaphore"
+local nap = choice.nap
 
 local M = { YIELDABLE = choice.YIELDABLE, in_nginx = choice.in_nginx, check_phase = choice.check_phase }
 
@@ -48,6 +56,7 @@ local function parse_origin(origin, verify_tls, generation)
   local tls = scheme == "https"
   port = tonumber(port) or (tls and 443 or 80)
   return { tls = tls, host = host, port = port, authority = authority,
+    literal = host == "localhost" or host:find("^[%d.]+$") ~= nil or host:find(":", 1, true) ~= nil,
     -- nginx resolves names only through its `resolver` directive; localhost is loopback by definition
     addr = host == "localhost" and "127.0.0.1" or host,
     pool = { pool = string.format("commprefs:%s:%s:%d:%s:%d", scheme, host, port,
@@ -99,20 +108,40 @@ end
 
 ------------------------------------------------------------------ one attempt
 
+local function connect_and_post(sock, addr, port, pool, done)
+  local ok, err = sock:connect(addr, port, pool)
+  done:post(1)
+  return ok, err
+end
+
+-- sock:connect bounded by connect_ms, resolving included (see the top).
+local function connect(sock, tg, connect_ms)
+  if tg.literal then return sock:connect(tg.addr, tg.port, tg.pool) end
+  local done = semaphore.new(0)
+  local th = ngx.thread.spawn(connect_and_post, sock, tg.addr, tg.port, tg.pool, done)
+  if not done:wait(connect_ms / 1000) then
+    ngx.thread.kill(th)
+    return nil, "timeout"
+  end
+  local _, ok, err = ngx.thread.wait(th)
+  return ok, err
+end
+
 -- Sends one request on a pooled or new connection and reads the answer.
 -- Returns the result (C2 fields, no attempts), whether it was on the wire, and
 -- whether a pooled connection failed before any byte of an answer (stale: the
 -- server had closed it). resent: the replacement of a stale attempt.
-local function exchange(t, req, pacer, resent)
+-- timeout_ms, connect_ms: this attempt's (the governor's, within the call's deadline).
+local function exchange(t, req, pacer, resent, timeout_ms, connect_ms)
   local tg, path = target(t, req.url)
   if not tg then return { kind = "network", message = "bad URL: " .. req.url }, false end
   local tls, host, port = tg.tls, tg.host, tg.port
   local s = t.settings
   local started = now_ms()
-  local deadline = started + s.timeout_ms
+  local deadline = started + timeout_ms
   local sock = tcp()
-  sock:settimeouts(min(s.connect_timeout_ms, s.timeout_ms), s.timeout_ms, s.timeout_ms)
-  local ok, err = sock:connect(tg.addr, port, tg.pool)
+  sock:settimeouts(connect_ms, timeout_ms, timeout_ms)
+  local ok, err = connect(sock, tg, connect_ms)
   if not ok then return no_answer(err, "connect to " .. host .. ":" .. port, started), false end
   local reused = sock:getreusedtimes() > 0
   if tls and not reused then
@@ -168,46 +197,47 @@ local function exchange(t, req, pacer, resent)
   return res, true
 end
 
--- The result of a request whose paced wait would pass its caller's deadline:
--- nothing was sent for it (a caller who has gone gets no request).
-local function paced_out(t, attempts, last, waited_ms)
-  if last then return last end
-  return { kind = "timeout", attempts = attempts, message = format(
-    "not sent: the rate limit would hold it past the client's timeout (%d ms; waited %d ms)",
-    t.settings.timeout_ms, waited_ms) }
+-- What an attempt got, for the deadline result's message.
+local function last_outcome(res)
+  if not res then return nil end
+  return res.status and ("HTTP " .. res.status) or res.kind
 end
 
 -- One request to its final result (and why perform must stop, or nil):
 -- attempts as the pacer lets them start, and the retries the governor
--- decides. A reused connection the server had already closed is replaced
--- at once (not an attempt), as libcurl does. With `deadline` (ms, the
--- caller's: a single call's timeout) no paced wait goes past it.
+-- decides, all within the call's deadline (the governor's clock; nil =
+-- none): a request not sent by then is not sent. A reused connection the
+-- server had already closed is replaced at once (not an attempt), as
+-- libcurl does.
 local function run(t, req, pacer, deadline)
   local attempts, last = 0, nil
-  local called = deadline and now_ms()
+  local gov = t.gov
   while true do
-    local wait, stop, why = pacer:wait()
+    local wait, stop, why = pacer:wait(deadline)
     local ready_at = (wait and wait > 0 or pacer.shared) and now_ms() or nil -- for the pacing-wait metric
     while wait and wait > 0 do
-      if deadline and now_ms() + wait > deadline then return paced_out(t, attempts, last, now_ms() - called) end
-      ngx_sleep(wait / 1000)
-      wait, stop, why = pacer:wait()
+      nap(wait)
+      wait, stop, why = pacer:wait(deadline)
     end
     if not stop then
       local started, err = pacer:start()
       if not started then stop, why = "budget", err end
     end
-    if stop then return last or { stopped = stop, attempts = 0, message = why }, stop end
-    if deadline and now_ms() > deadline then -- the backing held it in start past the deadline
-      pacer:unsent()
-      return paced_out(t, attempts, last, now_ms() - called)
+    local timeout_ms, connect_ms
+    if not stop then
+      timeout_ms, connect_ms = gov:attempt_timeout(deadline)
+      if not timeout_ms then pacer:unsent(); stop = "deadline" end -- started, never sent
+    end
+    if stop then
+      if stop == "deadline" then return gov:deadline_result(attempts, last_outcome(last)), stop end
+      return last or { stopped = stop, attempts = 0, message = why }, stop
     end
     local t0 = now_ms()
-    if ready_at then t.gov:paced(t0 - ready_at) end
+    if ready_at then gov:paced(t0 - ready_at) end
     local res, replays, was_sent = nil, 0, false
     for _ = 1, 4 do
       local on_wire, stale
-      res, on_wire, stale = exchange(t, req, pacer, was_sent)
+      res, on_wire, stale = exchange(t, req, pacer, was_sent, timeout_ms, connect_ms)
       was_sent = was_sent or on_wire
       if not stale then break end
       -- A pooled connection the server had closed: replaced at once. A GET is
@@ -225,13 +255,11 @@ local function run(t, req, pacer, deadline)
     if not was_sent then pacer:unsent() end
     attempts = attempts + 1 + replays
     res.attempts = attempts
-    local retry, delay_ms = pacer:finish(res, was_sent, now_ms() - t0)
+    local retry, delay_ms, refused = pacer:finish(res, was_sent, now_ms() - t0, deadline)
+    if refused then return gov:deadline_result(attempts, last_outcome(res)), "deadline" end
     if not retry then return res end
     last = res
-    if delay_ms and delay_ms > 0 then
-      if deadline and now_ms() + delay_ms > deadline then return res end
-      ngx_sleep(delay_ms / 1000)
-    end
+    if delay_ms and delay_ms > 0 then nap(delay_ms) end
   end
 end
 
@@ -241,14 +269,13 @@ local function check_request(req, i)
   if type(req.url) ~= "string" then error(format("perform: request %d has no url", i), 0) end
 end
 
--- perform_one(req) -> result: one request, no thread, no closure, no
--- wrapper table (every single call: init.lua's _request, lookup's batches).
--- Its paced waits are bounded by the client's timeout from now.
-local function perform_one(t, req)
+-- perform_one(req[, deadline]) -> result: one request, no thread, no
+-- closure, no wrapper table (every single call: init.lua's _request).
+local function perform_one(t, req, deadline)
   check_request(req, 1)
   M.check_phase(ngx.get_phase())
   t.gov:new_call()
-  return (run(t, req, t.pacer, now_ms() + t.settings.timeout_ms))
+  return (run(t, req, t.pacer, deadline))
 end
 
 ------------------------------------------------------------------ perform
@@ -257,8 +284,8 @@ local function target_of(t)
   return math.max(1, t.gov:target())
 end
 
--- perform(source, on_done): the C2 contract (see transport.c for the libcurl twin).
-local function perform(t, source, on_done)
+-- perform(source, on_done[, deadline]): the C2 contract (see transport.c for the libcurl twin).
+local function perform(t, source, on_done, deadline)
   if type(source) ~= "table" and type(source) ~= "function" then
     error("bad argument #1 to 'perform' (table or function expected)", 2)
   end
@@ -305,7 +332,7 @@ local function perform(t, source, on_done)
   if type(source) == "table" and source[2] == nil then -- one request: no thread
     local i, req = pull()
     if i then
-      local res, stop = run(t, req, pacer, now_ms() + t.settings.timeout_ms)
+      local res, stop = run(t, req, pacer, deadline)
       st.stop = st.stop or stop
       deliver(i, res)
     end
@@ -316,7 +343,7 @@ local function perform(t, source, on_done)
   -- the caller's coroutine, as they complete. After an error nothing more is
   -- pulled or delivered; what is in flight finishes first.
   local function one(i, req)
-    local res, stop = run(t, req, pacer)
+    local res, stop = run(t, req, pacer, deadline)
     st.stop = st.stop or stop -- pull no more
     return i, res
   end
