@@ -58,6 +58,9 @@ void cp_config_read(lua_State *L, int idx, const char *fname, cp_config *c) {
   c->redis_key = opt_string(L, idx, fname, "redis_key", NULL);
   c->verify_tls = opt_bool(L, idx, "verify_tls");
   c->handle_signals = opt_bool(L, idx, "handle_signals");
+  lua_getfield(L, idx, "form_body");
+  c->form_body = lua_toboolean(L, -1);
+  lua_pop(L, 1);
 }
 
 static void push_row(lua_State *L, double def, double min, double max, int integer, const char *unit) {

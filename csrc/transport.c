@@ -172,20 +172,24 @@ static struct curl_slist *append(struct curl_slist *h, const char *line) {
   return n;
 }
 
-/* Authorization + Accept, and for POST also Content-Type and no Expect. */
-static struct curl_slist *auth_headers(const char *token, int post) {
+/* Authorization (when there is a token) + Accept, and for POST also
+ * Content-Type (JSON, or a form) and no Expect. */
+static struct curl_slist *auth_headers(const char *token, int post, int form) {
   static const char prefix[] = "Authorization: Bearer ";
-  struct curl_slist *h;
-  size_t len = strlen(token);
-  char *line = malloc(sizeof(prefix) + len);
-  if (!line) return NULL;
-  memcpy(line, prefix, sizeof(prefix) - 1);
-  memcpy(line + sizeof(prefix) - 1, token, len + 1);
-  h = curl_slist_append(NULL, line);
-  memset(line, 0, sizeof(prefix) + len);
-  free(line);
-  if (h) h = append(h, "Accept: application/json");
-  if (h && post) h = append(h, "Content-Type: application/json");
+  struct curl_slist *h = NULL;
+  if (token) {
+    size_t len = strlen(token);
+    char *line = malloc(sizeof(prefix) + len);
+    if (!line) return NULL;
+    memcpy(line, prefix, sizeof(prefix) - 1);
+    memcpy(line + sizeof(prefix) - 1, token, len + 1);
+    h = curl_slist_append(NULL, line);
+    memset(line, 0, sizeof(prefix) + len);
+    free(line);
+    if (!h) return NULL;
+  }
+  h = append(h, "Accept: application/json");
+  if (h && post) h = append(h, form ? "Content-Type: application/x-www-form-urlencoded" : "Content-Type: application/json");
   if (h && post) h = append(h, "Expect:"); /* no 100-continue round trip */
   return h;
 }
@@ -196,6 +200,41 @@ static void wipe_headers(struct curl_slist *h) {
   curl_slist_free_all(h);
 }
 
+static void wipe_token(cp_transport *t) {
+  if (!t->token) return;
+  memset(t->token, 0, strlen(t->token));
+  free(t->token);
+  t->token = NULL;
+}
+
+static void wipe_slot_headers(cp_slot *s) {
+  int k;
+  for (k = 0; k < 2; k++) {
+    if (s->hdr[k]) wipe_headers(s->hdr[k]);
+    s->hdr[k] = NULL;
+  }
+}
+
+int cp_transport_set_token(cp_transport *t, const char *token) {
+  char *copy = NULL;
+  if (token && !(copy = dup_or_null(token))) return -1;
+  wipe_token(t);
+  t->token = copy;
+  t->token_gen++;
+  return 0;
+}
+
+/* The header list of an attempt about to start in slot s (not running):
+ * rebuilt from the current token when a new one was set. NULL: out of memory. */
+static struct curl_slist *slot_headers(cp_transport *t, cp_slot *s, int post) {
+  if (s->hdr_gen != t->token_gen) {
+    wipe_slot_headers(s);
+    s->hdr_gen = t->token_gen;
+  }
+  if (!s->hdr[post]) s->hdr[post] = auth_headers(t->token, post, t->form_body);
+  return s->hdr[post];
+}
+
 int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const char **err) {
   memset(t, 0, sizeof(*t));
   t->gov = g;
@@ -204,11 +243,12 @@ int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const
   t->nslots = g->max_concurrency ? g->max_concurrency : CP_ADAPTIVE_SLOTS;
   *err = "out of memory";
   t->ca_file = c->ca_file ? dup_or_null(c->ca_file) : NULL;
-  t->headers = auth_headers(c->token, 0);
-  t->post_headers = auth_headers(c->token, 1);
+  t->form_body = c->form_body;
+  t->token_gen = 1; /* slots start at 0: they build their lists at first use */
+  t->token = c->token ? dup_or_null(c->token) : NULL;
   t->multi = curl_multi_init();
   t->slots = calloc((size_t)t->nslots, sizeof(cp_slot));
-  if ((c->ca_file && !t->ca_file) || !t->headers || !t->post_headers || !t->multi || !t->slots) {
+  if ((c->ca_file && !t->ca_file) || (c->token && !t->token) || !t->multi || !t->slots) {
     cp_transport_close(t);
     return -1;
   }
@@ -241,14 +281,13 @@ void cp_transport_close(cp_transport *t) {
       curl_easy_cleanup(t->slots[i].easy);
     }
     free(t->slots[i].buf);
+    wipe_slot_headers(&t->slots[i]); /* after curl_easy_cleanup: nothing points to them now */
   }
   free(t->slots);
   t->slots = NULL;
   if (t->multi) curl_multi_cleanup(t->multi);
   t->multi = NULL;
-  if (t->headers) wipe_headers(t->headers);
-  if (t->post_headers) wipe_headers(t->post_headers);
-  t->headers = t->post_headers = NULL;
+  wipe_token(t);
   free(t->ca_file);
   t->ca_file = NULL;
   t->gov = NULL; /* the caller drops gov_ref */
@@ -259,6 +298,8 @@ void cp_transport_close(cp_transport *t) {
 static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s) {
   int i = (int)(s - t->slots) + 1;
   const char *method, *url, *body;
+  struct curl_slist *headers;
+  int post;
   size_t body_len = 0;
   lua_rawgeti(L, ST_INFLIGHT, i);
   lua_getfield(L, -1, "method");
@@ -275,12 +316,13 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s) {
   /* libcurl copies the URL and (COPYPOSTFIELDS) the body: nothing it keeps
    * points into a Lua string, which the source or on_done may let go */
   curl_easy_setopt(s->easy, CURLOPT_URL, url);
-  if (method && strcmp(method, "POST") == 0) {
-    curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, t->post_headers);
+  post = method && strcmp(method, "POST") == 0;
+  if (!(headers = slot_headers(t, s, post))) luaL_error(L, "perform: out of memory");
+  curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, headers);
+  if (post) {
     curl_easy_setopt(s->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
     curl_easy_setopt(s->easy, CURLOPT_COPYPOSTFIELDS, body ? body : "");
   } else {
-    curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, t->headers);
     curl_easy_setopt(s->easy, CURLOPT_HTTPGET, 1L);
   }
   lua_pop(L, 4);

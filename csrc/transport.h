@@ -22,13 +22,16 @@ typedef struct {
   int too_large;           /* this attempt's answer passed max_response_size */
   double sent_at;          /* monotonic ms when this attempt went on the wire */
   double not_before;       /* monotonic ms: earliest start of the next attempt */
+  struct curl_slist *hdr[2]; /* this slot's GET / POST header lists (wiped when replaced) */
+  unsigned hdr_gen;        /* the token generation they were built from */
   char errbuf[CURL_ERROR_SIZE];
 } cp_slot;
 
 typedef struct cp_transport {
   CURLM *multi;
-  struct curl_slist *headers;      /* GET: Authorization, Accept (wiped on close) */
-  struct curl_slist *post_headers; /* POST: the same plus Content-Type (wiped on close) */
+  char *token;                     /* the current access token (wiped when replaced), NULL: none sent */
+  unsigned token_gen;              /* bumped by every new token: slots rebuild their header lists */
+  int form_body;                   /* POSTs carry forms (an OAuth token endpoint) */
   cp_slot *slots;
   int nslots;                      /* max_concurrency, or CP_ADAPTIVE_SLOTS when adaptive */
   int in_use;                      /* slots not free */
@@ -43,6 +46,10 @@ typedef struct cp_transport {
  * with a message in err (nothing left allocated). */
 int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const char **err);
 void cp_transport_close(cp_transport *t);
+/* Sets the token later attempts send (NULL: none). Callable at any time,
+ * inside perform too: attempts on the wire keep the header lists they were
+ * started with. 0, or -1: out of memory (the old token stays). */
+int cp_transport_set_token(cp_transport *t, const char *token);
 /* Drops every pooled connection: 0, or -1 (inside perform, or out of memory). */
 int cp_transport_drop_connections(cp_transport *t);
 /* client:perform(source, on_done): see transport.c. */
