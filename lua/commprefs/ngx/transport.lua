@@ -269,21 +269,32 @@ local function drop_connections(t)
   return true
 end
 
--- new(governor, pacer, token) -> transport with :perform(source, on_done).
--- The token lives only in the closure that writes request heads.
-function M.new(gov, pacer, token)
+-- new(governor, pacer, credentials[, form]) -> transport with :perform(source, on_done).
+-- Each request head carries the token credentials (commprefs.credentials)
+-- hold when it is written; without credentials none (an OAuth token
+-- endpoint: form = true sends form bodies).
+function M.new(gov, pacer, credentials, form)
   local settings = gov:settings()
-  local fixed = "User-Agent: " .. settings.user_agent .. "\r\nAuthorization: Bearer " .. token
-    .. "\r\nAccept: application/json\r\n"
+  local ua = "User-Agent: " .. settings.user_agent .. "\r\n"
+  local accept = "Accept: application/json\r\n"
+  local ctype = form and "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: "
+    or "Content-Type: application/json\r\nContent-Length: "
   local t = { gov = gov, pacer = pacer, settings = settings, targets = {}, ntargets = 0, generation = 0 }
+  local auth_token, auth_line = nil, ""
+  local function auth()
+    local tok = credentials and credentials.token
+    if tok ~= auth_token then
+      auth_token, auth_line = tok, tok and ("Authorization: Bearer " .. tok .. "\r\n") or ""
+    end
+    return auth_line
+  end
   t.head = function(method, path, authority, body)
     if body then
-      return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", fixed,
-        "Content-Type: application/json\r\nContent-Length: ", #body, "\r\n\r\n", body }
+      return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", ua, auth(), accept,
+        ctype, #body, "\r\n\r\n", body }
     end
-    return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", fixed, "\r\n" }
+    return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", ua, auth(), accept, "\r\n" }
   end
-  token = nil
   return setmetatable(t, {
     __index = { perform = perform, drop_connections = drop_connections },
     __tostring = function() return "commprefs.ngx.transport" end,
