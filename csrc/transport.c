@@ -215,13 +215,28 @@ static void wipe_slot_headers(cp_slot *s) {
   }
 }
 
-int cp_transport_set_token(cp_transport *t, const char *token) {
+int cp_transport_set_token(cp_transport *t, const char *token, double due_in_ms) {
   char *copy = NULL;
   if (token && !(copy = dup_or_null(token))) return -1;
-  wipe_token(t);
-  t->token = copy;
-  t->token_gen++;
+  if (!t->token || !token || strcmp(t->token, token) != 0) {
+    wipe_token(t);
+    t->token = copy;
+    t->token_gen++;
+  } else {
+    memset(copy, 0, strlen(copy));
+    free(copy);
+  }
+  t->token_due_ms = due_in_ms > 0 ? cp_now_ms() + due_in_ms : 0;
   return 0;
+}
+
+/* The token is due: the renewer sets the next one (once: a renewer that
+ * cannot leaves the old token, whose refusal the caller handles). */
+static void renew_token(lua_State *L, cp_transport *t) {
+  t->token_due_ms = 0;
+  if (t->renew_ref == LUA_NOREF || t->renew_ref == LUA_REFNIL) return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, t->renew_ref);
+  lua_call(L, 0, 0);
 }
 
 /* The header list of an attempt about to start in slot s (not running):
@@ -244,6 +259,7 @@ int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const
   *err = "out of memory";
   t->ca_file = c->ca_file ? dup_or_null(c->ca_file) : NULL;
   t->form_body = c->form_body;
+  t->renew_ref = LUA_NOREF;
   t->token_gen = 1; /* slots start at 0: they build their lists at first use */
   t->token = c->token ? dup_or_null(c->token) : NULL;
   t->multi = curl_multi_init();
@@ -561,6 +577,7 @@ static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
       if (w > 0 && w < wake) wake = w;
       break;
     }
+    if (t->token_due_ms > 0 && now >= t->token_due_ms) renew_token(L, t);
     start_attempt(L, t, s);
   }
   if (src->stop) stop_slots(L, t, src, 0);

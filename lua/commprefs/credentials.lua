@@ -93,6 +93,12 @@ end
 
 function Creds:renewable() return self.kind ~= "static" end
 
+-- Seconds until the token is due for renewal (nil: never).
+function Creds:due_in()
+  if not self.refresh_at then return nil end
+  return math.max(0.001, self.refresh_at - clock())
+end
+
 -- Whether the token should be renewed before the next request.
 function Creds:due()
   if self.token == nil then return true end

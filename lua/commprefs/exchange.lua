@@ -33,10 +33,14 @@ end
 
 -- One line saying why a result stopped a job.
 local function stop_message(req, res, why)
-  local _, err = response.outcome(req, res)
-  local line = err and tostring(err):gsub("^commprefs: ", "") or "refused"
+  local line
+  if res.kind == "auth" then line = res.message -- the token endpoint's refusal, already one line
+  else
+    local _, err = response.outcome(req, res)
+    line = err and tostring(err):gsub("^commprefs: ", "") or "refused"
+  end
   if why == "auth" then
-    return "HubSpot refused the credentials (" .. line .. "); nothing more was sent"
+    return "HubSpot refused the credentials (" .. line .. "); no further request was started"
   end
   return "HubSpot is migrating this account (" .. line .. ")"
     .. (res.retry_after and ("; retry after " .. res.retry_after .. " s") or "")

@@ -371,13 +371,25 @@ function Client:_perform(source, on_done)
 end
 
 -- The token requests carry from now on (commprefs.exchange, before each request).
+-- libcurl asks the credentials again (its renewer) when an attempt starts
+-- after the token is due, so a request waiting for the rate limit never
+-- leaves with a token about to expire.
 function Client:_use_token(tok)
   local curl = self._curl
   if not curl then
     if transport_choice.is_cosocket(self._transport, self._ngx ~= nil) then return end
-    self._curl, self._curl_token = self._make_curl(tok), tok
-  elseif self._curl_token ~= tok then
-    curl:set_token(tok)
+    curl = self._make_curl(tok)
+    self._curl, self._curl_token = curl, nil
+    local creds = self._creds
+    if creds:renewable() then
+      curl:set_renewer(function()
+        local fresh = creds:current()
+        if fresh then self:_use_token(fresh) end
+      end)
+    end
+  end
+  if self._curl_token ~= tok then
+    curl:set_token(tok, self._creds:due_in())
     self._curl_token = tok
   end
 end

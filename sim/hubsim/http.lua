@@ -50,6 +50,8 @@ local function defaults()
     token_ttl = tonumber(os.getenv("SIM_TOKEN_TTL") or "1800") or 1800,
     -- "professional": the portal has no Marketing Hub Enterprise, so no token holds the batch scopes
     tier = os.getenv("SIM_TIER") or "enterprise",
+    -- N > 0: after N API requests every token and the OAuth app are revoked (a revocation mid-job)
+    revoke_after = tonumber(os.getenv("SIM_REVOKE_AFTER") or "0") or 0,
   }
 end
 
@@ -481,6 +483,11 @@ function M.api()
   local f = take_fault(method, raw_path)
   if f then latency(); return play_fault(f) end
 
+  log.api = (log.api or 0) + 1
+  if config.revoke_after > 0 and log.api > config.revoke_after and not log.revoked_at then
+    log.revoked_at = log.api -- everything is revoked from this request on
+    tokens, oauth.refresh, oauth.issued, oauth.revoked_app = {}, {}, {}, true
+  end
   local auth = ngx.var.http_authorization
   local token = auth and auth:match("^Bearer%s+(%S+)$")
   local granted, window = token and tokens[token], token
@@ -618,7 +625,8 @@ function M.admin()
     local out = {}
     for i = log.first, log.n do out[#out + 1] = log[i] end
     return send(200, { requests = arr(out), throttled = log.throttled or 0, expired = log.expired or 0,
-      unauthorized = log.unauthorized or 0, forbidden = log.forbidden or 0, tokens_issued = oauth.n })
+      unauthorized = log.unauthorized or 0, forbidden = log.forbidden or 0, tokens_issued = oauth.n,
+      api = log.api or 0, revoked_at = log.revoked_at })
   elseif what == "faults" and method == "POST" then
     for _, f in ipairs(body.faults or { body }) do faults[#faults + 1] = f end
     return send(200, { queued = #faults })

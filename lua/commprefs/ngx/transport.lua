@@ -282,6 +282,7 @@ function M.new(gov, pacer, credentials, form)
   local t = { gov = gov, pacer = pacer, settings = settings, targets = {}, ntargets = 0, generation = 0 }
   local auth_token, auth_line = nil, ""
   local function auth()
+    if credentials and credentials:due() then credentials:current() end -- a refusal: the 401 tells
     local tok = credentials and credentials.token
     if tok ~= auth_token then
       auth_token, auth_line = tok, tok and ("Authorization: Bearer " .. tok .. "\r\n") or ""
