@@ -75,12 +75,13 @@ end
 local LUA = jit and "luajit" or "lua5.4"
 local BUILD = os.getenv("COMMPREFS_BUILD") or ("build/" .. (jit and "luajit" or "lua5.4"))
 
--- The command line, run by this VM with a clean environment plus env.
+-- The command line (a Lua 5.4 script, whichever VM runs the specs) with a
+-- clean environment plus env.
 local function cli(args, env)
   local out, err = os.tmpname(), os.tmpname()
-  local vars = "env -u HUBSPOT_ACCESS_TOKEN LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='" .. BUILD .. "/?.so;;' "
+  local vars = "env -u HUBSPOT_ACCESS_TOKEN LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='build/lua5.4/?.so;;' "
   for k, v in pairs(env or {}) do vars = vars .. k .. "='" .. v .. "' " end
-  local ok, _, code = os.execute(vars .. LUA .. " bin/commprefs " .. args .. " >" .. out .. " 2>" .. err)
+  local ok, _, code = os.execute(vars .. "lua5.4 bin/commprefs " .. args .. " >" .. out .. " 2>" .. err)
   if type(ok) == "number" then code = ok / 256 end -- Lua 5.1's os.execute
   local o, e = read(out), read(err)
   os.remove(out); os.remove(err)
