@@ -65,7 +65,9 @@ void cp_config_read(lua_State *L, int idx, const char *fname, cp_config *c) {
 
 static void push_row(lua_State *L, double def, double min, double max, int integer, const char *unit) {
   lua_createtable(L, 0, 5);
-  lua_pushnumber(L, def); lua_setfield(L, -2, "default");
+  /* integer options as Lua integers: a default such as batch_size reaches Redis as "100", not "100.0" */
+  if (integer) { lua_pushinteger(L, (lua_Integer)def); lua_setfield(L, -2, "default"); }
+  else { lua_pushnumber(L, def); lua_setfield(L, -2, "default"); }
   lua_pushnumber(L, min); lua_setfield(L, -2, "min");
   lua_pushnumber(L, max); lua_setfield(L, -2, "max");
   lua_pushboolean(L, integer); lua_setfield(L, -2, "integer");

@@ -312,6 +312,56 @@ describe("a token refused mid-job", function()
   end)
 end)
 
+describe("the worker", function()
+  local redis = require "support.redis"
+  local worker = require "commprefs.worker"
+  local R
+  setup(function() R = redis.start() end)
+  teardown(function() redis.stop(R) end)
+
+  local function fill(stream, n, prefix)
+    local conn = assert(core.redis_connect(R.url))
+    for i = 1, n do assert(conn:command { "XADD", stream, "*", "id", (prefix or "W") .. i .. "@Example.com" }) end
+    return conn
+  end
+
+  it("a token revoked mid-run: stopped = 'auth', nothing failed, the entries not answered stay pending; the CLI exits 3", function()
+    local conn = fill("rv:in", 500)
+    sim.reset { revoke_after = 2, rate = "20/1000" }
+    local c = commprefs.new { token = "sim-token", base_url = sim.url }
+    local w = worker.new(c, { redis = R.url, stream = "rv:in", group = "g", results = "rv:out" })
+    local s = assert(w:run { idle_exit = 0.5 })
+    w:close()
+    assert.equals("auth", s.stopped)
+    assert.equals(0, s.failed)
+    assert.equals(200, s.results)
+    local pending = conn:command { "XPENDING", "rv:in", "g" }
+    assert.is_true(pending[1] > 0)
+    assert.equals(200, conn:command { "XLEN", "rv:out" })
+    -- the command line
+    fill("rv2:in", 300)
+    sim.reset { revoke_after = 1 }
+    local code, _, err = cli("worker --redis " .. R.url .. " --stream rv2:in --group g --results rv2:out --idle-exit 0.5 --quiet"
+      .. " --base-url " .. sim.url, { HUBSPOT_ACCESS_TOKEN = "sim-token" })
+    assert.equals(3, code, err)
+    assert.matches("refused the credentials", err, 1, true)
+    assert.is_true(select(2, err:gsub("\n", "")) <= 20, err)
+  end)
+
+  it("mixed-case entries on a portal without batch scopes answered in lower case: every entry changed, none failed", function()
+    fill("nb:in", 120, "Nb")
+    sim.reset { tier = "professional", lower_ids = 1, rate = "off" }
+    local c = commprefs.new { token = "sim-token", base_url = sim.url }
+    local w = worker.new(c, { redis = R.url, stream = "nb:in", group = "g", results = "nb:out" })
+    local s = assert(w:run { idle_exit = 0.5 })
+    w:close()
+    assert.equals(120, s.results)
+    assert.equals(0, s.failed)
+    assert.equals(120, s.changed)
+    assert.is_true(sim.counts().forbidden <= 3)
+  end)
+end)
+
 describe("a portal without batch scopes", function()
   it("bulk unsubscribe and bulk read of 250 ids: all right through single-contact requests, at most a handful of 403s", function()
     sim.reset { tier = "professional", rate = "off" }
@@ -448,7 +498,7 @@ describe("bad options raise, naming the option and never a secret; nothing is se
       { { oauth = oauth { client_secret = "sim-secret\n" } }, "oauth.client_secret" },
       { { oauth = oauth { shared_dict = "tokens" } }, "oauth.shared_dict" },
       { { token = "sim-token", batch = "sometimes" }, "bad option 'batch'" },
-      { { token = 42 }, "bad option 'token'" },
+      { { token = 42 }, "bad option 'token' (string expected" },
       { { token = "sim-token", api_version = "v3" }, "api_version" },
     }
     for _, case in ipairs(cases) do

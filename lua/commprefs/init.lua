@@ -217,7 +217,7 @@ function M.new(opts)
     if not NEW_OPTIONS[k] then raise("new", "unknown option '" .. tostring(k) .. "'") end
     local want = NEW_OPTIONS[k]
     if type(want) == "table" and not want[type(v)] then
-      raise("new", string.format("bad option '%s' (string or function expected, got %s)", k, type(v)))
+      raise("new", string.format("bad option '%s' (string expected, got %s; or a function giving one)", k, type(v)))
     elseif type(want) == "string" and type(v) ~= want then
       raise("new", string.format("bad option '%s' (%s expected, got %s)", k, want, type(v)))
     end
