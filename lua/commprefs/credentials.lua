@@ -49,6 +49,17 @@ function M.bad_token(tok)
   return nil
 end
 
+-- A short fingerprint of a token (djb2, 32 bits, hex): tells clients of
+-- the same token apart from others without keeping the token itself.
+function M.fingerprint(s)
+  local h = 5381
+  for i = 1, #s do h = (h * 33 + s:byte(i)) % 4294967296 end
+  return string.format("%08x", h)
+end
+
+-- The token in effect now (not renewed: see current).
+function Creds:value() return self.vault().token end
+
 local function auth_error(fields)
   fields.kind = "auth"
   return Error.new(fields)
@@ -58,16 +69,20 @@ end
 -- client: what redact remembers the secrets for), post_form = function(url,
 -- body) -> req, res (the client's machinery for the token endpoint)}.
 function M.new(opts)
-  local self = setmetatable({ owner = opts.owner, gen = 0, post_form = opts.post_form }, Creds)
+  -- the secrets live in a closure, never in a table field: nothing walking
+  -- the client's tables (a dump, a debugger, a careless log) can reach them
+  local vault = {}
+  local self = setmetatable({ owner = opts.owner, gen = 0, post_form = opts.post_form,
+    vault = function() return vault end }, Creds)
   local o = opts.oauth
   if o then
     self.kind = "oauth"
-    self.client_id, self.client_secret, self.refresh_token = o.client_id, o.client_secret, o.refresh_token
+    self.client_id, self.vault().client_secret, self.vault().refresh_token = o.client_id, o.client_secret, o.refresh_token
     self.token_url = o.token_url or (opts.base_url .. M.OAUTH_PATH)
     self.on_refresh = o.on_refresh
     self.dict_name = o.shared_dict
-    redact.remember_secret(self.owner, self.client_secret)
-    redact.remember_secret(self.owner, self.refresh_token)
+    redact.remember_secret(self.owner, self.vault().client_secret)
+    redact.remember_secret(self.owner, self.vault().refresh_token)
     self.identity = "oauth:" .. self.client_id
   elseif type(opts.token) == "function" then
     self.kind, self.fn = "function", opts.token
@@ -75,7 +90,7 @@ function M.new(opts)
   else
     self.kind = "static"
     self:_set(opts.token)
-    self.identity = "token:" .. opts.token
+    self.identity = "token:" .. M.fingerprint(opts.token)
   end
   return self
 end
@@ -84,8 +99,8 @@ end
 -- older one that gets a 401 needs no new refresh, only a resend).
 function Creds:_set(tok, expires_in)
   redact.remember_secret(self.owner, tok)
-  if tok ~= self.token then
-    self.token = tok
+  if tok ~= self.vault().token then
+    self.vault().token = tok
     self.gen = self.gen + 1
   end
   self.refresh_at = expires_in and (clock() + expires_in * (1 - M.MARGIN)) or nil
@@ -101,23 +116,23 @@ end
 
 -- Whether the token should be renewed before the next request.
 function Creds:due()
-  if self.token == nil then return true end
+  if self.vault().token == nil then return true end
   return self.refresh_at ~= nil and clock() >= self.refresh_at
 end
 
 -- The token for a request made now (renewed when due): tok, or nil, Error.
 function Creds:current()
-  if not self:due() then return self.token end
+  if not self:due() then return self.vault().token end
   if self.kind == "function" then return self:_ask() end
   if self.kind == "oauth" then return self:_refresh(self.gen) end
-  return self.token
+  return self.vault().token
 end
 
 -- After a 401 for a request sent under token generation `gen`: a token to
 -- send it once more with, or nil, Error (static tokens: nil, no error).
 function Creds:renew(gen)
   if self.kind == "static" then return nil end
-  if gen ~= self.gen and self.token then return self.token end -- renewed meanwhile
+  if gen ~= self.gen and self.vault().token then return self.vault().token end -- renewed meanwhile
   if self.kind == "function" then return self:_ask() end
   return self:_refresh(gen, true)
 end
@@ -153,7 +168,7 @@ end
 -- One POST to the token endpoint: {access_token=, refresh_token=, expires_in=} or nil, Error.
 function Creds:_fetch()
   local body = form { { "grant_type", "refresh_token" }, { "client_id", self.client_id },
-    { "client_secret", self.client_secret }, { "refresh_token", self.refresh_token } }
+    { "client_secret", self.vault().client_secret }, { "refresh_token", self.vault().refresh_token } }
   local req, res = self.post_form(self.token_url, body)
   self.refreshes = (self.refreshes or 0) + 1
   local url = req.url
@@ -172,7 +187,7 @@ function Creds:_fetch()
         message = "the token endpoint's answer has no usable access_token and expires_in" }
     end
     return { access_token = tok, expires_in = ttl,
-      refresh_token = type(v.refresh_token) == "string" and v.refresh_token ~= "" and v.refresh_token or self.refresh_token }
+      refresh_token = type(v.refresh_token) == "string" and v.refresh_token ~= "" and v.refresh_token or self.vault().refresh_token }
   end
   local code = type(v.status) == "string" and v.status ~= "error" and v.status or v.error
   local msg = v.message or v.error_description
@@ -189,7 +204,7 @@ end
 
 -- Takes a fetched token set: in effect here, told to on_refresh.
 function Creds:_take(t)
-  self.refresh_token = t.refresh_token
+  self.vault().refresh_token = t.refresh_token
   self:_set(t.access_token, t.expires_in)
   if self.on_refresh then
     local ok, err = pcall(self.on_refresh, { access_token = t.access_token, refresh_token = t.refresh_token,
@@ -204,9 +219,9 @@ end
 function Creds:_refresh(gen, forced)
   while self.refreshing do -- another light thread is refreshing: take its token
     sleep(0.005)
-    if self.gen ~= gen and self.token then return self.token end
+    if self.gen ~= gen and self.vault().token then return self.vault().token end
   end
-  if self.gen ~= gen and self.token and not self:due() then return self.token end
+  if self.gen ~= gen and self.vault().token and not self:due() then return self.vault().token end
   if self.dict_name then return self:_refresh_shared(gen, forced) end
   self.refreshing = true
   local ok, t, err = pcall(self._fetch, self)
@@ -214,7 +229,7 @@ function Creds:_refresh(gen, forced)
   if not ok then error(t, 0) end
   if not t then self.failed = err; return nil, err end
   self:_take(t)
-  return self.token
+  return self.vault().token
 end
 
 ------------------------------------------------------------------ shared_dict
@@ -234,8 +249,8 @@ function Creds:_adopt(refused)
   if tok and at and tok ~= refused and clock() < at then
     redact.remember_secret(self.owner, tok)
     local rt = d:get(k.rt)
-    if rt then redact.remember_secret(self.owner, rt); self.refresh_token = rt end
-    if tok ~= self.token then self.token, self.gen = tok, self.gen + 1 end
+    if rt then redact.remember_secret(self.owner, rt); self.vault().refresh_token = rt end
+    if tok ~= self.vault().token then self.vault().token, self.gen = tok, self.gen + 1 end
     self.refresh_at = at
     return tok
   end
@@ -243,7 +258,7 @@ end
 
 function Creds:_refresh_shared(gen, forced)
   local d, k = ngx.shared[self.dict_name], self:_keys()
-  local refused = forced and gen == self.gen and self.token or nil
+  local refused = forced and gen == self.gen and self.vault().token or nil
   local deadline = clock() + M.LOCK_TTL
   while true do
     local tok = self:_adopt(refused)
@@ -251,7 +266,7 @@ function Creds:_refresh_shared(gen, forced)
     local won = d:add(k.lock, ngx.worker and ngx.worker.pid() or 1, M.LOCK_TTL)
     if won then
       local rt = d:get(k.rt)
-      if rt then self.refresh_token = rt end
+      if rt then self.vault().refresh_token = rt end
       self.refreshing = true
       local ok, t, err = pcall(self._fetch, self)
       self.refreshing = false
@@ -265,7 +280,7 @@ function Creds:_refresh_shared(gen, forced)
       d:delete(k.lock)
       if not ok then error(t, 0) end
       if not t then self.failed = err; return nil, err end
-      return self.token
+      return self.vault().token
     end
     if clock() > deadline then
       return nil, Error.new { kind = "timeout", message = "waited " .. M.LOCK_TTL .. " s for another worker's OAuth refresh" }

@@ -379,7 +379,7 @@ function Client:_use_token(tok)
   if not curl then
     if transport_choice.is_cosocket(self._transport, self._ngx ~= nil) then return end
     curl = self._make_curl(tok)
-    self._curl, self._curl_token = curl, nil
+    self._curl, self._curl_gen = curl, nil
     local creds = self._creds
     if creds:renewable() then
       curl:set_renewer(function()
@@ -388,9 +388,10 @@ function Client:_use_token(tok)
       end)
     end
   end
-  if self._curl_token ~= tok then
+  local gen = self._creds.gen -- never the token itself in a table field
+  if self._curl_gen ~= gen then
     curl:set_token(tok, self._creds:due_in())
-    self._curl_token = tok
+    self._curl_gen = gen
   end
 end
 

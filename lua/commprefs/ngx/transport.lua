@@ -283,7 +283,7 @@ function M.new(gov, pacer, credentials, form)
   local auth_token, auth_line = nil, ""
   local function auth()
     if credentials and credentials:due() then credentials:current() end -- a refusal: the 401 tells
-    local tok = credentials and credentials.token
+    local tok = credentials and credentials:value()
     if tok ~= auth_token then
       auth_token, auth_line = tok, tok and ("Authorization: Bearer " .. tok .. "\r\n") or ""
     end
