@@ -59,6 +59,9 @@ void cp_config_read(lua_State *L, int idx, const char *fname, cp_config *c) {
   c->redis_key = opt_string(L, idx, fname, "redis_key", NULL);
   c->verify_tls = opt_bool(L, idx, "verify_tls");
   c->handle_signals = opt_bool(L, idx, "handle_signals");
+  lua_getfield(L, idx, "form_body");
+  c->form_body = lua_toboolean(L, -1);
+  lua_pop(L, 1);
 }
 
 /* A limit as Lua shows it: an integer option's limits are integers (100, not 100.0). */

@@ -13,6 +13,7 @@ typedef struct {
   int rate_set;                   /* rate_max was given: the window is set by hand */
   const char *token, *user_agent, *ca_file, *redis_url, *redis_key; /* kept alive by the table */
   int verify_tls, handle_signals;
+  int form_body;                  /* POST bodies are forms (an OAuth token endpoint), never JSON */
 } cp_config;
 
 /* Reads the table at idx (the core's names: rate_max, rate_interval, redis_url, ...).

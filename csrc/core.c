@@ -34,7 +34,7 @@ static int core_new(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lua_settop(L, 2);
   cp_config_read(L, 1, "commprefs.core.new", &c);
-  if (!c.token || !*c.token) luaL_error(L, "commprefs.core.new: token is required");
+  if ((!c.token || !*c.token) && !c.form_body) luaL_error(L, "commprefs.core.new: token is required");
   if (lua_isnil(L, 2)) {
     lua_settop(L, 1);
     if (cp_push_governor(L, 1, "commprefs.core.new") == 2) return 2;
@@ -44,6 +44,7 @@ static int core_new(lua_State *L) {
   memset(t, 0, sizeof(*t));
   t->closed = 1; /* until opened: __gc then has nothing to free */
   t->gov_ref = LUA_NOREF;
+  t->renew_ref = LUA_NOREF;
   luaL_setmetatable(L, CLIENT_MT);
   if (cp_transport_open(t, g, &c, &err) != 0) luaL_error(L, "commprefs.core.new: %s", err);
   lua_pushvalue(L, 2);
@@ -53,6 +54,35 @@ static int core_new(lua_State *L) {
 
 static int client_perform(lua_State *L) {
   return cp_transport_perform(L, check_open(L));
+}
+
+/* client:set_token(token[, due_in_s]) -> true: later attempts send it; a
+ * token with spaces, control characters or over CP_MAX_TOKEN_BYTES raises.
+ * Callable inside perform (from its callbacks). due_in_s: after that long,
+ * the renewer is called before the next attempt starts. */
+static int client_set_token(lua_State *L) {
+  cp_transport *t = check_open(L);
+  size_t len;
+  const char *token = luaL_checklstring(L, 2, &len);
+  size_t i;
+  if (len == 0 || len > CP_MAX_TOKEN_BYTES) luaL_argerror(L, 2, "a token of 1 to max_token_bytes bytes expected");
+  for (i = 0; i < len; i++) {
+    unsigned char ch = (unsigned char)token[i];
+    if (ch <= 32 || ch == 127) luaL_argerror(L, 2, "a token without spaces or control characters expected");
+  }
+  if (cp_transport_set_token(t, token, luaL_optnumber(L, 3, 0) * 1000.0) != 0) luaL_error(L, "commprefs: out of memory");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* client:set_renewer(fn | nil): fn() is called when the token is due (it calls set_token). */
+static int client_set_renewer(lua_State *L) {
+  cp_transport *t = check_open(L);
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_settop(L, 2);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->renew_ref);
+  t->renew_ref = lua_isnil(L, 2) ? LUA_NOREF : luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
 }
 
 /* client:drop_connections() -> true | nil when it cannot (inside perform) */
@@ -111,6 +141,8 @@ static int core_trap_signals(lua_State *L) {
 
 static void client_release(lua_State *L, cp_transport *t) {
   cp_transport_close(t);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->renew_ref);
+  t->renew_ref = LUA_NOREF;
   luaL_unref(L, LUA_REGISTRYINDEX, t->gov_ref);
   t->gov_ref = LUA_NOREF;
 }
@@ -166,7 +198,7 @@ static int core_now(lua_State *L) {
 
 static const luaL_Reg client_methods[] = {
   {"perform", client_perform}, {"close", client_close}, {"governor", client_governor},
-  {"drop_connections", client_drop_connections}, {NULL, NULL}};
+  {"drop_connections", client_drop_connections}, {"set_token", client_set_token}, {"set_renewer", client_set_renewer}, {NULL, NULL}};
 
 /* A private lua-cjson instance: cjson.new(), strict about numbers. */
 static void push_private_cjson(lua_State *L) {

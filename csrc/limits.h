@@ -36,6 +36,7 @@
 #define CP_UNKNOWN_WINDOW_INFLIGHT 8 /* in flight when answers carry no rate headers */
 #define CP_MAX_ID_BYTES 1024         /* the longest id (bytes) */
 #define CP_MAX_TOKEN_BYTES 4096      /* the longest token (bytes) */
+#define CP_LOCKED_MIN_DELAY_MS 2000.0 /* a 423 (HubSpot: locks last 2 s) waits at least this long */
 #define CP_DEFAULT_INTERVAL_MS 10000 /* HubSpot's usual window, until one is learned */
 
 #endif

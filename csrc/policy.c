@@ -1,6 +1,7 @@
 /* policy.c: owns the retry policy, the one rule both transports follow:
- * which outcomes are retried (429, 5xx, network errors and timeouts; never
- * other 4xx, TLS failures, too-large answers or the daily limit), the delay
+ * which outcomes are retried (429, 423 after at least 2 s, 5xx, network
+ * errors and timeouts; never other 4xx, HubSpot's 477 "migration in
+ * progress", TLS failures, too-large answers or the daily limit), the delay
  * before a retry (a valid Retry-After, else exponential backoff with jitter,
  * so a 5xx without Retry-After never retries at once) and how long a 429
  * holds the window. What an answer teaches the window is governor.c's; the
@@ -80,6 +81,12 @@ int cp_policy_decide(cp_policy *p, cp_ratelimit *rl, cp_outcome *o, double now, 
       if (rl->max > 0 && o->retry_after_ms <= 0) cp_rl_skewed(rl, now, o->sent_at);
       *delay_ms = throttled_delay(p, rl, o, now);
       cp_rl_throttled(rl, now, *delay_ms);
+    } else if (o->status == 423) { /* HubSpot: "locks last 2 seconds, include a delay of at least 2 seconds" */
+      *delay_ms = cp_policy_backoff_ms(p, o->attempts);
+      if (o->retry_after_ms > *delay_ms) *delay_ms = o->retry_after_ms;
+      if (*delay_ms < CP_LOCKED_MIN_DELAY_MS) *delay_ms = CP_LOCKED_MIN_DELAY_MS + uniform(p) * 250;
+    } else if (o->status == 477) { /* migration in progress: hours; the caller stops (commprefs.ops) */
+      return 0;
     } else if (o->status >= 500) {
       *delay_ms = o->retry_after_ms > 0 ? o->retry_after_ms : cp_policy_backoff_ms(p, o->attempts);
     } else {

@@ -288,20 +288,24 @@ static struct curl_slist *append(struct curl_slist *h, const char *line) {
   return n;
 }
 
-/* Authorization + Accept, and for POST also Content-Type and no Expect. */
-static struct curl_slist *auth_headers(const char *token, int post) {
+/* Authorization (when there is a token) + Accept, and for POST also
+ * Content-Type (JSON, or a form) and no Expect. */
+static struct curl_slist *auth_headers(const char *token, int post, int form) {
   static const char prefix[] = "Authorization: Bearer ";
-  struct curl_slist *h;
-  size_t len = strlen(token);
-  char *line = malloc(sizeof(prefix) + len);
-  if (!line) return NULL;
-  memcpy(line, prefix, sizeof(prefix) - 1);
-  memcpy(line + sizeof(prefix) - 1, token, len + 1);
-  h = curl_slist_append(NULL, line);
-  memset(line, 0, sizeof(prefix) + len);
-  free(line);
-  if (h) h = append(h, "Accept: application/json");
-  if (h && post) h = append(h, "Content-Type: application/json");
+  struct curl_slist *h = NULL;
+  if (token) {
+    size_t len = strlen(token);
+    char *line = malloc(sizeof(prefix) + len);
+    if (!line) return NULL;
+    memcpy(line, prefix, sizeof(prefix) - 1);
+    memcpy(line + sizeof(prefix) - 1, token, len + 1);
+    h = curl_slist_append(NULL, line);
+    memset(line, 0, sizeof(prefix) + len);
+    free(line);
+    if (!h) return NULL;
+  }
+  h = append(h, "Accept: application/json");
+  if (h && post) h = append(h, form ? "Content-Type: application/x-www-form-urlencoded" : "Content-Type: application/json");
   if (h && post) h = append(h, "Expect:"); /* no 100-continue round trip */
   return h;
 }
@@ -324,6 +328,56 @@ static int proxy_configured(void) {
   return 0;
 }
 
+static void wipe_token(cp_transport *t) {
+  if (!t->token) return;
+  memset(t->token, 0, strlen(t->token));
+  free(t->token);
+  t->token = NULL;
+}
+
+static void wipe_slot_headers(cp_slot *s) {
+  int k;
+  for (k = 0; k < 2; k++) {
+    if (s->hdr[k]) wipe_headers(s->hdr[k]);
+    s->hdr[k] = NULL;
+  }
+}
+
+int cp_transport_set_token(cp_transport *t, const char *token, double due_in_ms) {
+  char *copy = NULL;
+  if (token && !(copy = dup_or_null(token))) return -1;
+  if (!t->token || !token || strcmp(t->token, token) != 0) {
+    wipe_token(t);
+    t->token = copy;
+    t->token_gen++;
+  } else {
+    memset(copy, 0, strlen(copy));
+    free(copy);
+  }
+  t->token_due_ms = due_in_ms > 0 ? cp_now_ms() + due_in_ms : 0;
+  return 0;
+}
+
+/* The token is due: the renewer sets the next one (once: a renewer that
+ * cannot leaves the old token, whose refusal the caller handles). */
+static void renew_token(lua_State *L, cp_transport *t) {
+  t->token_due_ms = 0;
+  if (t->renew_ref == LUA_NOREF || t->renew_ref == LUA_REFNIL) return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, t->renew_ref);
+  lua_call(L, 0, 0);
+}
+
+/* The header list of an attempt about to start in slot s (not running):
+ * rebuilt from the current token when a new one was set. NULL: out of memory. */
+static struct curl_slist *slot_headers(cp_transport *t, cp_slot *s, int post) {
+  if (s->hdr_gen != t->token_gen) {
+    wipe_slot_headers(s);
+    s->hdr_gen = t->token_gen;
+  }
+  if (!s->hdr[post]) s->hdr[post] = auth_headers(t->token, post, t->form_body);
+  return s->hdr[post];
+}
+
 int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const char **err) {
   memset(t, 0, sizeof(*t));
   t->gov = g;
@@ -333,11 +387,13 @@ int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const
   t->nslots = g->max_concurrency ? g->max_concurrency : CP_ADAPTIVE_SLOTS;
   *err = "out of memory";
   t->ca_file = c->ca_file ? dup_or_null(c->ca_file) : NULL;
-  t->headers = auth_headers(c->token, 0);
-  t->post_headers = auth_headers(c->token, 1);
+  t->form_body = c->form_body;
+  t->renew_ref = LUA_NOREF;
+  t->token_gen = 1; /* slots start at 0: they build their lists at first use */
+  t->token = c->token ? dup_or_null(c->token) : NULL;
   t->multi = curl_multi_init();
   t->slots = calloc((size_t)t->nslots, sizeof(cp_slot));
-  if ((c->ca_file && !t->ca_file) || !t->headers || !t->post_headers || !t->multi || !t->slots) {
+  if ((c->ca_file && !t->ca_file) || (c->token && !t->token) || !t->multi || !t->slots) {
     cp_transport_close(t);
     return -1;
   }
@@ -370,14 +426,13 @@ void cp_transport_close(cp_transport *t) {
       curl_easy_cleanup(t->slots[i].easy);
     }
     free(t->slots[i].buf);
+    wipe_slot_headers(&t->slots[i]); /* after curl_easy_cleanup: nothing points to them now */
   }
   free(t->slots);
   t->slots = NULL;
   if (t->multi) curl_multi_cleanup(t->multi);
   t->multi = NULL;
-  if (t->headers) wipe_headers(t->headers);
-  if (t->post_headers) wipe_headers(t->post_headers);
-  t->headers = t->post_headers = NULL;
+  wipe_token(t);
   free(t->ca_file);
   t->ca_file = NULL;
   t->gov = NULL; /* the caller drops gov_ref */
@@ -388,6 +443,7 @@ void cp_transport_close(cp_transport *t) {
 static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s, long timeout_ms, long connect_ms) {
   int i = (int)(s - t->slots) + 1;
   const char *method, *url, *body;
+  struct curl_slist *headers;
   size_t body_len = 0;
   lua_rawgeti(L, ST_INFLIGHT, i);
   lua_getfield(L, -1, "method");
@@ -409,12 +465,12 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s, long timeou
    * points into a Lua string, which the source or on_done may let go */
   curl_easy_setopt(s->easy, CURLOPT_URL, url);
   s->post = method && strcmp(method, "POST") == 0;
+  if (!(headers = slot_headers(t, s, s->post))) luaL_error(L, "perform: out of memory");
+  curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, headers);
   if (s->post) {
-    curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, t->post_headers);
     curl_easy_setopt(s->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
     curl_easy_setopt(s->easy, CURLOPT_COPYPOSTFIELDS, body ? body : "");
   } else {
-    curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, t->headers);
     curl_easy_setopt(s->easy, CURLOPT_HTTPGET, 1L);
   }
   lua_pop(L, 4);
@@ -676,6 +732,7 @@ static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
       if (w > 0 && w < wake) wake = w;
       break;
     }
+    if (t->token_due_ms > 0 && now >= t->token_due_ms) renew_token(L, t);
     timeout_ms = cp_gov_attempt_timeout(t->gov, now, src->deadline, &connect_ms);
     start_attempt(L, t, s, timeout_ms > 0 ? timeout_ms : 1, connect_ms > 0 ? connect_ms : 1);
   }

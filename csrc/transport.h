@@ -29,13 +29,18 @@ typedef struct {
   /* the HubSpot headers of this attempt's answer (header callback), "" = absent:
    * Retry-After, X-HubSpot-RateLimit-Max, -Interval-Milliseconds, -Daily-Remaining */
   char hubspot[4][64];
+  struct curl_slist *hdr[2]; /* this slot's GET / POST header lists (wiped when replaced) */
+  unsigned hdr_gen;        /* the token generation they were built from */
   char errbuf[CURL_ERROR_SIZE];
 } cp_slot;
 
 typedef struct cp_transport {
   CURLM *multi;
-  struct curl_slist *headers;      /* GET: Authorization, Accept (wiped on close) */
-  struct curl_slist *post_headers; /* POST: the same plus Content-Type (wiped on close) */
+  char *token;                     /* the current access token (wiped when replaced), NULL: none sent */
+  unsigned token_gen;              /* bumped by every new token: slots rebuild their header lists */
+  int form_body;                   /* POSTs carry forms (an OAuth token endpoint) */
+  double token_due_ms;             /* monotonic ms when the token should be renewed; 0: never */
+  int renew_ref;                   /* registry reference to the renewer (LUA_NOREF: none) */
   cp_slot *slots;
   int nslots;                      /* max_concurrency, or CP_ADAPTIVE_SLOTS when adaptive */
   int in_use;                      /* slots not free */
@@ -52,6 +57,12 @@ typedef struct cp_transport {
  * with a message in err (nothing left allocated). */
 int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const char **err);
 void cp_transport_close(cp_transport *t);
+/* Sets the token later attempts send (NULL: none); due_in_ms > 0: when an
+ * attempt starts after that long, the renewer (client:set_renewer, a Lua
+ * function that sets the next token) is called first, once. Callable at any time,
+ * inside perform too: attempts on the wire keep the header lists they were
+ * started with. 0, or -1: out of memory (the old token stays). */
+int cp_transport_set_token(cp_transport *t, const char *token, double due_in_ms);
 /* Drops every pooled connection: 0, or -1 (inside perform, or out of memory). */
 int cp_transport_drop_connections(cp_transport *t);
 /* client:perform(source, on_done): see transport.c. */

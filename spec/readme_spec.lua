@@ -152,6 +152,7 @@ describe("README.md's blocks as pasted", function()
       if code:find("%f[%w_]client%f[^%w_]") and not code:find("local client =", 1, true) then
         prelude = prelude .. "local client = commprefs.new { base_url = " .. string.format("%q", s.url) .. " }\n"
       end
+      if code:find("save(", 1, true) then prelude = prelude .. "local function save() end -- the app's own store\n" end
       local expect
       if code:find("bulk_unsubscribe_all", 1, true) then -- the README: the summary counts every id
         code = code .. '\nprint("done=" .. summary.done .. " failed=" .. summary.failed)\n'
@@ -159,7 +160,8 @@ describe("README.md's blocks as pasted", function()
       elseif code:find("batch_unsubscribe_all", 1, true) then expect = "b@example.com" -- pretty(env) lists them
       end
       write(dir .. "/block.lua", prelude .. code)
-      local cmd = string.format("cd %s && HUBSPOT_ACCESS_TOKEN=sim-token COMMPREFS_REDIS_URL=%s REDIS=%s "
+      local cmd = string.format("cd %s && HUBSPOT_ACCESS_TOKEN=sim-token HUBSPOT_CLIENT_ID=sim-client "
+        .. "HUBSPOT_CLIENT_SECRET=sim-secret HUBSPOT_REFRESH_TOKEN=sim-refresh COMMPREFS_REDIS_URL=%s REDIS=%s "
         .. "LUA_PATH=%s LUA_CPATH=%s timeout 30 %s block.lua 2>&1; echo rc=$?", dir, r.url, r.url,
         shell_quote(ROOT .. "/lua/?.lua;" .. ROOT .. "/lua/?/init.lua;;"),
         shell_quote(ROOT .. "/build/" .. VM .. "/?.so;;"), VM)

@@ -164,7 +164,8 @@ function M.run(client, fname, opname, source, opts)
     chunks[i] = nil
     if res.stopped or res.daily_limit then -- neither failed nor journaled: a rerun sends them
       unsent = unsent + #chunk
-      summary.stop_message = summary.stop_message or res.message -- why (the budget says), if known
+      summary.stop_message = summary.stop_message or res.message -- why (the budget, HubSpot's refusal), if known
+      if res.stopped == "migration" then summary.retry_after = summary.retry_after or res.retry_after end
       return
     end
     classify(op, url, res, chunk, record)

@@ -13,6 +13,8 @@ local lookup = require "commprefs.lookup"
 local transport_choice = require "commprefs.transport"
 local ops = require "commprefs.ops"
 local check = require "commprefs.check"
+local credentials = require "commprefs.credentials"
+local exchange = require "commprefs.exchange"
 local outcome = response.outcome
 
 local M = { Error = Error, pretty = pretty, _VERSION = core._VERSION, core = core }
@@ -113,7 +115,7 @@ end
 ------------------------------------------------------------------ client
 
 local NEW_OPTIONS = {
-  token = "string", base_url = "string", api_version = "string", timeout = "number",
+  token = { string = true, ["function"] = true }, oauth = "table", batch = "string", base_url = "string", api_version = "string", timeout = "number",
   connect_timeout = "number", max_retries = "number", business_unit_id = "number",
   user_agent = "string", ca_file = "string", verify_tls = "boolean", batch_size = "number",
   max_concurrency = "number", rate_limit = "table", backoff_base = "number",
@@ -129,6 +131,69 @@ local RATE_LIMIT_OPTIONS = { max = true, interval = true, redis = true, key = tr
 -- shared through Redis, see csrc/redis.c; redis_timeout and redis_wait in seconds);
 -- with shared_dict, key alone names the dict's window. Messages never show the URL:
 -- it may hold a password.
+local OAUTH_OPTIONS = { client_id = "string", client_secret = "string", refresh_token = "string",
+  token_url = "string", on_refresh = "function", shared_dict = "string" }
+
+-- oauth = {client_id, client_secret, refresh_token[, token_url][, on_refresh][, shared_dict]}.
+-- Messages name the field, never its value (a secret).
+local function check_oauth(o)
+  if o == nil then return end
+  for k, v in pairs(o) do
+    if not OAUTH_OPTIONS[k] then raise("new", "bad option 'oauth' (unknown field '" .. tostring(k) .. "')") end
+    if type(v) ~= OAUTH_OPTIONS[k] then
+      raise("new", string.format("bad option 'oauth.%s' (%s expected, got %s)", k, OAUTH_OPTIONS[k], type(v)))
+    end
+  end
+  for _, k in ipairs { "client_id", "client_secret", "refresh_token" } do
+    if o[k] == nil then raise("new", "bad option 'oauth." .. k .. "' (required)") end
+    if o[k] == "" or #o[k] > MAX_TOKEN or o[k]:find("%c") then
+      raise("new", "bad option 'oauth." .. k .. "' (1 to " .. MAX_TOKEN .. " bytes without control characters expected)")
+    end
+  end
+  if o.token_url ~= nil and not o.token_url:match("^https?://[^/]") then
+    raise("new", "bad option 'oauth.token_url' (http:// or https:// URL expected)")
+  end
+end
+
+local warned_v4 = false
+-- HubSpot ends v4's support on 2027-03-30: said once per process (nginx: per worker).
+local function warn_v4()
+  if warned_v4 then return end
+  warned_v4 = true
+  local msg = "commprefs: api_version \"v4\": HubSpot ends its support on 2027-03-30; use \"2026-03\" or \"2026-09\""
+  if ngx and ngx.log then ngx.log(ngx.WARN, msg) else io.stderr:write(msg, "\n") end
+end
+
+-- The sender of token-endpoint POSTs (commprefs.credentials): the client's
+-- machinery (the same transport choice, TLS and retry settings) with a
+-- governor of its own, no token and form bodies.
+local function token_sender(config, which, cosockets, has_ca_file)
+  local tconf = {}
+  for k, v in pairs(config) do tconf[k] = v end
+  tconf.token, tconf.form_body = nil, true
+  tconf.redis_url, tconf.redis_key, tconf.rate_max, tconf.rate_interval = nil, nil, nil, nil
+  local gov, curl, ngx_t
+  return function(url, body)
+    gov = gov or core.governor(tconf)
+    local req = { method = "POST", url = url, body = body }
+    local res
+    if transport_choice.for_call(which, cosockets, has_ca_file) == "ngx" then
+      ngx_t = ngx_t or require("commprefs.ngx.transport").new(gov, require("commprefs.pacer").new(gov, {}), nil, true)
+      -- in a light thread of its own: a refresh may be asked from a perform's own
+      -- coroutine while its light threads run (a 401 in on_done, a pull), where
+      -- lua-nginx-module would hand a finished thread's results to this socket
+      local th = ngx.thread.spawn(function() return ngx_t:perform({ req }) end)
+      local ok, results = ngx.thread.wait(th)
+      res = ok and type(results) == "table" and results[1]
+        or { kind = "network", attempts = 0, message = "the token request failed: " .. tostring(results) }
+    else
+      curl = curl or core.new(tconf, gov)
+      res = curl:perform({ req })[1]
+    end
+    return req, res
+  end
+end
+
 local function check_rate_limit(rl, shared_dict)
   if rl == nil then return end
   for k in pairs(rl) do
@@ -162,14 +227,26 @@ function M.new(opts)
   if type(opts) ~= "table" then raise("new", "bad argument 'opts' (table expected, got " .. type(opts) .. ")") end
   for k, v in pairs(opts) do
     if not NEW_OPTIONS[k] then raise("new", "unknown option '" .. tostring(k) .. "'") end
-    if type(v) ~= NEW_OPTIONS[k] then
-      raise("new", string.format("bad option '%s' (%s expected, got %s)", k, NEW_OPTIONS[k], type(v)))
+    local want = NEW_OPTIONS[k]
+    if type(want) == "table" and not want[type(v)] then
+      raise("new", string.format("bad option '%s' (string expected, got %s; or a function giving one)", k, type(v)))
+    elseif type(want) == "string" and type(v) ~= want then
+      raise("new", string.format("bad option '%s' (%s expected, got %s)", k, want, type(v)))
     end
   end
-  local token = opts.token or os.getenv("HUBSPOT_ACCESS_TOKEN")
-  if token == nil then raise("new", "no token: pass token or set HUBSPOT_ACCESS_TOKEN") end
-  check_text("new", "token", token, false, MAX_TOKEN)
-  if token:find("%s") then raise("new", "bad option 'token' (contains spaces)") end
+  if opts.token ~= nil and opts.oauth ~= nil then raise("new", "bad options 'token' and 'oauth' (exactly one of them)") end
+  local token = opts.token
+  if token == nil and opts.oauth == nil then token = os.getenv("HUBSPOT_ACCESS_TOKEN") end
+  if token == nil and opts.oauth == nil then raise("new", "no token: pass token or oauth, or set HUBSPOT_ACCESS_TOKEN") end
+  if type(token) == "string" then
+    check_text("new", "token", token, false, MAX_TOKEN)
+    if token:find("%s") then raise("new", "bad option 'token' (contains spaces)") end
+  end
+  check_oauth(opts.oauth)
+  local batch_mode = opts.batch or "auto"
+  if batch_mode ~= "auto" and batch_mode ~= "never" and batch_mode ~= "always" then
+    raise("new", "bad option 'batch' (\"auto\", \"never\" or \"always\" expected, got " .. batch_mode .. ")")
+  end
   local base_url = check_text("new", "base_url", opts.base_url or "https://api.hubapi.com")
   if not base_url:match("^https?://[^/]") then raise("new", "bad option 'base_url' (http:// or https:// URL expected)") end
   if base_url:find("[?#]") then raise("new", "bad option 'base_url' (no ?query or #fragment: the API root only)") end
@@ -179,8 +256,9 @@ function M.new(opts)
   base_url = base_url:gsub("/+$", "")
   local version = opts.api_version or "2026-03"
   if version ~= "v4" and not version:match("^%d%d%d%d%-%d%d$") then
-    raise("new", "bad option 'api_version' (\"2026-03\" or \"v4\" expected, got " .. version .. ")")
+    raise("new", "bad option 'api_version' (\"2026-03\", \"2026-09\" or \"v4\" expected, got " .. version .. ")")
   end
+  if version == "v4" then warn_v4() end
   if opts.business_unit_id ~= nil then check_integer("new", "business_unit_id", opts.business_unit_id) end
   for _, k in ipairs { "batch_size", "max_retries", "max_concurrency", "timeout", "connect_timeout",
     "backoff_base", "backoff_max", "max_retry_after", "max_response_size", "deadline" } do
@@ -203,6 +281,11 @@ function M.new(opts)
   local in_nginx = transport_choice.in_nginx()
   if transport == "ngx" and not in_nginx then
     raise("new", "bad option 'transport' (\"ngx\" needs OpenResty's cosockets: it works only inside nginx)")
+  end
+  local oauth_dict = opts.oauth and opts.oauth.shared_dict
+  if oauth_dict ~= nil and not (in_nginx and ngx.shared[oauth_dict]) then
+    raise("new", "bad option 'oauth.shared_dict' (no lua_shared_dict named '" .. oauth_dict
+      .. "'" .. (in_nginx and ": declare it in nginx.conf's http block)" or ": it exists only inside nginx)"))
   end
   if opts.shared_dict ~= nil and not (in_nginx and ngx.shared[opts.shared_dict]) then
     raise("new", "bad option 'shared_dict' (no lua_shared_dict named '" .. opts.shared_dict
@@ -236,9 +319,9 @@ function M.new(opts)
   -- inside nginx, clients of one app and options share one bundle per worker (commprefs.shared)
   local share_key = cosockets and require("commprefs.shared").key(token, base_url, version, opts)
   local bundle = share_key and require("commprefs.shared").get(share_key)
-  local gov, ngx_t
+  local gov
   if bundle then
-    gov, ngx_t = bundle.gov, bundle.ngx
+    gov = bundle.gov
     bundle.clients = bundle.clients + 1
   else
     local ok, g, budget_err = pcall(core.governor, config, "commprefs.new")
@@ -247,32 +330,42 @@ function M.new(opts)
       return nil, Error.new { kind = "redis", message = "the shared budget is unavailable: " .. tostring(budget_err) }
     end
     gov = g
-    if cosockets then -- the token stays in the transport's closure
-      local pacer = require("commprefs.pacer").new(gov, { shared_dict = opts.shared_dict, rate_limit = rl })
-      ngx_t = require("commprefs.ngx.transport").new(gov, pacer, token)
-    end
   end
-  config.token = token
-  local function make_curl() return core.new(config, gov) end
   local client = setmetatable({
     base_url = base_url, api_version = version, business_unit_id = opts.business_unit_id,
     batch_size = batch_size, max_concurrency = opts.max_concurrency, -- nil: adaptive
     _gov = gov, _prefix = base_url .. "/communication-preferences/" .. version .. "/",
-    _transport = transport, _ngx = ngx_t, _ca_file = opts.ca_file ~= nil, _metrics_dict = metrics_dict,
+    _transport = transport, _ca_file = opts.ca_file ~= nil, _batch_mode = batch_mode, _metrics_dict = metrics_dict,
     _deadline = opts.deadline, _timeout = opts.timeout or check.limits.timeout.default,
     _shared = share_key or nil,
-    -- inside nginx, libcurl only for init_by_lua calls: made then
-    _curl = not cosockets and make_curl() or nil, _make_curl = cosockets and make_curl or nil,
   }, Client)
+  redact.remember(client, type(token) == "string" and token or nil) -- errors never show it (commprefs.redact)
+  -- a shared bundle owns its credentials' secrets for redaction: they outlive any one client
+  local holder = bundle or (share_key and { clients = 1 }) or client
+  local creds = bundle and bundle.creds or credentials.new { token = token, oauth = opts.oauth, base_url = base_url,
+    owner = holder, post_form = token_sender(config, transport, cosockets, opts.ca_file ~= nil) }
+  client._creds, client._creds_key = creds, base_url .. "\0" .. creds.identity
+  if bundle then client._ngx = bundle.ngx
+  elseif cosockets then -- the cosocket transport reads the token from the credentials per request
+    local pacer = require("commprefs.pacer").new(gov, { shared_dict = opts.shared_dict, rate_limit = rl })
+    client._ngx = require("commprefs.ngx.transport").new(gov, pacer, creds)
+  end
+  -- libcurl: made at the first call (inside nginx only for init_by_lua calls), with the token then
+  client._make_curl = function(tok)
+    config.token = tok
+    local curl = core.new(config, gov)
+    config.token = nil
+    return curl
+  end
+  if not cosockets and type(token) == "string" then client:_use_token(token) end
   if bundle then client._lookup = bundle.lookup
   else
     client._lookup = lookup.new(client, opts.coalesce, opts.cache, opts.timeout)
-    if share_key and not require("commprefs.shared").put(share_key,
-      { gov = gov, ngx = ngx_t, lookup = client._lookup, clients = 1 }) then
-      client._shared = nil
+    if share_key then
+      holder.gov, holder.ngx, holder.lookup, holder.creds = gov, client._ngx, client._lookup, creds
+      if not require("commprefs.shared").put(share_key, holder) then client._shared = nil end
     end
   end
-  redact.remember(client, token) -- errors never show it (commprefs.redact)
   return client
 end
 
@@ -330,14 +423,12 @@ end
 -- _cache_note, _get_unsubscribe_all, _gov:clock(), _deadline, _timeout, _prefix,
 -- batch_size, business_unit_id, max_concurrency.
 
--- The one entry to the transports: the choice is commprefs.transport's.
-local function curl_of(self)
-  local curl = self._curl
-  if not curl then
-    curl = self._make_curl()
-    self._curl = curl
+-- One perform on the transport of this call (the choice is commprefs.transport's).
+local function transport_perform(self, source, on_done, deadline)
+  if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
+    return self._ngx:perform(source, on_done, deadline)
   end
-  return curl
+  return self._curl:perform(source, on_done, deadline)
 end
 
 -- With metrics.shared_dict: this worker flushes the client's counts (commprefs.metrics).
@@ -345,22 +436,53 @@ local function watch_metrics(self)
   self._metrics_watched = require("commprefs.metrics").watch(self, self._metrics_dict)
 end
 
+-- The one entry to the transports: credentials, the resend after a 401,
+-- request-wide stops and the single-contact form are commprefs.exchange's.
 -- deadline: the call's (the governor's clock, gov:deadline()), or nil.
 function Client:_perform(source, on_done, deadline)
   if self._metrics_dict and not self._metrics_watched then watch_metrics(self) end
-  if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
-    return self._ngx:perform(source, on_done, deadline)
-  end
-  return curl_of(self):perform(source, on_done, deadline)
+  return exchange.perform(self, source, on_done, transport_perform, deadline)
 end
 
--- One request to its result (cosockets: without the array around it).
+-- One request to its result. A static token needs nothing of commprefs.exchange
+-- for one single-contact request: straight to the transport (no closures,
+-- no wrapper table: the GET path).
 function Client:_perform_one(req, deadline)
+  if self._creds:renewable() or exchange.single_contact(self) then
+    return self:_perform({ req }, nil, deadline)[1]
+  end
   if self._metrics_dict and not self._metrics_watched then watch_metrics(self) end
   if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
     return self._ngx:perform_one(req, deadline)
   end
-  return curl_of(self):perform({ req }, nil, deadline)[1]
+  local curl = self._curl
+  if not curl then return self:_perform({ req }, nil, deadline)[1] end -- exchange sets the token first
+  return curl:perform({ req }, nil, deadline)[1]
+end
+
+-- The token requests carry from now on (commprefs.exchange, before each request).
+-- libcurl asks the credentials again (its renewer) when an attempt starts
+-- after the token is due, so a request waiting for the rate limit never
+-- leaves with a token about to expire.
+function Client:_use_token(tok)
+  local curl = self._curl
+  if not curl then
+    if transport_choice.is_cosocket(self._transport, self._ngx ~= nil) then return end
+    curl = self._make_curl(tok)
+    self._curl, self._curl_gen = curl, nil
+    local creds = self._creds
+    if creds:renewable() then
+      curl:set_renewer(function()
+        local fresh = creds:current()
+        if fresh then self:_use_token(fresh) end
+      end)
+    end
+  end
+  local gen = self._creds.gen -- never the token itself in a table field
+  if self._curl_gen ~= gen then
+    curl:set_token(tok, self._creds:due_in())
+    self._curl_gen = gen
+  end
 end
 
 -- Whether a call made now goes over cosockets (light threads can gather).
@@ -411,6 +533,13 @@ end
 
 ------------------------------------------------------------------ batches
 
+-- Why a split batch stopped (a request-wide refusal: ops.stops), or nil.
+local function stopped_by(results)
+  for _, res in pairs(results) do
+    if res.stopped then return res.stopped end
+  end
+end
+
 -- Splits items into requests of at most batch_size, runs them (concurrently
 -- up to max_concurrency) and merges the envelopes. On any failed request:
 -- nil, err with err.partial (what succeeded) and err.failed_inputs.
@@ -431,6 +560,7 @@ function Client:_batch(path, q, items)
     end
   end
   if first_err then
+    first_err.stopped = stopped_by(results)
     first_err.partial = merged
     first_err.failed_inputs = failed
     if #reqs > 1 then

@@ -1,7 +1,9 @@
 -- commprefs.ops: owns the operation semantics every feature shares (init's
 -- methods, bulk jobs, lookup and the worker): the batch operations and what
 -- one result means, query strings, batch requests, splitting and merging
--- batches, and matching a batch answer to the ids asked. HubSpot keys
+-- batches, matching a batch answer to the ids asked, which answers refuse a
+-- whole request (M.stops) and the single-contact form of a batch request
+-- (M.singles, M.merge_singles: for portals without the batch scopes). HubSpot keys
 -- subscription status by e-mail address, without regard to case: ids are
 -- compared by ops.key (their lower case) everywhere, and a duplicate that
 -- differs only in case is sent once.
@@ -56,8 +58,9 @@ function M.query(channel, bu, verbose, translations)
 end
 
 -- The POST of a batch of inputs (ids or status requests) to url.
+-- (inputs stays on it: the single-contact form, M.singles, is made from it)
 function M.batch_request(url, inputs)
-  return { method = "POST", url = url, body = core.encode({ inputs = inputs }) }
+  return { method = "POST", url = url, body = core.encode({ inputs = inputs }), inputs = inputs }
 end
 
 -- items split into arrays of at most size.
@@ -141,6 +144,104 @@ function M.names_other(env, id)
     if type(named) == "string" and lower(named) ~= k then return named end
   end
   return nil
+end
+
+------------------------------------------------------------------ request-wide answers
+
+-- The one rule of answers that refuse a whole request, whatever ids it
+-- carries, and so stop a job (bulk, split batches, the worker) instead of
+-- failing every id: 401 and 403 ("auth": the credentials or the app's scopes),
+-- HubSpot's 477 ("migration": the account is being moved, for hours; its
+-- Retry-After says how long). nil for any other result.
+function M.stops(res)
+  local s = res.status
+  if s == 401 or s == 403 then return "auth" end
+  if s == 477 then return "migration" end
+  if res.kind == "auth" then return "auth" end -- credentials that could not be renewed
+  return nil
+end
+
+-- Whether a result is HubSpot's 403 for scopes the app lacks (MISSING_SCOPES).
+function M.missing_scopes(res)
+  if res.status ~= 403 or type(res.body) ~= "string" then return false end
+  local v = core.decode(res.body, "error")
+  return type(v) == "table" and v.category == "MISSING_SCOPES"
+end
+
+------------------------------------------------------------------ single-contact form
+
+-- What one single-contact request answers, as the batch answer's result for
+-- the id: a batch result entry, or (write) the results as they are.
+local SINGLE = {
+  ["unsubscribe-all"] = { method = "POST", suffix = "/unsubscribe-all", verbose = true, field = "statuses" },
+  ["unsubscribe-all/read"] = { method = "GET", suffix = "/unsubscribe-all", field = "wideStatuses" },
+  ["read"] = { method = "GET", suffix = "", field = "statuses" },
+  ["write"] = { method = "POST", suffix = "" },
+}
+
+-- The single-contact requests that stand for batch request req (one per
+-- input, in order, each with .id), or nil when req is not a batch request.
+-- POST statuses/batch/unsubscribe-all is sent with verbose=true: its answer
+-- then has the statuses the batch answer would.
+function M.singles(req)
+  local inputs = req.inputs
+  if type(inputs) ~= "table" then return nil end
+  local prefix, kind, q = req.url:match("^(.-)statuses/batch/([%w/%-]+)(.*)$")
+  local form = kind and SINGLE[kind]
+  if not form or (q ~= "" and q:sub(1, 1) ~= "?") then return nil end
+  if form.verbose then
+    local parts = {}
+    for kv in (q:gsub("^%?", "")):gmatch("[^&]+") do
+      if not kv:find("^verbose=") then parts[#parts + 1] = kv end
+    end
+    parts[#parts + 1] = "verbose=true"
+    q = "?" .. table.concat(parts, "&")
+  end
+  local out = {}
+  for i, input in ipairs(inputs) do
+    local id, body = input, nil
+    if kind == "write" then
+      id = input.subscriberIdString
+      local b = {}
+      for k, v in pairs(input) do if k ~= "subscriberIdString" then b[k] = v end end
+      body = core.encode(b)
+    elseif form.method == "POST" then body = ""
+    end
+    out[i] = { method = form.method, url = prefix .. "statuses/" .. core.escape(id) .. form.suffix .. q,
+      body = body, id = id, kind = kind }
+  end
+  return out
+end
+
+-- The batch answer made of the single answers of M.singles(req): parts[i] =
+-- {env =} or {err =} (a per-id refusal: an entry of errors, as HubSpot's
+-- batch answers name them). Returns the merged envelope and the HTTP status a
+-- batch would have had (207 when a read has errors).
+function M.merge_singles(req, subs, parts)
+  local m = { status = "COMPLETE", results = {} }
+  local kind = subs[1] and subs[1].kind
+  local field = kind and SINGLE[kind].field
+  for i, sub in ipairs(subs) do
+    local p = parts[i]
+    if p.env then
+      local e = p.env
+      if field then m.results[#m.results + 1] = { subscriberIdString = sub.id, [field] = e.results or {} }
+      else for _, r in ipairs(e.results or {}) do m.results[#m.results + 1] = r end end
+      for _, k in ipairs { "startedAt", "requestedAt" } do
+        if e[k] and (not m[k] or e[k] < m[k]) then m[k] = e[k] end
+      end
+      if e.completedAt and (not m.completedAt or e.completedAt > m.completedAt) then m.completedAt = e.completedAt end
+    else
+      local err = p.err
+      m.errors = m.errors or {}
+      m.errors[#m.errors + 1] = { status = "error", category = err.category, message = err.message,
+        context = { subscriberIdString = { sub.id } } }
+      m.numErrors = (m.numErrors or 0) + 1
+    end
+  end
+  local t = os.date("!%Y-%m-%dT%H:%M:%SZ")
+  m.startedAt, m.completedAt = m.startedAt or t, m.completedAt or t
+  return m, (m.errors and req.url:find("/read", 1, true)) and 207 or 200
 end
 
 -- Calls record(id, outcome, detail) once for every id of chunk, given the

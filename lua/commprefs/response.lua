@@ -102,12 +102,13 @@ end
 -- Turns one transport result into the decoded envelope, or nil, Error.
 -- The success path allocates nothing but the decoded envelope.
 function M.outcome(req, res)
+  if res.envelope then return res.envelope end -- made of single-contact answers (commprefs.exchange)
   local status = res.status
   if status and status >= 200 and status < 300 then return success(req, res) end
   if res.kind or not status then
     local base = error_base(req, res)
     base.kind = res.kind or (res.stopped and "stopped") or "network"
-    base.code = res.code -- "deadline": the call's deadline passed
+    base.code, base.stopped = res.code, res.stopped -- code "deadline": the call's deadline passed
     base.message = redact.text(tostring(res.message or (res.stopped and "not sent: " .. tostring(res.stopped))
       or "no answer"))
     return nil, Error.new(base)

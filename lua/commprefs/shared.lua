@@ -56,7 +56,9 @@ function M.key(token, base_url, api_version, opts)
     if k ~= "token" and k ~= "base_url" and k ~= "api_version" then rest[k] = v end
   end
   canonical(rest, out)
-  return ngx.hmac_sha1(process_secret(), token .. "\0" .. table.concat(out))
+  -- a token function or OAuth app: keyed by its identity (the function) and opts.oauth above
+  local credential = type(token) == "string" and token or tostring(token)
+  return ngx.hmac_sha1(process_secret(), credential .. "\0" .. table.concat(out))
 end
 
 -- The bundle of key, or nil.

@@ -1,8 +1,12 @@
 -- hubsim.http: the simulator's HTTP face under nginx + lua-nginx-module.
--- Owns routing of /communication-preferences/{2026-03,v4}/..., HubSpot's
+-- Owns routing of /communication-preferences/{2026-03,2026-09,v4}/..., HubSpot's
 -- checks (token, scopes, parameters, bodies, batch size), the per-token
 -- rolling rate limit and its headers, latency, queued faults, the request
--- log and the /__sim/ admin paths. Runs in one nginx worker, so plain Lua
+-- log, the OAuth token endpoint (POST /oauth/2026-03/token, /oauth/v1/token:
+-- access tokens that expire after SIM_TOKEN_TTL seconds, one OAuth app
+-- "sim-client"/"sim-secret" with refresh token "sim-refresh"), revocation,
+-- the portal tier (SIM_TIER=professional: no batch scopes) and the /__sim/
+-- admin paths. Runs in one nginx worker, so plain Lua
 -- tables hold all state.
 local cjson = require "cjson.safe"
 local state = require "hubsim.state"
@@ -16,6 +20,14 @@ local function encode(v)
 end
 
 local config, tokens, faults, log, windows
+-- OAuth: the app's refresh tokens (valid ones), the access tokens issued
+-- (token -> {expires = s, app = client_id}), and how many were issued.
+local oauth
+local OAUTH_APP = { client_id = "sim-client", client_secret = "sim-secret" }
+
+local function oauth_reset()
+  oauth = { refresh = { ["sim-refresh"] = true }, issued = {}, n = 0, revoked_app = false }
+end
 
 local function parse_rate(s)
   if not s or s == "" then return { max = 100, interval = 10000 } end
@@ -35,6 +47,11 @@ local function defaults()
     daily = tonumber(os.getenv("SIM_DAILY") or "250000"),
     -- 1: batch answers name each address in lower case (as HubSpot may)
     lower_ids = tonumber(os.getenv("SIM_LOWER_IDS") or "0") or 0,
+    token_ttl = tonumber(os.getenv("SIM_TOKEN_TTL") or "1800") or 1800,
+    -- "professional": the portal has no Marketing Hub Enterprise, so no token holds the batch scopes
+    tier = os.getenv("SIM_TIER") or "enterprise",
+    -- N > 0: after N API requests every token and the OAuth app are revoked (a revocation mid-job)
+    revoke_after = tonumber(os.getenv("SIM_REVOKE_AFTER") or "0") or 0,
   }
 end
 
@@ -75,15 +92,24 @@ end
 
 -- In nginx's master (init_by_lua), before workers drop root: the tokens
 -- file may be readable by its owner only.
+local base_tokens
+local function copy_tokens()
+  local t = {}
+  for k, v in pairs(base_tokens) do t[k] = v end
+  return t
+end
+
 function M.load()
-  tokens = load_tokens()
+  base_tokens = load_tokens()
 end
 
 -- In the worker (init_worker_by_lua).
 function M.init()
   config = defaults()
-  tokens = tokens or load_tokens()
+  base_tokens = base_tokens or load_tokens()
+  tokens = copy_tokens()
   faults, log, windows = {}, { n = 0, first = 1 }, {}
+  oauth_reset()
   math.randomseed(os.time() + (ngx and ngx.worker.pid() or 0))
 end
 
@@ -134,6 +160,7 @@ local function mask_headers(h)
 end
 
 local function record(method, raw_path, query, body)
+  if raw_path:find("^/oauth/") then body = body and "(form, masked)" end -- secrets stay out of the log
   log.n = log.n + 1
   log[log.n] = { method = method, path = raw_path, query = query, body = body,
     headers = mask_headers(ngx.req.get_headers(100)), time = ngx.now(),
@@ -173,6 +200,11 @@ local function play_fault(f)
   local kind = f.kind
   if kind == "status" then
     return hs_error(f.status or 500, "INTERNAL_ERROR", "Simulated server error")
+  elseif kind == "423" then -- HubSpot: "locks last 2 seconds"
+    return hs_error(423, "LOCKED", "The resource is locked; retry after at least 2 seconds.")
+  elseif kind == "477" then -- HubSpot: the portal is being migrated between data centers
+    ngx.header["Retry-After"] = tostring(f.retry_after or 3600)
+    return hs_error(477, "MIGRATION_IN_PROGRESS", "This account is being migrated; retry later.")
   elseif kind == "html" then
     ngx.status = f.status or 502
     ngx.header["Content-Type"] = "text/html"
@@ -365,6 +397,7 @@ local function has_scope(granted, alternatives)
 end
 
 local function missing_scopes(alternatives)
+  log.forbidden = (log.forbidden or 0) + 1
   local names = {}
   for _, set in ipairs(alternatives) do names[#names + 1] = table.concat(set, "+") end
   return hs_error(403, "MISSING_SCOPES",
@@ -450,14 +483,38 @@ function M.api()
   local f = take_fault(method, raw_path)
   if f then latency(); return play_fault(f) end
 
+  log.api = (log.api or 0) + 1
+  if config.revoke_after > 0 and log.api > config.revoke_after and not log.revoked_at then
+    log.revoked_at = log.api -- everything is revoked from this request on
+    tokens, oauth.refresh, oauth.issued, oauth.revoked_app = {}, {}, {}, true
+  end
   local auth = ngx.var.http_authorization
   local token = auth and auth:match("^Bearer%s+(%S+)$")
-  local granted = token and tokens[token]
+  local granted, window = token and tokens[token], token
+  local issued = token and oauth.issued[token]
+  if issued then
+    local late = ngx.now() - issued.expires
+    if late >= 0 then
+      log.expired = (log.expired or 0) + 1
+      return hs_error(401, "EXPIRED_AUTHENTICATION", string.format(
+        "The OAuth token used to make this call expired %d second(s) ago.", math.floor(late)),
+        { context = {}, links = {} })
+    end
+    granted, window = scope_set(ALL_SCOPES), "oauth:" .. issued.app -- one window per app
+  end
   if not granted then
+    log.unauthorized = (log.unauthorized or 0) + 1
     return hs_error(401, "INVALID_AUTHENTICATION",
       "Authentication credentials not found. This API supports OAuth 2.0 authentication.")
   end
-  local allowed, refused_by = rate_check(token)
+  if config.tier == "professional" then -- batch scopes need Marketing Hub Enterprise
+    local g = {}
+    for k in pairs(granted) do g[k] = true end
+    g["communication_preferences.statuses.batch.read"] = nil
+    g["communication_preferences.statuses.batch.write"] = nil
+    granted = g
+  end
+  local allowed, refused_by = rate_check(window)
   if not allowed then log.throttled = (log.throttled or 0) + 1 end -- GET /__sim/log says how many
   if not allowed and refused_by == "DAILY" then
     return hs_error(429, "RATE_LIMITS", "You have reached your daily limit.", { errorType = "RATE_LIMIT",
@@ -471,6 +528,7 @@ function M.api()
   latency()
 
   local rest = raw_path:match("^/communication%-preferences/2026%-03/(.*)$")
+    or raw_path:match("^/communication%-preferences/2026%-09/(.*)$")
     or raw_path:match("^/communication%-preferences/v4/(.*)$")
   if not rest then return hs_error(404, "OBJECT_NOT_FOUND", "No API version at " .. raw_path) end
   local path_known = false
@@ -499,11 +557,57 @@ function M.api()
   return hs_error(404, "OBJECT_NOT_FOUND", "No operation at " .. raw_path)
 end
 
+------------------------------------------------------------------ OAuth
+
+local function form_decode(raw)
+  local out = {}
+  for pair in (raw or ""):gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    local function dec(x) return (x:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
+    out[dec(k)] = dec(v)
+  end
+  return out
+end
+
+-- POST /oauth/2026-03/token (and the deprecated /oauth/v1/token): a refresh
+-- grant gives a new access token living config.token_ttl seconds.
+function M.oauth()
+  local method, path = ngx.req.get_method(), ngx.var.uri
+  local raw = read_body()
+  record(method, path, ngx.var.args or "", raw)
+  if method ~= "POST" or not (path == "/oauth/2026-03/token" or path == "/oauth/v1/token") then
+    return hs_error(404, "OBJECT_NOT_FOUND", "No OAuth endpoint at " .. path)
+  end
+  local f = take_fault(method, path)
+  if f then return play_fault(f) end
+  local ctype = ngx.var.http_content_type or ""
+  if not ctype:find("application/x-www-form-urlencoded", 1, true) then
+    return send(400, { status = "BAD_REQUEST", message = "expected a form body" })
+  end
+  local form = form_decode(raw)
+  if form.grant_type ~= "refresh_token" then
+    return send(400, { status = "error", error = "unsupported_grant_type", message = "grant_type must be refresh_token" })
+  end
+  if form.client_id ~= OAUTH_APP.client_id or form.client_secret ~= OAUTH_APP.client_secret then
+    return send(400, { status = "BAD_CLIENT_ID", message = "missing or unknown client id", correlationId = uuid() })
+  end
+  if not oauth.refresh[form.refresh_token or ""] then
+    return send(400, { status = "BAD_REFRESH_TOKEN", message = "missing or unknown refresh token",
+      error = "invalid_grant", correlationId = uuid() })
+  end
+  oauth.n = oauth.n + 1
+  local access = string.format("sim-oauth-%d-%08x%08x", oauth.n, math.random(0, 0x7fffffff), math.random(0, 0x7fffffff))
+  oauth.issued[access] = { expires = ngx.now() + config.token_ttl, app = form.client_id }
+  return send(200, { token_type = "bearer", refresh_token = form.refresh_token, access_token = access,
+    expires_in = config.token_ttl })
+end
+
 ------------------------------------------------------------------ admin
 
 local function admin_config(body)
   for k, v in pairs(body) do
     if k == "rate" then config.rate = parse_rate(v)
+    elseif k == "tier" then config.tier = tostring(v)
     elseif config[k] ~= nil or k == "jitter" then config[k] = tonumber(v)
     else return send(400, { message = "unknown config key " .. k }) end
   end
@@ -520,7 +624,9 @@ function M.admin()
   elseif what == "log" and method == "GET" then
     local out = {}
     for i = log.first, log.n do out[#out + 1] = log[i] end
-    return send(200, { requests = arr(out), throttled = log.throttled or 0 })
+    return send(200, { requests = arr(out), throttled = log.throttled or 0, expired = log.expired or 0,
+      unauthorized = log.unauthorized or 0, forbidden = log.forbidden or 0, tokens_issued = oauth.n,
+      api = log.api or 0, revoked_at = log.revoked_at })
   elseif what == "faults" and method == "POST" then
     for _, f in ipairs(body.faults or { body }) do faults[#faults + 1] = f end
     return send(200, { queued = #faults })
@@ -530,12 +636,23 @@ function M.admin()
     state.reset()
     local keep_config = body.keep_config
     faults, log, windows = {}, { n = 0, first = 1 }, {}
+    tokens = copy_tokens()
+    oauth_reset()
     if not keep_config then config = defaults() end
     return send(200, { ok = true })
   elseif what == "config" and method == "POST" then
     return admin_config(body)
   elseif what == "day" and method == "POST" then -- a new day: daily counts start again
     for _, w in pairs(windows) do w.daily = 0 end
+    return send(200, { ok = true })
+  elseif what == "revoke" and method == "POST" then
+    -- {token = T}: a static token no longer works; {app = true}: the OAuth app is
+    -- uninstalled (its refresh token and every access token issued stop working)
+    if body.token then tokens[body.token] = nil end
+    if body.app then
+      oauth.refresh, oauth.issued, oauth.revoked_app = {}, {}, true
+    end
+    if body.refresh_token then oauth.refresh[body.refresh_token] = nil end
     return send(200, { ok = true })
   elseif what == "state" then
     return send(200, { subscribers = state.dump() })

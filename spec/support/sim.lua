@@ -62,6 +62,12 @@ end
 function M.fault(f) return M.admin("POST", "faults", f) end
 function M.new_day() return M.admin("POST", "day", {}) end -- daily limit counts start again
 function M.log() return M.admin("GET", "log").requests end
+-- {throttled=, expired=, unauthorized=, forbidden=, tokens_issued=}: answers of each kind so far
+function M.counts() local l = M.admin("GET", "log"); l.requests = nil; return l end
+-- {token = T} (a static token) | {app = true} (the OAuth app: its refresh and access tokens)
+function M.revoke(what) return M.admin("POST", "revoke", what) end
+-- The simulator's OAuth app (POST /oauth/2026-03/token)
+M.oauth_app = { client_id = "sim-client", client_secret = "sim-secret", refresh_token = "sim-refresh" }
 function M.state() return M.admin("GET", "state").subscribers end
 
 -- A raw HTTP exchange with the API (not through commprefs): status, body, headers.

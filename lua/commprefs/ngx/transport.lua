@@ -340,35 +340,38 @@ local function perform(t, source, on_done, deadline)
   end
 
   -- One light thread per request in flight; results are delivered here, in
-  -- the caller's coroutine, as they complete. After an error nothing more is
-  -- pulled or delivered; what is in flight finishes first.
+  -- the caller's coroutine, as they complete. The threads report through a
+  -- queue and a semaphore, never through a wait on several threads at once:
+  -- lua-nginx-module leaves the threads such a wait did not return flagged
+  -- as waited for, and hands the result of one finishing later to whatever
+  -- this coroutine yields on meanwhile (a socket in on_done or in source, a
+  -- credentials refresh). A finished thread is reaped at once (it is dead:
+  -- no yield). After an error nothing more is pulled or delivered; what is
+  -- in flight finishes first.
+  local finished, ready = {}, semaphore.new(0)
   local function one(i, req)
-    local res, stop = run(t, req, pacer, deadline)
-    st.stop = st.stop or stop -- pull no more
-    return i, res
+    local ok, res, stop = pcall(run, t, req, pacer, deadline)
+    finished[#finished + 1] = { th = coroutine.running(), i = i, ok = ok, res = res, stop = stop }
+    ready:post(1)
   end
-  local live, slot_of = {}, {}
-  local unpack = table.unpack or unpack
+  local live = 0
   while true do
-    while #live < target_of(t) do
+    while live < target_of(t) do
       local i, req = pull()
       if not i then break end
-      live[#live + 1] = ngx.thread.spawn(one, i, req)
-      slot_of[i] = live[#live]
+      ngx.thread.spawn(one, i, req)
+      live = live + 1
     end
-    if #live == 0 then break end
-    local ok, i, res = ngx.thread.wait(unpack(live))
-    if ok then
-      for k = 1, #live do
-        if live[k] == slot_of[i] then table.remove(live, k); break end
-      end
-      slot_of[i] = nil
-      if not st.err then deliver(i, res) end
+    if live == 0 then break end
+    while #finished == 0 do ready:wait(60) end
+    local f = table.remove(finished, 1)
+    ngx.thread.wait(f.th) -- reap the dead thread
+    live = live - 1
+    if f.ok then
+      st.stop = st.stop or f.stop -- pull no more
+      if not st.err then deliver(f.i, f.res) end
     else -- a request raised (the client was closed meanwhile, ...): let the others end, then raise
-      st.err = st.err or i
-      for k = #live, 1, -1 do
-        if coroutine.status(live[k]) == "dead" then table.remove(live, k) end
-      end
+      st.err = st.err or f.res
     end
   end
   return ending()
@@ -382,22 +385,34 @@ local function drop_connections(t)
   return true
 end
 
--- new(governor, pacer, token) -> transport with :perform(source, on_done).
--- The token lives only in the closure that writes request heads.
-function M.new(gov, pacer, token)
+-- new(governor, pacer, credentials[, form]) -> transport with :perform(source, on_done).
+-- Each request head carries the token credentials (commprefs.credentials)
+-- hold when it is written; without credentials none (an OAuth token
+-- endpoint: form = true sends form bodies).
+function M.new(gov, pacer, credentials, form)
   local settings = gov:settings()
-  local fixed = "User-Agent: " .. settings.user_agent .. "\r\nAuthorization: Bearer " .. token
-    .. "\r\nAccept: application/json\r\n"
+  local ua = "User-Agent: " .. settings.user_agent .. "\r\n"
+  local accept = "Accept: application/json\r\n"
+  local ctype = form and "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: "
+    or "Content-Type: application/json\r\nContent-Length: "
   local t = { gov = gov, pacer = pacer, settings = settings, targets = {}, ntargets = 0, generation = 0,
     parsers = {}, nparsers = 0 }
+  local auth_token, auth_line = nil, ""
+  local function auth()
+    if credentials and credentials:due() then credentials:current() end -- a refusal: the 401 tells
+    local tok = credentials and credentials:value()
+    if tok ~= auth_token then
+      auth_token, auth_line = tok, tok and ("Authorization: Bearer " .. tok .. "\r\n") or ""
+    end
+    return auth_line
+  end
   t.head = function(method, path, authority, body)
     if body then
-      return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", fixed,
-        "Content-Type: application/json\r\nContent-Length: ", #body, "\r\n\r\n", body }
+      return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", ua, auth(), accept,
+        ctype, #body, "\r\n\r\n", body }
     end
-    return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", fixed, "\r\n" }
+    return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", ua, auth(), accept, "\r\n" }
   end
-  token = nil
   return setmetatable(t, {
     __index = { perform = perform, perform_one = perform_one, drop_connections = drop_connections },
     __tostring = function() return "commprefs.ngx.transport" end,
