@@ -48,10 +48,15 @@ function M.tmpfile(tag, name)
   return p
 end
 
--- A journal's records (one JSON object per line), in order.
+-- A journal's records (one JSON object per line), in order. A line torn by a
+-- kill -9 in the middle of an append (ended with "\n" when the journal was
+-- next opened, see csrc/journal.c) is no record: skipped, as the library skips it.
 function M.read_journal(path)
   local recs = {}
-  for line in io.lines(path) do recs[#recs + 1] = cjson.decode(line) end
+  for line in io.lines(path) do
+    local ok, rec = pcall(cjson.decode, line)
+    if ok and type(rec) == "table" then recs[#recs + 1] = rec end
+  end
   return recs
 end
 
