@@ -671,7 +671,7 @@ function Worker:_settle(batch, res)
   local last_err
   ops.classify(self.op, env, err, batch.ids, function(id, result, detail)
     local again = result == "failed" and M.passing(detail)
-    if again then last_err = detail end
+    if again then last_err = detail end -- the batch failed (in part) for a passing reason
     by_id[ops.key(id)] = { outcome = result, error = result == "failed" and tostring(detail) or nil, again = again }
   end)
   local results = {}
@@ -683,7 +683,8 @@ function Worker:_settle(batch, res)
   for _, e in ipairs(batch.entries) do self.held[e.entry] = nil end
   self.summary.batches = self.summary.batches + 1
   if not again then return nil, cerr end
-  if again > 0 then self:_hold(again, last_err) else self.failing = 0 end
+  if again > 0 then self:_hold(again, last_err)
+  elseif not last_err then self.failing = 0 end -- answered: pauses start from 1 s again
   return true
 end
 
@@ -774,6 +775,21 @@ function Worker:_group_pending()
     return self:_bad_reply("XPENDING")
   end
   return tonumber(reply[1]) or 0
+end
+
+-- What is left for the group: entries pending (delivered, not settled) and
+-- its lag (entries not yet delivered; nil when Redis cannot tell), or nil.
+function Worker:backlog()
+  local reply = self:_call({ "XINFO", "GROUPS", self.stream })
+  if type(reply) ~= "table" then return nil end
+  for _, g in ipairs(reply) do
+    if type(g) == "table" then
+      local f = {}
+      for i = 1, #g - 1, 2 do f[g[i]] = g[i + 1] end
+      if f.name == self.group then return tonumber(f.pending), tonumber(f.lag) end
+    end
+  end
+  return nil
 end
 
 -- A Redis failure that run() waits out (interruptibly, up to redis_wait)
