@@ -18,6 +18,10 @@
 --     fill_wait = 0.05,      -- seconds a partial batch waits to fill
 --     claim_idle = 30,       -- seconds an entry stays pending before another worker takes it over
 --     redis_wait = 30,       -- seconds Redis may stay unreachable before run() gives up
+--     max_deliveries = 5,    -- deliveries of an entry whose batch keeps failing for a passing
+--                            -- reason (network, 5xx, 429, ...) before it is dead-lettered
+--     dead_letter = nil,     -- the dead-letter stream (id, entry, error, deliveries); without
+--                            -- one, such an entry gets a failed result instead
 --   })
 --   local summary, err = w:run{
 --     idle_exit = 5,         -- return once nothing was read for 5 s and nothing is pending
@@ -25,9 +29,11 @@
 --     stop = function() return false end,  -- polled between batches (ngx.worker.exiting)
 --     signals = true,        -- plain Lua: SIGINT/SIGTERM stop it the same way (the CLI)
 --     on_progress = function(summary) end,
+--     on_event = function(name, info) end, -- "redis_lost", "redis_back", "hold", "tick", ...
 --   }
---   -- summary: read, results, duplicates (commits skipped: the entry had its result),
---   -- failed, bad, batches, claimed, reconnects, elapsed, signal, the op's counts, and
+--   -- summary: read (deliveries read), results, duplicates (commits skipped: the entry
+--   -- had its result), failed, bad, missing, dead, redelivered, batches, claimed,
+--   -- removed_consumers, reconnects, elapsed, signal, the op's counts, and
 --   -- stopped = "idle" | "stop" | "signal" | "daily_limit" | "budget" | "interrupted";
 --   -- nil, err (err.summary) when Redis stayed unreachable for redis_wait seconds.
 --   w:close()
@@ -40,13 +46,17 @@
 -- Each entry carries the address in its field `id`. For every entry exactly
 -- one entry is appended to the results stream: `id`, `entry` (the source
 -- entry's id), `outcome` (changed/unchanged/failed for unsubscribe-all,
--- unsubscribed/subscribed/failed for status) and `error` when failed.
+-- unsubscribed/subscribed/failed for status; missing for an entry deleted
+-- from the stream while pending) and `error` when failed or missing; or one
+-- to the dead-letter stream. A batch failing for a passing reason (M.passing)
+-- leaves its entries pending: the worker pauses, then delivers them again.
 --
--- Exactly once: results are appended by one server-side script (COMMIT below)
--- that, per entry, XACKs it and appends its result only when the XACK took it
--- off the group's pending list. The pending list is the record of "no result
--- yet": an entry acknowledged has its result, one pending has none, and the
--- script makes a second result impossible whoever commits second (a worker
+-- Exactly once: results are appended by one server-side script (SETTLE below)
+-- that, per entry, XACKs it and appends its result or dead letter only when
+-- the XACK took it off the group's pending list. The pending list is the
+-- record of "not settled yet": an entry acknowledged has its result, one
+-- pending has none, and the script makes a second one impossible whoever
+-- commits second (a worker
 -- whose entries were taken over while it was slow, a commit retried after a
 -- lost connection). A worker killed at any moment leaves its uncommitted
 -- entries pending: it resumes them itself when restarted under the same
