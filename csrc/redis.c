@@ -14,14 +14,18 @@
  * CP_PACE_BURST are in the window, one per (interval + margin) / max).
  * Both expire. Only numbers are written: never the token. */
 #define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "redis.h"
+#include "transport.h"
 #include "util.h"
 
 #define CONN_MT "commprefs.core.redis"
 #define LOST_RETRY_MS 250.0    /* while Redis is lost: ask again after this long */
+#define SIGNAL_CHECK_MS 50     /* longest wait for a reply before the signal count is looked at */
 #define KEY_MAX 200
 #define BUDGET_KEY_FORMAT "commprefs:{%s}:%s" /* one Cluster slot per budget */
 
@@ -94,6 +98,7 @@ typedef struct {
   int port, db;
   struct timeval connect_tv, cmd_tv;
   int auth_failed;         /* the last connect failed on AUTH */
+  int interrupted;         /* the last command was stopped by SIGINT/SIGTERM */
   char err[400];
 } cp_redis;
 
@@ -234,11 +239,89 @@ static void drop_connection(cp_redis *r) {
   r->c = NULL;
 }
 
+static double tv_ms(struct timeval tv) { return (double)tv.tv_sec * 1000 + (double)tv.tv_usec / 1000; }
+
+static void io_failed(cp_redis *r);
+
+/* Ends a wait that got no whole reply: the connection is out of step, dropped. */
+static int wait_failed(cp_redis *r, const char *why, int interrupted) {
+  snprintf(r->err, sizeof(r->err), "%s:%d: %s", r->host, r->port, why);
+  r->interrupted = interrupted;
+  drop_connection(r);
+  return -1;
+}
+
+/* The reply of the command appended last: writes what is buffered, then
+ * reads until a whole reply is parsed, for at most the command timeout in
+ * all (a deadline, not a per-read timeout: a reply trickling in byte by
+ * byte is cut there), and stops as soon as SIGINT/SIGTERM is caught during
+ * the wait (transport.c's handler, while a caller traps them). 0 with *rep,
+ * or -1 with r->err and the connection dropped. */
+static int await_reply(cp_redis *r, redisReply **rep) {
+  redisContext *c = r->c;
+  double deadline = cp_now_ms() + tv_ms(r->cmd_tv);
+  int done = 0, sigs = cp_signal_count();
+  void *reply = NULL;
+  *rep = NULL;
+  r->interrupted = 0;
+  while (!done) {
+    if (redisBufferWrite(c, &done) != REDIS_OK) {
+      io_failed(r);
+      return -1;
+    }
+  }
+  for (;;) {
+    struct pollfd pfd;
+    double left;
+    int n;
+    if (redisGetReplyFromReader(c, &reply) != REDIS_OK) {
+      io_failed(r);
+      return -1;
+    }
+    if (reply) {
+      *rep = reply;
+      return 0;
+    }
+    if (cp_signal_count() != sigs) return wait_failed(r, "interrupted by a signal while waiting for Redis", 1);
+    left = deadline - cp_now_ms();
+    if (left <= 0) {
+      char why[80];
+      snprintf(why, sizeof(why), "connection lost: no whole reply within %g s", tv_ms(r->cmd_tv) / 1000);
+      return wait_failed(r, why, 0);
+    }
+    pfd.fd = c->fd;
+    pfd.events = POLLIN;
+    pfd.revents = 0;
+    n = poll(&pfd, 1, left < SIGNAL_CHECK_MS ? (int)left + 1 : SIGNAL_CHECK_MS);
+    if (n < 0 && errno != EINTR) return wait_failed(r, "connection lost: poll failed", 0);
+    if (n > 0 && redisBufferRead(c) != REDIS_OK) {
+      io_failed(r);
+      return -1;
+    }
+  }
+}
+
+/* One command, sent and waited for with await_reply: the reply or NULL. */
+static redisReply *command_argv(cp_redis *r, int argc, const char **argv, const size_t *lens) {
+  redisReply *rep;
+  if (redisAppendCommandArgv(r->c, argc, argv, lens) != REDIS_OK) {
+    io_failed(r);
+    return NULL;
+  }
+  return await_reply(r, &rep) == 0 ? rep : NULL;
+}
+
 /* One command on the fresh connection during connect: 0 or -1 with r->err. */
 static int setup_command(cp_redis *r, int argc, const char **argv, const char *what) {
-  redisReply *rep = redisCommandArgv(r->c, argc, argv, NULL);
+  redisReply *rep = command_argv(r, argc, argv, NULL);
   if (!rep) {
-    snprintf(r->err, sizeof(r->err), "%s:%d: %s: %s", r->host, r->port, what, r->c->errstr);
+    size_t wl = strlen(what), n = strlen(r->err);
+    if (n + wl + 3 <= sizeof(r->err)) { /* "what: host:port: why" */
+      memmove(r->err + wl + 2, r->err, n + 1);
+      memcpy(r->err, what, wl);
+      r->err[wl] = ':';
+      r->err[wl + 1] = ' ';
+    }
     return -1;
   }
   if (rep->type == REDIS_REPLY_ERROR) {
@@ -285,7 +368,9 @@ static int redis_connect(cp_redis *r) {
 }
 
 static void io_failed(cp_redis *r) {
-  const char *why = r->c->err == REDIS_ERR_PROTOCOL || r->c->err == REDIS_ERR_OOM
+  const char *why;
+  if (!r->c) return;
+  why = r->c->err == REDIS_ERR_PROTOCOL || r->c->err == REDIS_ERR_OOM
     ? cp_resp_reader_error(r->c->reader, &r->lim) : r->c->errstr;
   snprintf(r->err, sizeof(r->err), "%s:%d: connection lost: %s", r->host, r->port,
            *why ? why : "connection closed");
@@ -297,8 +382,7 @@ static void io_failed(cp_redis *r) {
 static redisReply *redis_call(cp_redis *r, int argc, const char **argv, const size_t *lens) {
   redisReply *rep;
   if (!r->c && redis_connect(r) != 0) return NULL;
-  rep = redisCommandArgv(r->c, argc, argv, lens);
-  if (!rep) io_failed(r);
+  rep = command_argv(r, argc, argv, lens);
   return rep;
 }
 
@@ -330,10 +414,12 @@ static double opt_seconds(lua_State *L, int idx, const char *key, double def) {
   return v;
 }
 
-/* nil, error: code "auth_failed" (a wrong password does not heal) or "connection". */
-static int push_failure(lua_State *L, const char *msg, int auth_failed) {
+/* nil, error: code "auth_failed" (a wrong password does not heal),
+ * "interrupted" (SIGINT/SIGTERM during the wait) or "connection". */
+static int push_failure(lua_State *L, const cp_redis *r) {
   lua_pushnil(L);
-  cp_resp_push_error(L, msg, strlen(msg), auth_failed ? "auth_failed" : "connection");
+  cp_resp_push_error(L, r->err, strlen(r->err),
+                     r->auth_failed ? "auth_failed" : r->interrupted ? "interrupted" : "connection");
   return 2;
 }
 
@@ -377,7 +463,7 @@ static int core_redis_connect(lua_State *L) {
   c->r.connect_tv = seconds_tv(ct);
   c->r.cmd_tv = seconds_tv(t);
   if (redis_connect(&c->r) != 0) {
-    int rc = push_failure(L, c->r.err, c->r.auth_failed);
+    int rc = push_failure(L, &c->r);
     redis_free_fields(&c->r);
     c->closed = 1;
     return rc;
@@ -394,7 +480,7 @@ static int conn_command(lua_State *L) {
   redisReply *rep = redis_call(&c->r, n, argv, lens);
   free(argv);
   free(lens);
-  if (!rep) return push_failure(L, c->r.err, c->r.auth_failed);
+  if (!rep) return push_failure(L, &c->r);
   return push_top_reply(L, rep);
 }
 
@@ -414,7 +500,7 @@ static int conn_pipeline(lua_State *L) {
     free(lens);
     lua_pop(L, 2); /* its anchor and the command */
   }
-  if (!c->r.c && redis_connect(&c->r) != 0) return push_failure(L, c->r.err, c->r.auth_failed);
+  if (!c->r.c && redis_connect(&c->r) != 0) return push_failure(L, &c->r);
   for (i = 1; i <= n; i++) {
     const char **argv;
     size_t *lens;
@@ -427,16 +513,13 @@ static int conn_pipeline(lua_State *L) {
     lua_pop(L, 2); /* its anchor and the command (hiredis has copied both) */
     if (rc != REDIS_OK) {
       io_failed(&c->r);
-      return push_failure(L, c->r.err, c->r.auth_failed);
+      return push_failure(L, &c->r);
     }
   }
   lua_createtable(L, n, 0);
   for (i = 1; i <= n; i++) {
-    void *rep = NULL;
-    if (redisGetReply(c->r.c, &rep) != REDIS_OK || !rep) {
-      io_failed(&c->r);
-      return push_failure(L, c->r.err, c->r.auth_failed);
-    }
+    redisReply *rep = NULL;
+    if (await_reply(&c->r, &rep) != 0) return push_failure(L, &c->r);
     push_reply(L, rep);
     lua_rawseti(L, -2, i);
   }

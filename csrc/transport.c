@@ -53,10 +53,17 @@ enum { ARG_SELF = 1, ARG_SOURCE, ARG_ON_DONE, ST_RESULTS, ST_INFLIGHT };
 #define SIGNAL_LAZY_MS 10.0
 static volatile sig_atomic_t caught_signal = 0;
 static volatile sig_atomic_t trapped = 0;
+/* How many SIGINT/SIGTERM the handler has seen (wraps): a wait elsewhere in
+ * the core (redis.c) stops when it changes while it waits. */
+static volatile sig_atomic_t signal_count = 0;
 
-static void on_signal(int sig) { caught_signal = sig; }
+static void on_signal(int sig) {
+  caught_signal = sig;
+  signal_count = (signal_count + 1) & 0x3fffffff;
+}
 
 int cp_caught_signal(void) { return (int)caught_signal; }
+int cp_signal_count(void) { return (int)signal_count; }
 
 typedef struct {
   struct sigaction old_int, old_term;

@@ -69,6 +69,8 @@ int cp_transport_drop_connections(cp_transport *t);
 int cp_transport_perform(lua_State *L, cp_transport *t);
 /* The signal (SIGINT, SIGTERM) that stopped the last perform, or 0. */
 int cp_caught_signal(void);
+/* Changes each time the handler catches SIGINT/SIGTERM (see transport.c). */
+int cp_signal_count(void);
 void cp_trap_signals(int on);
 
 #endif

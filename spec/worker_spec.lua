@@ -297,7 +297,7 @@ describe("commprefs.worker", function()
     local late = worker.new(c, { redis = R.url, stream = k.stream, group = k.group, results = k.results, consumer = "dead" })
     local list = {}
     for i, e in ipairs(held[1][2]) do list[i] = { entry = e[1], id = e[2][2], outcome = "changed" } end
-    assert.is_true(late:_commit(list))
+    assert.equal(0, late:_commit(list)) -- none left pending for another delivery
     assert.equal(0, late.summary.results)
     assert.equal(40, late.summary.duplicates)
     late:close()
@@ -307,21 +307,45 @@ describe("commprefs.worker", function()
     assert.equal(0, group_pending(k))
   end)
 
-  it("fails a batch only after the client's retries, with the error in each result", function()
+  it("leaves a batch whose retries are spent on a 503 pending, and delivers it again: no failed result", function()
     local k = keys()
     local ids = add(k.stream, addresses(30, "fail"))
     sim.fault { kind = "status", status = 503, match = "batch", count = 3 }
     local c = client { max_retries = 2 }
     local w = worker.new(c, { redis = R.url, stream = k.stream, group = k.group, results = k.results })
+    local events = {}
+    local s = assert(w:run { idle_exit = 0.2, on_event = function(name, info) events[#events + 1] = { name, info } end })
+    c:close()
+    assert.equal(0, s.failed)
+    assert.equal(30, s.changed)
+    assert.equal(30, s.redelivered)
+    assert.equal(4, #sim.log()) -- one try and two retries, then the second delivery
+    local holds = 0
+    for _, e in ipairs(events) do
+      if e[1] == "hold" then holds = holds + 1; assert.equal(30, e[2].entries); assert.matches("503", e[2].error) end
+    end
+    assert.equal(1, holds)
+    local by_entry = one_each(k, ids)
+    for _, id in ipairs(ids) do assert.equal("changed", by_entry[id].outcome) end
+    assert.equal(0, group_pending(k))
+  end)
+
+  it("gives a per-id refusal from HubSpot a failed result at once, without another delivery", function()
+    local k = keys()
+    sim.reset { invalid_match = "^refused%-" }
+    local ids = add(k.stream, { "ok1@example.com", "refused-1@example.com", "ok2@example.com" })
+    local c = client()
+    local w = worker.new(c, { redis = R.url, stream = k.stream, group = k.group, results = k.results })
     local s = assert(w:run { idle_exit = 0.2 })
     c:close()
-    assert.equal(30, s.failed)
-    assert.equal(3, #sim.log()) -- one try and two retries
     local by_entry = one_each(k, ids)
-    for _, id in ipairs(ids) do
-      assert.equal("failed", by_entry[id].outcome)
-      assert.matches("503", by_entry[id].error)
-    end
+    assert.equal("changed", by_entry[ids[1]].outcome)
+    assert.equal("changed", by_entry[ids[3]].outcome)
+    assert.equal(0, s.redelivered)
+    assert.equal(1, #sim.log())
+    assert.equal("failed", by_entry[ids[2]].outcome)
+    assert.matches("Invalid subscriber id", by_entry[ids[2]].error)
+    assert.equal(1, s.failed)
     assert.equal(0, group_pending(k))
   end)
 

@@ -18,6 +18,10 @@
 --     fill_wait = 0.05,      -- seconds a partial batch waits to fill
 --     claim_idle = 30,       -- seconds an entry stays pending before another worker takes it over
 --     redis_wait = 30,       -- seconds Redis may stay unreachable before run() gives up
+--     max_deliveries = 5,    -- deliveries of an entry whose batch keeps failing for a passing
+--                            -- reason (network, 5xx, 429, ...) before it is dead-lettered
+--     dead_letter = nil,     -- the dead-letter stream (id, entry, error, deliveries); without
+--                            -- one, such an entry gets a failed result instead
 --   })
 --   local summary, err = w:run{
 --     idle_exit = 5,         -- return once nothing was read for 5 s and nothing is pending
@@ -25,9 +29,11 @@
 --     stop = function() return false end,  -- polled between batches (ngx.worker.exiting)
 --     signals = true,        -- plain Lua: SIGINT/SIGTERM stop it the same way (the CLI)
 --     on_progress = function(summary) end,
+--     on_event = function(name, info) end, -- "redis_lost", "redis_back", "hold", "tick", ...
 --   }
---   -- summary: read, results, duplicates (commits skipped: the entry had its result),
---   -- failed, bad, batches, claimed, reconnects, elapsed, signal, the op's counts, and
+--   -- summary: read (deliveries read), results, duplicates (commits skipped: the entry
+--   -- had its result), failed, bad, missing, dead, redelivered, batches, claimed,
+--   -- removed_consumers, reconnects, elapsed, signal, the op's counts, and
 --   -- stopped = "idle" | "stop" | "signal" | "daily_limit" | "budget" | "interrupted";
 --   -- nil, err (err.summary) when Redis stayed unreachable for redis_wait seconds.
 --   w:close()
@@ -40,13 +46,17 @@
 -- Each entry carries the address in its field `id`. For every entry exactly
 -- one entry is appended to the results stream: `id`, `entry` (the source
 -- entry's id), `outcome` (changed/unchanged/failed for unsubscribe-all,
--- unsubscribed/subscribed/failed for status) and `error` when failed.
+-- unsubscribed/subscribed/failed for status; missing for an entry deleted
+-- from the stream while pending) and `error` when failed or missing; or one
+-- to the dead-letter stream. A batch failing for a passing reason (M.passing)
+-- leaves its entries pending: the worker pauses, then delivers them again.
 --
--- Exactly once: results are appended by one server-side script (COMMIT below)
--- that, per entry, XACKs it and appends its result only when the XACK took it
--- off the group's pending list. The pending list is the record of "no result
--- yet": an entry acknowledged has its result, one pending has none, and the
--- script makes a second result impossible whoever commits second (a worker
+-- Exactly once: results are appended by one server-side script (SETTLE below)
+-- that, per entry, XACKs it and appends its result or dead letter only when
+-- the XACK took it off the group's pending list. The pending list is the
+-- record of "not settled yet": an entry acknowledged has its result, one
+-- pending has none, and the script makes a second one impossible whoever
+-- commits second (a worker
 -- whose entries were taken over while it was slow, a commit retried after a
 -- lost connection). A worker killed at any moment leaves its uncommitted
 -- entries pending: it resumes them itself when restarted under the same
@@ -62,45 +72,112 @@
 -- seconds; a read retried after a reconnect first re-reads this consumer's
 -- own pending entries, so nothing delivered during the outage is stranded.
 local core = require "commprefs.core"
-local Error = require "commprefs.error"
 local ops = require "commprefs.ops"
 local outcome = require("commprefs.response").outcome
+local redis_eval = require "commprefs.redis_eval"
+local id_after -- below
 
 local M = {}
 
 M.MAX_ENTRY = 1024 -- bytes of an entry (field names and values) accepted
+M.MISSING = "the entry was deleted from the stream before it had a result"
+M.HOLD_MAX = 30 -- the longest pause (s) after batches failed for a passing reason
 
 local OPS = {
   ["unsubscribe-all"] = "unsubscribe_all",
   status = "get_unsubscribe_all_status",
 }
 
--- KEYS[1] the source stream, KEYS[2] the results stream; ARGV[1] the group,
--- then per entry: entry id, address, outcome, error ("" when none). Returns
--- per entry 1 (result appended) or 0 (it already had one). A result is
--- appended only for an entry this call took off the pending list.
--- The results key's type is checked before the first write, so an error can
--- never leave a batch half committed.
-M.COMMIT = [[
-local t = redis.call('TYPE', KEYS[2])['ok']
-if t ~= 'stream' and t ~= 'none' then
-  return redis.error_reply('WRONGTYPE the results key holds a ' .. t .. ', not a stream')
-end
-local added = {}
-for i = 2, #ARGV, 4 do
-  added[#added + 1] = 0
-  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
-    if ARGV[i + 3] == '' then
-      redis.call('XADD', KEYS[2], '*', 'id', ARGV[i + 1], 'entry', ARGV[i], 'outcome', ARGV[i + 2])
-    else
-      redis.call('XADD', KEYS[2], '*', 'id', ARGV[i + 1], 'entry', ARGV[i], 'outcome', ARGV[i + 2],
-        'error', ARGV[i + 3])
-    end
-    added[#added] = 1
+-- The one atomic step that settles entries of a batch. KEYS[1] the source
+-- stream, KEYS[2] the results stream, KEYS[3] the dead-letter stream (the
+-- results stream again when there is none); ARGV[1] the group, ARGV[2] this
+-- consumer, ARGV[3] max_deliveries, ARGV[4] "1" when KEYS[3] is a dead-letter
+-- stream; then per entry: entry id, address, outcome, error ("" when none),
+-- and "final" (the outcome is the answer) or "again" (a passing failure:
+-- the entry stays pending for another delivery unless it has been delivered
+-- max_deliveries times: then it is dead-lettered with its error, or without
+-- a dead-letter stream gets a failed result). Returns per entry 1 (result
+-- appended), 2 (dead-lettered), 3 (left pending) or 0 (it already had its
+-- result or dead letter, or another consumer has it now). A result or dead
+-- letter is appended only for an entry this call took off the pending list
+-- (XACK), so no entry ever gets two, whoever commits second. The types of the
+-- streams written are checked before the first write, so an error can never
+-- leave a batch half settled.
+M.SETTLE = [==[
+for k = 2, 3 do
+  local t = redis.call('TYPE', KEYS[k])['ok']
+  if t ~= 'stream' and t ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[k] .. ' holds a ' .. t .. ', not a stream')
   end
 end
-return added
-]]
+local group, me, max, dead = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local out = {}
+for i = 5, #ARGV, 5 do
+  local entry, id, outcome, err, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local r = 0
+  if mode == 'again' then
+    local p = redis.call('XPENDING', KEYS[1], group, entry, entry, 1)
+    if p[1] and p[1][2] == me then
+      local deliveries = tonumber(p[1][4])
+      if deliveries < max then
+        r = 3
+      elseif redis.call('XACK', KEYS[1], group, entry) == 1 then
+        if dead then
+          redis.call('XADD', KEYS[3], '*', 'id', id, 'entry', entry, 'error', err, 'deliveries', deliveries)
+          r = 2
+        else
+          redis.call('XADD', KEYS[2], '*', 'id', id, 'entry', entry, 'outcome', 'failed',
+            'error', err .. ' (after ' .. deliveries .. ' deliveries)')
+          r = 1
+        end
+      end
+    end
+  elseif redis.call('XACK', KEYS[1], group, entry) == 1 then
+    if err == '' then
+      redis.call('XADD', KEYS[2], '*', 'id', id, 'entry', entry, 'outcome', outcome)
+    else
+      redis.call('XADD', KEYS[2], '*', 'id', id, 'entry', entry, 'outcome', outcome, 'error', err)
+    end
+    r = 1
+  end
+  out[#out + 1] = r
+end
+return out
+]==]
+
+-- Takes over entries idle for ARGV[3] ms in other consumers' pending lists
+-- (XAUTOCLAIM from cursor ARGV[4], at most ARGV[5]). Entries deleted from the
+-- stream meanwhile (XTRIM, XADD MAXLEN) leave the pending list in this same
+-- step (Redis 7 returns their ids apart): each gets its `missing` result here,
+-- so none is lost whatever happens to this worker next. When the scan is
+-- complete, consumers with nothing pending that were idle that long (dead
+-- workers, restarts under a new name) are removed from the group. KEYS[1]
+-- the stream, KEYS[2] the results; ARGV[1] the group, ARGV[2] this consumer.
+-- Returns {cursor, entries, missing, removed consumers}.
+M.CLAIM = [==[
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t ~= 'stream' and t ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' holds a ' .. t .. ', not a stream')
+end
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local gone = r[3] or {}
+for _, entry in ipairs(gone) do
+  redis.call('XADD', KEYS[2], '*', 'id', '', 'entry', entry, 'outcome', 'missing',
+    'error', 'the entry was deleted from the stream before it had a result')
+end
+local removed = {}
+if r[1] == '0-0' then
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+    local f = {}
+    for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+    if f.name ~= ARGV[2] and tonumber(f.pending) == 0 and tonumber(f.idle) > tonumber(ARGV[3]) then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f.name)
+      removed[#removed + 1] = f.name
+    end
+  end
+end
+return { r[1], r[2], #gone, removed }
+]==]
 
 ------------------------------------------------------------------ checks
 
@@ -128,7 +205,7 @@ end
 
 local ALLOWED = { redis = true, connect = true, redis_timeout = true, stream = true, group = true,
   results = true, consumer = true, op = true, batch_size = true, business_unit_id = true, block = true,
-  fill_wait = true, claim_idle = true, redis_wait = true }
+  fill_wait = true, claim_idle = true, redis_wait = true, max_deliveries = true, dead_letter = true }
 
 -- Valid UTF-8 (utf8.len where there is one: LuaJIT has none).
 local function valid_utf8(s)
@@ -152,7 +229,7 @@ end
 -- fields: the flat {name, value, ...} array Redis returns.
 function M.check_entry(fields)
   local id, size = nil, 0
-  if type(fields) ~= "table" then return "the entry has no fields (deleted from the stream)" end
+  if type(fields) ~= "table" then return M.MISSING end
   for i = 1, #fields - 1, 2 do
     local k, v = fields[i], fields[i + 1]
     size = size + #tostring(k) + #tostring(v)
@@ -207,6 +284,15 @@ local function connector(opts, block)
   end
 end
 
+local function check_deliveries(opts)
+  local n = opts.max_deliveries
+  if n == nil then return 5 end
+  if type(n) ~= "number" or n ~= math.floor(n) or n < 1 or n > 1000 then
+    raise("bad option 'max_deliveries' (integer from 1 to 1000 expected)", 1)
+  end
+  return n
+end
+
 function M.new(client, opts)
   if type(client) ~= "table" or type(client._perform) ~= "function" then
     raise("bad argument 'client' (a commprefs client expected)")
@@ -223,14 +309,16 @@ function M.new(client, opts)
   if type(size) ~= "number" or size ~= math.floor(size) or size < 1 then
     raise("bad option 'batch_size' (positive integer expected)")
   end
+  size = math.floor(size) -- an integer on Lua 5.4 too: it is sent as COUNT
   local bu = opts.business_unit_id or client.business_unit_id or 0
   if type(bu) ~= "number" or bu ~= math.floor(bu) or bu < 0 then raise("bad option 'business_unit_id' (integer expected)") end
   local op = ops.BATCH[opname]
   local w = setmetatable({
-    client = client, connect = connect, op = op, opname = opname,
+    client = client, op = op, opname = opname,
     stream = check_name(opts, "stream", true), group = check_name(opts, "group", true),
-    results = check_name(opts, "results", true),
+    results = check_name(opts, "results", true), dead_letter = check_name(opts, "dead_letter"),
     consumer = check_name(opts, "consumer") or default_consumer(),
+    max_deliveries = check_deliveries(opts),
     batch_size = size, block_ms = math.floor(block * 1000),
     fill_ms = math.floor(check_seconds(opts, "fill_wait", 0.05, true) * 1000),
     claim_idle_ms = math.floor(check_seconds(opts, "claim_idle", 30) * 1000),
@@ -239,6 +327,8 @@ function M.new(client, opts)
     held = {},           -- entry id -> true while its batch is in flight here
     recover = true,      -- the next read re-reads this consumer's own pending entries
     claim_cursor = "0-0", claim_due = 0,
+    hold_until = 0,      -- no new delivery before this time (after passing failures)
+    failing = 0,         -- batches in a row that failed for a passing reason
     -- Inside nginx the client sends through cosockets in light threads, and its
     -- callbacks must not yield on a socket of their own (lua-nginx-module would
     -- hand a finished thread's results to that socket operation): there the
@@ -246,7 +336,15 @@ function M.new(client, opts)
     rounds = ngx ~= nil and client:_has_cosockets(), round_size = client.max_concurrency or 8,
   }, Worker)
   if w.stream == w.results then raise("the results stream must not be the source stream") end
-  w.summary = { read = 0, results = 0, duplicates = 0, failed = 0, bad = 0, batches = 0, claimed = 0, reconnects = 0 }
+  if w.dead_letter and (w.dead_letter == w.stream or w.dead_letter == w.results) then
+    raise("the dead-letter stream must be neither the source nor the results stream")
+  end
+  w.redis = redis_eval.new { connect = connect, wait = w.redis_wait,
+    stop = function() return w.stop ~= nil and w.stop() end,
+    on_event = function(name, info) w:_event(name, info) end }
+  w.redis.on_open = function() w.recover = true end -- a read may have been delivered and its reply lost
+  w.summary = { read = 0, results = 0, duplicates = 0, failed = 0, bad = 0, missing = 0, dead = 0,
+    redelivered = 0, batches = 0, claimed = 0, reconnects = 0, removed_consumers = 0 }
   for _, k in ipairs(op.counts) do w.summary[k] = 0 end
   return w
 end
@@ -256,212 +354,259 @@ function Worker:__tostring()
     self.group, self.consumer)
 end
 
-function Worker:close()
-  if self.conn then self.conn:close(); self.conn = nil end
-end
+function Worker:close() self.redis:close() end
 Worker.__close = Worker.close
+
+function Worker:_event(name, info)
+  if self.on_event then self.on_event(name, info or {}) end
+end
 
 ------------------------------------------------------------------ redis
 
-local sleep
-do
-  if ngx and ngx.sleep then sleep = ngx.sleep
-  else
-    local ok, socket = pcall(require, "socket")
-    sleep = ok and socket.sleep or function(s) os.execute("sleep " .. s) end
+local sleep = redis_eval.sleep
+
+-- Sleeps up to `seconds`, in steps short enough to notice stop() at once.
+function Worker:_pause(seconds)
+  local until_t = core.now() + seconds
+  while core.now() < until_t do
+    if self.stop and self.stop() then return false end
+    sleep(math.min(0.1, until_t - core.now()))
   end
-end
-
-local function message(err) return type(err) == "table" and tostring(err.message or err) or tostring(err) end
-
--- Error replies after which the same command may succeed once Redis (or a
--- new connection) is ready: retried like a lost connection.
-local TRANSIENT = { LOADING = true, BUSY = true, MASTERDOWN = true, READONLY = true, NOAUTH = true,
-  TRYAGAIN = true, CLUSTERDOWN = true }
-
--- The class of a reply error (the connection is fine), or nil when the
--- connection is gone (refused, reset, timeout, closed): err.code, never text.
-local function reply_code(err)
-  local code = type(err) == "table" and err.code or nil
-  if code == "connection" or code == "auth_failed" then return nil end
-  return code
-end
-
-local function redis_error(msg)
-  return Error.new { kind = "redis", message = msg }
-end
-
--- Opens the connection, retrying for redis_wait seconds.
-function Worker:_connected()
-  if self.conn then return self.conn end
-  local deadline, delay, last = core.now() + self.redis_wait, 0.05, nil
-  while true do
-    local ok, conn, err = pcall(self.connect)
-    if not ok then error(conn, 0) end -- a mistake (bad URL, bad option), not an outage
-    if conn then
-      self.conn = conn
-      self.recover = true -- a read may have been delivered and its reply lost
-      return conn
-    end
-    last = err
-    if self.stop and self.stop() then return nil, redis_error("stopped while Redis was unreachable: " .. message(err)) end
-    if type(err) == "table" and err.code == "auth_failed" then -- a wrong password does not heal
-      return nil, redis_error(message(err))
-    end
-    if core.now() + delay > deadline then
-      return nil, redis_error("Redis unreachable for " .. self.redis_wait .. " s: " .. message(last))
-    end
-    sleep(delay)
-    delay = math.min(delay * 2, 1)
-  end
-end
-
--- One command: reply, or nil and the error reply (code = its first word) or,
--- when Redis stayed unreachable for redis_wait seconds, nil and that error.
--- Commands retried after a lost connection must be safe to run twice.
-function Worker:_call(argv)
-  local deadline = core.now() + self.redis_wait
-  while true do
-    local conn, cerr = self:_connected()
-    if not conn then return nil, cerr end
-    local reply, err = conn:command(argv)
-    if reply ~= nil then return reply end
-    local code = reply_code(err)
-    if code and not TRANSIENT[code] then return nil, err, code end
-    pcall(conn.close, conn)
-    self.conn = nil
-    self.summary.reconnects = self.summary.reconnects + 1
-    if core.now() > deadline then
-      return nil, redis_error("Redis failing for " .. self.redis_wait .. " s: " .. message(err))
-    end
-    if code then sleep(0.1) end
-  end
-end
-
-function Worker:_create_group()
-  local _, err, code = self:_call({ "XGROUP", "CREATE", self.stream, self.group, "0", "MKSTREAM" })
-  if err and code ~= "BUSYGROUP" then return nil, err end
   return true
 end
 
--- A read command that needs the group: creates it (at 0, MKSTREAM) when missing.
-function Worker:_group_call(argv)
-  local reply, err, code = self:_call(argv)
-  if code == "NOGROUP" then
-    local ok, gerr = self:_create_group()
-    if not ok then return nil, gerr end
-    reply, err = self:_call(argv)
+function Worker:_call(argv)
+  local reply, err, code = self.redis:call(argv)
+  self.summary.reconnects = self.redis.reconnects
+  return reply, err, code
+end
+
+function Worker:_eval(script, keys, args)
+  local reply, err, code = self.redis:eval(script, keys, args)
+  self.summary.reconnects = self.redis.reconnects
+  return reply, err, code
+end
+
+-- The group is missing. It is created (at 0: every entry of the stream) only
+-- when it can never have existed: nothing in the results or dead-letter
+-- stream. Otherwise creating it again would give old entries a second
+-- result: the worker stops with an error that says where to recreate it.
+function Worker:_missing_group()
+  local last
+  for _, key in ipairs { self.results, self.dead_letter } do
+    local reply, err = self:_call({ "XREVRANGE", key, "+", "-", "COUNT", "1" })
+    if not reply then return nil, err end
+    if type(reply) ~= "table" then return nil, redis_eval.bad_reply("XREVRANGE") end
+    if reply[1] then
+      local e = reply[1]
+      local fields = type(e) == "table" and e[2] or {}
+      for i = 1, #fields - 1, 2 do
+        if fields[i] == "entry" and (not last or id_after(fields[i + 1], last)) then last = fields[i + 1] end
+      end
+      last = last or "$"
+    end
   end
-  return reply, err
+  if last then
+    return nil, redis_eval.error(string.format("the consumer group '%s' of stream '%s' is gone, but results of it"
+      .. " exist: creating it again at 0 would give old entries a second result. Recreate it after the last"
+      .. " entry with a result (redis-cli XGROUP CREATE %s %s %s) and start the worker again",
+      self.group, self.stream, self.stream, self.group, last), "NOGROUP")
+  end
+  local _, err, code = self:_call({ "XGROUP", "CREATE", self.stream, self.group, "0", "MKSTREAM" })
+  if err and code ~= "BUSYGROUP" then return nil, err end
+  if not err then self:_event("group_created", { group = self.group, stream = self.stream }) end
+  return true
+end
+
+-- A command that needs the group (see _missing_group when it is missing).
+function Worker:_group_call(argv, script_keys, script_args)
+  local function once()
+    if script_keys then return self:_eval(argv, script_keys, script_args) end
+    return self:_call(argv)
+  end
+  local reply, err, code = once()
+  if code == "NOGROUP" then
+    local ok, gerr = self:_missing_group()
+    if not ok then return nil, gerr, "NOGROUP" end
+    reply, err, code = once()
+  end
+  return reply, err, code
 end
 
 local NULL = core.redis_null
 
--- {id, fields} pairs of an XREADGROUP reply for one stream.
+-- Whether stream id a ("ms-seq") comes after b.
+id_after = function(a, b)
+  local am, as = tostring(a):match("^(%d+)%-(%d+)$")
+  local bm, bs = tostring(b):match("^(%d+)%-(%d+)$")
+  if not am or not bm then return false end
+  if #am ~= #bm then return #am > #bm end
+  if am ~= bm then return am > bm end
+  if #as ~= #bs then return #as > #bs end
+  return as > bs
+end
+
+-- The {id, fields} pairs of a list of entries, checked: nil when its shape is wrong.
+local function entry_list(list)
+  if type(list) ~= "table" then return nil end
+  for _, e in ipairs(list) do
+    if type(e) ~= "table" or type(e[1]) ~= "string" or not e[1]:match("^%d+%-%d+$")
+      or (type(e[2]) ~= "table" and e[2] ~= NULL) then return nil end
+  end
+  return list
+end
+
+-- The entries of an XREADGROUP reply for one stream, or nil when its shape is wrong.
 local function stream_entries(reply)
-  if reply == nil or reply == NULL or type(reply) ~= "table" or not reply[1] then return {} end
-  local entries = reply[1][2]
-  return type(entries) == "table" and entries or {}
+  if reply == NULL then return {} end
+  if type(reply) ~= "table" then return nil end
+  if reply[1] == nil then return {} end
+  if type(reply[1]) ~= "table" or reply[1][1] ~= nil and type(reply[1][1]) ~= "string" then return nil end
+  return entry_list(reply[1][2])
+end
+
+-- A wrong-shaped reply: the connection is dropped (a proxy or a fake may be
+-- out of step) and the caller backs off.
+function Worker:_bad_reply(what)
+  self.redis:drop()
+  return nil, redis_eval.bad_reply(what)
 end
 
 ------------------------------------------------------------------ reading
 
--- Up to n entries: this consumer's own pending ones after a (re)start or
--- reconnect, then entries idle for claim_idle in other consumers' lists
--- (XAUTOCLAIM), then new ones (waiting up to block_ms when given).
-function Worker:_read(n, block_ms)
-  local out = {}
-  while self.recover do -- pages through this consumer's pending list, past what is in flight here
-    local reply, err = self:_group_call({ "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT",
+-- This consumer's own pending entries after a (re)start, a reconnect or a
+-- pause (redelivery), paged past what is in flight here. Entry ids must go
+-- up: a reply repeating one is a bad reply, never a loop.
+function Worker:_read_own(n, out)
+  while self.recover do
+    local reply, err, code = self:_group_call({ "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT",
       tostring(n), "STREAMS", self.stream, self.recover_from or "0" })
-    if not reply then return nil, err end
+    if not reply then return nil, err, code end
     local list = stream_entries(reply)
+    if not list then return self:_bad_reply("XREADGROUP") end
     for _, e in ipairs(list) do
+      if self.recover_from and not id_after(e[1], self.recover_from) then return self:_bad_reply("XREADGROUP (an entry id repeated)") end
       self.recover_from = e[1]
-      if not self.held[e[1]] then out[#out + 1] = e end
+      if not self.held[e[1]] then out[#out + 1] = e; self.summary.redelivered = self.summary.redelivered + 1 end
     end
     if #list == 0 then self.recover, self.recover_from = false, nil end
     if #out > 0 then return out end
   end
+  return out
+end
+
+-- Entries idle for claim_idle in other consumers' lists (the CLAIM script).
+function Worker:_read_claimed(n, out)
+  local reply, err, code = self:_group_call(M.CLAIM, { self.stream, self.results }, { self.group, self.consumer,
+    tostring(self.claim_idle_ms), self.claim_cursor, tostring(n) })
+  if not reply then return nil, err, code end
+  if type(reply) ~= "table" or type(reply[1]) ~= "string" or not entry_list(reply[2]) then
+    return self:_bad_reply("the claim script")
+  end
+  self.claim_cursor = reply[1]
+  if self.claim_cursor == "0-0" then -- the whole pending list was scanned
+    self.claim_due = core.now() + math.min(self.claim_idle_ms / 2000, 1)
+  end
+  local s = self.summary
+  s.missing = s.missing + (tonumber(reply[3]) or 0)
+  s.results = s.results + (tonumber(reply[3]) or 0)
+  if type(reply[4]) == "table" and #reply[4] > 0 then
+    s.removed_consumers = s.removed_consumers + #reply[4]
+    self:_event("consumers_removed", { names = reply[4] })
+  end
+  for _, e in ipairs(reply[2]) do
+    if not self.held[e[1]] then out[#out + 1] = e; s.claimed = s.claimed + 1 end
+  end
+  return out
+end
+
+-- Up to n entries: this consumer's own pending ones when due (after a
+-- (re)start, a reconnect, a pause), then entries idle for claim_idle in
+-- other consumers' lists, then new ones (waiting up to block_ms when given).
+-- Nothing while a pause after passing failures lasts.
+function Worker:_read(n, block_ms)
+  if core.now() < self.hold_until then return {} end
+  local out, err, code = self:_read_own(n, {})
+  if not out or #out > 0 then return out, err, code end
   if core.now() >= self.claim_due then
-    local reply, err = self:_group_call({ "XAUTOCLAIM", self.stream, self.group, self.consumer,
-      tostring(self.claim_idle_ms), self.claim_cursor, "COUNT", tostring(n) })
-    if not reply then return nil, err end
-    self.claim_cursor = type(reply[1]) == "string" and reply[1] or "0-0"
-    if self.claim_cursor == "0-0" then -- the whole pending list was scanned
-      self.claim_due = core.now() + math.min(self.claim_idle_ms / 2000, 1)
-    end
-    for _, e in ipairs(type(reply[2]) == "table" and reply[2] or {}) do
-      if not self.held[e[1]] then out[#out + 1] = e; self.summary.claimed = self.summary.claimed + 1 end
-    end
-    if #out > 0 then return out end
+    out, err, code = self:_read_claimed(n, out)
+    if not out or #out > 0 then return out, err, code end
   end
   local argv = { "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", tostring(n) }
   if block_ms and block_ms > 0 then argv[#argv + 1] = "BLOCK"; argv[#argv + 1] = tostring(block_ms) end
   argv[#argv + 1] = "STREAMS"; argv[#argv + 1] = self.stream; argv[#argv + 1] = ">"
-  local reply, err = self:_group_call(argv)
-  if not reply then return nil, err end
-  return stream_entries(reply)
+  local reply
+  reply, err, code = self:_group_call(argv)
+  if not reply then return nil, err, code end
+  local list = stream_entries(reply)
+  if not list then return self:_bad_reply("XREADGROUP") end
+  for _, e in ipairs(list) do
+    if self.last_new and not id_after(e[1], self.last_new) then return self:_bad_reply("XREADGROUP (an entry id repeated)") end
+    self.last_new = e[1]
+  end
+  return list
 end
 
------------------------------------------------------------------- committing
+------------------------------------------------------------------ settling
 
--- Appends the results of entries ({entry=, id=, outcome=, error=}) and acknowledges
--- them in one atomic step. Safe to retry: an entry already acknowledged is skipped.
+-- Settles entries ({entry=, id=, outcome=, error=, again=}) in one atomic
+-- step (M.SETTLE). Safe to retry: an entry already settled is skipped.
+-- Returns the number left pending for another delivery.
 function Worker:_commit(results)
-  if #results == 0 then return true end
-  local args = { "2", self.stream, self.results, self.group }
+  if #results == 0 then return 0 end
+  local args = { self.group, self.consumer, tostring(self.max_deliveries), self.dead_letter and "1" or "0" }
   for _, r in ipairs(results) do
     args[#args + 1] = r.entry
     args[#args + 1] = r.id or ""
     args[#args + 1] = r.outcome
     args[#args + 1] = r.error or ""
+    args[#args + 1] = r.again and "again" or "final"
   end
-  local reply, err, code
-  if not self.sha then
-    self.sha, err = self:_call({ "SCRIPT", "LOAD", M.COMMIT })
-    if not self.sha then return nil, err end
-  end
-  local argv = { "EVALSHA", self.sha }
-  for _, a in ipairs(args) do argv[#argv + 1] = a end
-  reply, err, code = self:_call(argv)
-  if code == "NOSCRIPT" then -- SCRIPT FLUSH, or a restarted Redis
-    argv[1], argv[2] = "EVAL", M.COMMIT
-    reply, err, code = self:_call(argv)
-  end
+  local reply, err, code = self:_eval(M.SETTLE, { self.stream, self.results, self.dead_letter or self.results }, args)
   if code == "NOGROUP" then -- the stream or group vanished (a Redis restarted empty): nothing to acknowledge
     self.summary.lost = (self.summary.lost or 0) + #results
-    return true
+    return 0
   end
   if not reply then return nil, err end
-  local s = self.summary
+  if type(reply) ~= "table" then return self:_bad_reply("the settle script") end
+  local s, again = self.summary, 0
   for i, r in ipairs(results) do
-    if type(reply) == "table" and reply[i] == 1 then
+    local v = reply[i]
+    if v == 1 then
       s.results = s.results + 1
-      s[r.outcome] = (s[r.outcome] or 0) + 1
+      local o = r.again and "failed" or r.outcome
+      s[o] = (s[o] or 0) + 1
+    elseif v == 2 then
+      s.dead = s.dead + 1
+    elseif v == 3 then
+      again = again + 1
     else
       s.duplicates = s.duplicates + 1
     end
   end
-  return true
+  return again
 end
 
--- Splits entries into a batch to send and bad ones, committed at once as failed.
+-- Splits entries into a batch to send and the ones settled at once: bad
+-- entries (a failed result) and entries deleted from the stream (missing).
 function Worker:_sort(entries)
-  local batch, bad, seen = { entries = {}, ids = {} }, {}, {}
+  local batch, now, seen = { entries = {}, ids = {} }, {}, {}
+  local s = self.summary
   for _, e in ipairs(entries) do
     local why, id = M.check_entry(e[2])
-    if why then
-      bad[#bad + 1] = { entry = e[1], id = id, outcome = "failed", error = why }
+    if why == M.MISSING then
+      now[#now + 1] = { entry = e[1], id = "", outcome = "missing", error = why }
+    elseif why then
+      now[#now + 1] = { entry = e[1], id = id, outcome = "failed", error = why }
+      s.bad = s.bad + 1
     else
       batch.entries[#batch.entries + 1] = { entry = e[1], id = id }
       local k = ops.key(id)
       if not seen[k] then seen[k] = true; batch.ids[#batch.ids + 1] = id end
     end
   end
-  self.summary.read = self.summary.read + #entries
-  self.summary.bad = self.summary.bad + #bad
-  local ok, err = self:_commit(bad)
+  s.read = s.read + #entries
+  local ok, err = self:_commit(now)
   if not ok then return nil, err end
   return #batch.ids > 0 and batch or false
 end
@@ -470,6 +615,7 @@ end
 -- when Redis failed. block_ms: how long to wait for a first entry.
 function Worker:_gather(block_ms)
   while true do
+    if self.stop and self.stop() then return false end
     local entries, err = self:_read(self.batch_size, block_ms)
     if not entries then return nil, err end
     if #entries == 0 then return false end
@@ -484,7 +630,7 @@ function Worker:_gather(block_ms)
       for _, e in ipairs(batch.entries) do self.held[e.entry] = true end
       return batch
     end
-    block_ms = nil -- only bad entries: look again without waiting
+    block_ms = nil -- only bad or missing entries: look again without waiting
   end
 end
 
@@ -498,22 +644,58 @@ function Worker:_release(batch)
   self:_call(argv)
 end
 
+-- Whether a failure may pass, so that the entry stays pending for another
+-- delivery instead of getting a failed result: what the client's retry
+-- policy retries (csrc/policy.c: network, timeouts, 5xx, 429) once its
+-- retries are spent, answers that could not be read or did not mention the
+-- id, a request not sent (a lost budget), and the request-wide refusals a
+-- fixed token or scope heals (401, 403, 408, 423). A per-id answer from
+-- HubSpot (an error entry naming the id: kind "item") and other 4xx are final.
+function M.passing(err)
+  if type(err) ~= "table" then return false end
+  local kind = err.kind
+  if kind == "network" or kind == "timeout" or kind == "tls" or kind == "decode" or kind == "too_large"
+    or kind == "stopped" then return true end
+  if kind == "http" then
+    local st = tonumber(err.status) or 0
+    return st >= 500 or st == 429 or st == 401 or st == 403 or st == 408 or st == 423
+  end
+  return false
+end
+
+-- After batches failed for a passing reason: no new delivery for a while
+-- (1 s, doubling per batch failing in a row, at most HOLD_MAX), then this
+-- consumer's pending entries are read again first.
+function Worker:_hold(entries, err)
+  self.failing = self.failing + 1
+  local seconds = math.min(2 ^ (self.failing - 1), M.HOLD_MAX)
+  self.hold_until = math.max(self.hold_until, core.now() + seconds)
+  self.recover, self.recover_from = true, nil
+  self:_event("hold", { seconds = seconds, entries = entries, error = err and tostring(err) or nil })
+end
+
 -- The outcome of every entry of a batch, from the batch request's result.
 function Worker:_settle(batch, res)
   local by_id = {}
   local env, err = outcome({ method = "POST", url = self.url }, res)
+  local last_err
   ops.classify(self.op, env, err, batch.ids, function(id, result, detail)
-    by_id[ops.key(id)] = { outcome = result, error = result == "failed" and tostring(detail) or nil }
+    local again = result == "failed" and M.passing(detail)
+    if again then last_err = detail end -- the batch failed (in part) for a passing reason
+    by_id[ops.key(id)] = { outcome = result, error = result == "failed" and tostring(detail) or nil, again = again }
   end)
   local results = {}
   for i, e in ipairs(batch.entries) do
     local o = by_id[ops.key(e.id)]
-    results[i] = { entry = e.entry, id = e.id, outcome = o.outcome, error = o.error }
+    results[i] = { entry = e.entry, id = e.id, outcome = o.outcome, error = o.error, again = o.again }
   end
-  local ok, err = self:_commit(results)
+  local again, cerr = self:_commit(results)
   for _, e in ipairs(batch.entries) do self.held[e.entry] = nil end
   self.summary.batches = self.summary.batches + 1
-  return ok, err
+  if not again then return nil, cerr end
+  if again > 0 then self:_hold(again, last_err)
+  elseif not last_err then self.failing = 0 end -- answered: pauses start from 1 s again
+  return true
 end
 
 ------------------------------------------------------------------ running
@@ -541,7 +723,7 @@ function Worker:_drain(ready, gather, stop, on_progress)
   local function generate()
     if fatal or stopped then return nil end
     local batch = table.remove(ready, 1) -- read already: sent even after stop()
-    if not batch and gather and not stop() then
+    if not batch and gather and not stop() and core.now() >= self.hold_until then
       local err
       batch, err = self:_gather(nil)
       if batch == nil then fatal = err end
@@ -599,7 +781,36 @@ function Worker:_group_pending()
   local reply, err, code = self:_call({ "XPENDING", self.stream, self.group })
   if code == "NOGROUP" then return 0 end
   if not reply then return nil, err end
+  if type(reply) ~= "table" or type(reply[1]) ~= "number" then
+    return self:_bad_reply("XPENDING")
+  end
   return tonumber(reply[1]) or 0
+end
+
+-- What is left for the group: entries pending (delivered, not settled) and
+-- its lag (entries not yet delivered; nil when Redis cannot tell), or nil.
+function Worker:backlog()
+  local reply = self:_call({ "XINFO", "GROUPS", self.stream })
+  if type(reply) ~= "table" then return nil end
+  for _, g in ipairs(reply) do
+    if type(g) == "table" then
+      local f = {}
+      for i = 1, #g - 1, 2 do f[g[i]] = g[i + 1] end
+      if f.name == self.group then return tonumber(f.pending), tonumber(f.lag) end
+    end
+  end
+  return nil
+end
+
+-- A Redis failure that run() waits out (interruptibly, up to redis_wait)
+-- instead of stopping: a reply of the wrong shape.
+function Worker:_wait_out(err)
+  local now = core.now()
+  self.bad_since = self.bad_since or now
+  if now - self.bad_since >= self.redis_wait then return false end
+  self.bad_delay = math.min((self.bad_delay or 0.05) * 2, 2)
+  self:_event("bad_reply", { error = tostring(err), wait = self.bad_delay })
+  return self:_pause(self.bad_delay)
 end
 
 -- Runs until stop() returns true (checked between batches; the batches in
@@ -607,12 +818,12 @@ end
 -- idle_exit seconds and nothing is pending in the group, or until HubSpot's
 -- daily limit or the shared budget stops the client. opts.signals = true
 -- (plain Lua, the CLI): SIGINT and SIGTERM are caught for the run and stop
--- it the same way (summary.signal: their number). Returns the summary
--- ({read, results, duplicates, failed, bad, batches, claimed, reconnects,
--- elapsed, signal, stopped = "stop"|"idle"|"signal"|"daily_limit"|"budget"|
--- "interrupted", and the op's counts}), or nil, err (err.summary) when Redis
--- stayed unreachable for redis_wait seconds: what was not committed stays
--- pending for the next run.
+-- it the same way (summary.signal: their number). opts.on_event(name, info)
+-- hears "redis_lost", "redis_back", "hold", "bad_reply", "group_created",
+-- "consumers_removed" and, about once a second or per batch, "tick".
+-- Returns the summary, or nil, err (err.summary) when Redis stayed
+-- unreachable for redis_wait seconds or the group is gone: what was not
+-- settled stays pending for the next run.
 function Worker:run(opts)
   opts = opts or {}
   local user_stop = opts.stop or function() return false end
@@ -627,6 +838,7 @@ function Worker:run(opts)
   end
   if signals then core.trap_signals(true) end
   self.stop = stop -- also ends a wait for Redis
+  self.on_event = opts.on_event
   local s = self.summary
   local started = core.now()
   local idle_since = started
@@ -636,30 +848,55 @@ function Worker:run(opts)
     s.elapsed = core.now() - started
     s.signal = self.signal
     s.stopped = self.signal and "signal" or reason
-    if err then err.summary = s; return nil, err end
+    if err and not self.signal then err.summary = s; return nil, err end
     return s
+  end
+  local on_progress = opts.on_progress
+  local function progress(sum)
+    if on_progress then on_progress(sum) end
+    self:_event("tick", sum)
   end
   while true do
     if stop() then return finish("stop") end
-    local block = self.block_ms
-    if idle_exit then block = math.max(1, math.min(block, math.floor((idle_since + idle_exit - core.now()) * 1000))) end
-    local read_before = s.read
-    local batch, err = self:_gather(block)
-    if batch == nil then return finish("redis", err) end
-    if batch then
-      local fatal, reason = self:_drain_all(batch, stop, opts.on_progress, signals)
-      if fatal then return finish("redis", fatal) end
-      if reason then return finish(reason) end
-    elseif s.read > read_before and opts.on_progress then
-      opts.on_progress(s)
-    end
-    if s.read > read_before then
-      idle_since = core.now()
-    elseif idle_exit and core.now() - idle_since >= idle_exit then
-      local pending, perr = self:_group_pending()
-      if not pending then return finish("redis", perr) end
-      if pending == 0 then return finish("idle") end
-      idle_since = core.now() - idle_exit + math.min(idle_exit, 1) -- look again in a second
+    self:_event("tick", s)
+    if core.now() < self.hold_until then
+      self:_pause(math.min(self.hold_until - core.now(), 1))
+    else
+      local block = self.block_ms
+      if idle_exit then block = math.max(1, math.min(block, math.floor((idle_since + idle_exit - core.now()) * 1000))) end
+      local read_before = s.read
+      local batch, err = self:_gather(block)
+      if batch == nil then
+        if stop() then return finish("stop") end
+        if not (type(err) == "table" and err.code == "bad_reply" and self:_wait_out(err)) then
+          return finish("redis", err)
+        end
+      else
+        self.bad_since, self.bad_delay = nil, nil
+        if batch then
+          local fatal, reason = self:_drain_all(batch, stop, progress, signals)
+          if fatal then
+            if stop() then return finish("stop") end
+            if not (type(fatal) == "table" and fatal.code == "bad_reply" and self:_wait_out(fatal)) then
+              return finish("redis", fatal)
+            end
+          end
+          if reason then return finish(reason) end
+        elseif s.read > read_before and on_progress then
+          on_progress(s)
+        end
+        if s.read > read_before then
+          idle_since = core.now()
+        elseif idle_exit and core.now() - idle_since >= idle_exit then
+          local pending, perr = self:_group_pending()
+          if not pending then
+            if not (type(perr) == "table" and perr.code == "bad_reply" and self:_wait_out(perr)) then
+              return finish("redis", perr)
+            end
+          elseif pending == 0 then return finish("idle")
+          else idle_since = core.now() - idle_exit + math.min(idle_exit, 1) end -- look again in a second
+        end
+      end
     end
   end
 end

@@ -52,6 +52,8 @@ local function defaults()
     tier = os.getenv("SIM_TIER") or "enterprise",
     -- N > 0: after N API requests every token and the OAuth app are revoked (a revocation mid-job)
     revoke_after = tonumber(os.getenv("SIM_REVOKE_AFTER") or "0") or 0,
+    -- a Lua pattern: batch inputs matching it are answered as per-item errors (invalid ids)
+    invalid_match = false,
   }
 end
 
@@ -171,12 +173,20 @@ local function record(method, raw_path, query, body)
   end
 end
 
+-- A fault with `seconds` plays on every matching request for that many
+-- seconds from when it was queued (an outage); others play `count` times.
 local function take_fault(method, path)
+  for i = #faults, 1, -1 do
+    local f = faults[i]
+    if f.seconds and ngx.now() >= f.queued + f.seconds then table.remove(faults, i) end
+  end
   for i, f in ipairs(faults) do
     if (not f.method or f.method == method) and (not f.match or path:find(f.match))
       and (not f.p or math.random() < f.p) then
-      f.count = (f.count or 1) - 1
-      if f.count <= 0 then table.remove(faults, i) end
+      if not f.seconds then
+        f.count = (f.count or 1) - 1
+        if f.count <= 0 then table.remove(faults, i) end
+      end
       return f
     end
   end
@@ -302,7 +312,8 @@ end
 local function batch(ids, per_id, partial_status)
   local results, errors = {}, {}
   for _, id in ipairs(ids) do
-    if state.valid_id(id) then results[#results + 1] = per_id(id)
+    if state.valid_id(id) and not (config.invalid_match and id:find(config.invalid_match)) then
+      results[#results + 1] = per_id(id)
     else errors[#errors + 1] = item_error(id) end
   end
   if #errors == 0 then return 200, envelope(results) end
@@ -608,6 +619,7 @@ local function admin_config(body)
   for k, v in pairs(body) do
     if k == "rate" then config.rate = parse_rate(v)
     elseif k == "tier" then config.tier = tostring(v)
+    elseif k == "invalid_match" then config[k] = type(v) == "string" and v or false
     elseif config[k] ~= nil or k == "jitter" then config[k] = tonumber(v)
     else return send(400, { message = "unknown config key " .. k }) end
   end
@@ -628,7 +640,7 @@ function M.admin()
       unauthorized = log.unauthorized or 0, forbidden = log.forbidden or 0, tokens_issued = oauth.n,
       api = log.api or 0, revoked_at = log.revoked_at })
   elseif what == "faults" and method == "POST" then
-    for _, f in ipairs(body.faults or { body }) do faults[#faults + 1] = f end
+    for _, f in ipairs(body.faults or { body }) do f.queued = ngx.now(); faults[#faults + 1] = f end
     return send(200, { queued = #faults })
   elseif what == "faults" and method == "GET" then
     return send(200, { faults = arr(faults) })
