@@ -8,7 +8,7 @@
 # busted runs in this process (no --lua, which would re-exec it outside valgrind).
 set -eu
 cd "$(dirname "$0")/.."
-SPECS="spec/client_spec.lua spec/bulk_spec.lua spec/redis_spec.lua spec/transport_spec.lua spec/ngx_transport_spec.lua spec/harden_spec.lua spec/hostile_spec.lua"
+SPECS="spec/contract/client_spec.lua spec/feature/bulk_spec.lua spec/feature/redis_spec.lua spec/contract/transport_spec.lua spec/contract/ngx_transport_spec.lua spec/feature/harden_spec.lua spec/feature/hostile_spec.lua"
 
 echo "== valgrind memcheck (Lua 5.4)"
 make -s all

@@ -1,7 +1,7 @@
 -- support.expectations: what every transport must do, written once. Each case
 -- is Lua source run against a client, in plain Lua with a libcurl client
--- (run_curl, used by spec/client_spec.lua) and inside a real nginx with a
--- cosocket client (run_ngx, used by spec/ngx_transport_spec.lua); the value it
+-- (run_curl, used by spec/contract/client_spec.lua) and inside a real nginx with a
+-- cosocket client (run_ngx, used by spec/contract/ngx_transport_spec.lua); the value it
 -- returns comes back as JSON, and ONE check function asserts on it (and on the
 -- simulator's log) for both.
 --

@@ -11,7 +11,7 @@
 -- Each case builds its own client (token hostile.TOKEN, base_url = srv.url ..
 -- "/" .. behaviour, plus the case's options and the caller's extra options),
 -- makes one or more calls and checks them with plain `assert`, so it runs
--- anywhere commprefs loads: under busted (spec/hostile_spec.lua, libcurl
+-- anywhere commprefs loads: under busted (spec/feature/hostile_spec.lua, libcurl
 -- transport) and inside nginx for the cosocket transport, e.g. with
 -- spec/support/nginx.lua: start nginx with spec/ on lua_package_path, then
 --   nginx.run(inst, ('return require("support.hostile").run_case(%q, %q, { transport = "ngx" })')

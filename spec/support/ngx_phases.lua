@@ -1,4 +1,4 @@
--- support.ngx_phases: loaded inside the nginx of spec/ngx_transport_spec.lua
+-- support.ngx_phases: loaded inside the nginx of spec/contract/ngx_transport_spec.lua
 -- from init_by_lua, init_worker_by_lua, log_by_lua, ... : try(phase) makes a
 -- client with transport "auto", calls get_status once and records in the
 -- lua_shared_dict spec_phases what happened ("ok <n results>", "error ...",

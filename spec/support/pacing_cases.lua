@@ -1,5 +1,5 @@
 -- support.pacing_cases: the pacing contract as one table of cases, run by
--- spec/pacing_contract_spec.lua against every backing: the governor's own
+-- spec/contract/pacing_contract_spec.lua against every backing: the governor's own
 -- window (C), the C Redis backing, a lua_shared_dict in a real nginx and
 -- Redis over cosockets in a real nginx. Each case's `code` runs where the
 -- backing lives, with `P.new(opts)` making a participant (a client of the

@@ -55,6 +55,14 @@ function M.admin(method, path, body, inst)
   return cjson.decode(table.concat(out))
 end
 
+-- A commprefs client of the simulator with fast retries; opts override any default.
+function M.client(opts, defaults)
+  local o = { token = "sim-token", base_url = M.url, backoff_base = 0.01, backoff_max = 0.05 }
+  for k, v in pairs(defaults or {}) do o[k] = v end
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return require("commprefs").new(o)
+end
+
 function M.reset(config)
   M.admin("POST", "reset", {})
   if config then M.admin("POST", "config", config) end

@@ -1,8 +1,8 @@
--- spec/harden_spec.lua: issue 10's defects 5-9 and 11 (Lua side, CLI, journal,
+-- spec/feature/harden_spec.lua: issue 10's defects 5-9 and 11 (Lua side, CLI, journal,
 -- simulator, packaging): answers checked once against the OpenAPI document's
 -- types, integers kept exact, echoed tokens redacted, journals locked, the
 -- CLI's journal errors, argument limits at new(), --no-verify-tls. The
--- hostile-server cases themselves are in spec/hostile_spec.lua.
+-- hostile-server cases themselves are in spec/feature/hostile_spec.lua.
 local sim = require "support.sim"
 local hostile = require "support.hostile"
 local cjson = require "cjson"
@@ -44,11 +44,7 @@ local function cli(args, opts)
   return code, o, e
 end
 
-local function client(opts)
-  local o = { token = "sim-token", base_url = sim.url, max_retries = 0 }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  return commprefs.new(o)
-end
+local function client(opts) return sim.client(opts, { max_retries = 0, backoff_base = 0.5, backoff_max = 8 }) end
 
 ------------------------------------------------------------------ decoding
 

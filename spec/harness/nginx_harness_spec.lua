@@ -1,4 +1,4 @@
--- spec/nginx_harness_spec.lua: the nginx test harness (spec/support/nginx.lua)
+-- spec/harness/nginx_harness_spec.lua: the nginx test harness (spec/support/nginx.lua)
 -- itself: it starts a real nginx with this checkout's Lua and LuaJIT core on
 -- its paths, runs code inside a request, reports errors with the error log,
 -- and leaves nothing behind, even when the test process is killed with -9.

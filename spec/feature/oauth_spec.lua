@@ -6,7 +6,7 @@
 -- line and exits 3), portals without batch scopes (single-contact requests,
 -- batch = "never"), answers in lower case, 423 and 477, api_version
 -- 2026-09 / v4, bad options, and no secret in any output.
--- spec/oauth_ngx_spec.lua runs the same over cosockets in a real nginx.
+-- spec/feature/oauth_ngx_spec.lua runs the same over cosockets in a real nginx.
 local sim = require "support.sim"
 local commprefs = require "commprefs"
 local core = require "commprefs.core"

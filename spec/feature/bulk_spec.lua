@@ -6,11 +6,7 @@ local socket = require "socket"
 local commprefs = require "commprefs"
 
 
-local function client(opts)
-  local o = { token = "sim-token", base_url = sim.url, backoff_base = 0.01, backoff_max = 0.05 }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  return commprefs.new(o)
-end
+local function client(opts) return sim.client(opts) end
 
 local function ids(n)
   local t = {}

@@ -1,4 +1,4 @@
--- spec/hostile_spec.lua: commprefs against a hostile loopback server
+-- spec/feature/hostile_spec.lua: commprefs against a hostile loopback server
 -- (spec/support/hostile_server.lua): echoed tokens, wrong JSON types, endless
 -- bodies, giant headers, a trickle, absurd rate headers and a redirect. The
 -- cases live in spec/support/hostile.lua and run here twice: through the

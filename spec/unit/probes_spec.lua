@@ -1,7 +1,7 @@
 -- The review's probes (REVIEW.md appendix A) that are not cases of a shared
 -- table elsewhere: A6 a bad Redis URL inside nginx, A7 the C core alone, A8
--- command arguments left as given. (A1, A2, A4: spec/pacing_contract_spec.lua;
--- A3: spec/ops_spec.lua; A5: spec/transport_spec.lua.)
+-- command arguments left as given. (A1, A2, A4: spec/contract/pacing_contract_spec.lua;
+-- A3: spec/unit/ops_spec.lua; A5: spec/contract/transport_spec.lua.)
 local sim = require "support.sim"
 
 describe("review probes", function()

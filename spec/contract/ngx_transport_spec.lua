@@ -1,6 +1,6 @@
 -- The cosocket transport inside a real nginx (support.nginx) against the
 -- simulator: every shared expectation (support.expectations, the same cases
--- spec/client_spec.lua runs with libcurl), the phase rules, clients crossing
+-- spec/contract/client_spec.lua runs with libcurl), the phase rules, clients crossing
 -- requests, and the sans-I/O HTTP/1 reader it parses with (core.http1_response).
 local sim = require "support.sim"
 local nginx = require "support.nginx"

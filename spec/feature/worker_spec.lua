@@ -1,4 +1,4 @@
--- spec/worker_spec.lua: commprefs.worker and `commprefs worker` against a real
+-- spec/feature/worker_spec.lua: commprefs.worker and `commprefs worker` against a real
 -- redis-server (support.redis, one per run) and the simulator: exactly one
 -- result per source entry through bad entries, SIGKILL, Redis restarts,
 -- failing requests and signals.
@@ -18,11 +18,7 @@ local R -- the redis-server of this file
 local conn
 local seq = 0
 
-local function client(opts)
-  local o = { token = "sim-token", base_url = sim.url, backoff_base = 0.01, backoff_max = 0.05 }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  return commprefs.new(o)
-end
+local function client(opts) return sim.client(opts) end
 
 local function cmd(argv)
   local reply, err = conn:command(argv)

@@ -1,4 +1,4 @@
--- spec/cli_spec.lua: the command line as a user meets it (issues 16, 17): the real
+-- spec/feature/cli_spec.lua: the command line as a user meets it (issues 16, 17): the real
 -- bin/commprefs run as a subprocess, by the VM this spec runs on (lua5.4 or
 -- luajit), against the simulator. Owns: ids as HubSpot sees them in --file and
 -- stdin (BOM, CRLF, Unicode white space, invisible characters refused before

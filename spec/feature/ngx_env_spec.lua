@@ -1,4 +1,4 @@
--- spec/ngx_env_spec.lua: commprefs inside a real nginx (issue 7): calls do
+-- spec/feature/ngx_env_spec.lua: commprefs inside a real nginx (issue 7): calls do
 -- not block the worker, and every worker of an nginx paces through one
 -- window kept in a lua_shared_dict. Each test starts its own simulator and
 -- nginx (spec/support/nginx.lua) on free ports.
@@ -126,7 +126,7 @@ describe("commprefs in nginx", function()
   end)
 
   -- The pacer's backings (window, shared_dict, Redis) are checked case by
-  -- case in spec/pacing_contract_spec.lua.
+  -- case in spec/contract/pacing_contract_spec.lua.
 
   describe("limits learned into the shared_dict", function()
     -- client A learns HubSpot's 20 per 1,000 ms from one answer; client B (its own

@@ -2,17 +2,13 @@
 -- (libcurl transport), against the simulator: option checks, hits, misses,
 -- ttl, the in-process bound, errors never cached, and every change made
 -- through commprefs updating the cached answer at once (the simulator's
--- request log shows which reads reached it). spec/ngx_lookup_spec.lua covers
+-- request log shows which reads reached it). spec/feature/ngx_lookup_spec.lua covers
 -- coalescing and the lua_shared_dict inside nginx.
 local sim = require "support.sim"
 local commprefs = require "commprefs"
 local lookup = require "commprefs.lookup"
 
-local function client(opts)
-  local o = { token = "sim-token", base_url = sim.url, backoff_base = 0.01, backoff_max = 0.05 }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  return commprefs.new(o)
-end
+local function client(opts) return sim.client(opts) end
 
 -- How many requests the simulator logged (only those with `method` if given).
 local function reads(method)

@@ -1,4 +1,4 @@
--- spec/redact_spec.lua: commprefs.redact keeps the derived forms of every
+-- spec/unit/redact_spec.lua: commprefs.redact keeps the derived forms of every
 -- remembered secret out of text and decoded values (HOSTILE.md D10): the
 -- secret in any letter case, base64 of it and of "Bearer SECRET" (both
 -- alphabets, padded or not, inside a longer base64 text at each alignment),

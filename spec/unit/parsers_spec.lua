@@ -1,4 +1,4 @@
--- spec/parsers_spec.lua: the sans-I/O parsers' strictness (HOSTILE.md D17,
+-- spec/unit/parsers_spec.lua: the sans-I/O parsers' strictness (HOSTILE.md D17,
 -- D18, D13, and bytes after an answer), fed bytes directly:
 -- core.http1_response (csrc/http1.c: a status line must start with "HTTP/";
 -- Content-Length twice is an error even with the same value; bytes after a

@@ -9,11 +9,7 @@ local TOKEN = "sim-token"
 local is_int = math.type and function(v) return math.type(v) == "integer" end
   or function(v) return type(v) == "number" and v == math.floor(v) end
 
-local function client(opts)
-  local o = { token = TOKEN, base_url = sim.url, backoff_base = 0.01, backoff_max = 0.05 }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  return commprefs.new(o)
-end
+local function client(opts) return sim.client(opts, { token = TOKEN }) end
 
 local function ids(n, prefix)
   local t = {}
@@ -510,7 +506,7 @@ describe("commprefs", function()
   end)
 end)
 
--- The expectations every transport meets, shared with spec/ngx_transport_spec.lua
+-- The expectations every transport meets, shared with spec/contract/ngx_transport_spec.lua
 -- (which runs the same cases inside nginx over cosockets).
 describe("commprefs over libcurl meets every shared expectation", function()
   local expectations = require "support.expectations"

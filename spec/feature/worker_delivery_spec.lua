@@ -1,4 +1,4 @@
--- spec/worker_delivery_spec.lua: the worker's delivery semantics (issue 17
+-- spec/feature/worker_delivery_spec.lua: the worker's delivery semantics (issue 17
 -- item 1, issue 16 items 3-4) against a real redis-server, the simulator and
 -- scripted RESP servers: passing failures delivered again, dead letters after
 -- --max-deliveries, exactly one of {result, dead letter} per entry under
