@@ -20,7 +20,7 @@ CFLAGS ?= -O2 -g
 WARN = -std=c99 -Wall -Wextra -Werror -pedantic -Wno-overlength-strings
 PKG_CFLAGS := $(shell pkg-config --cflags $(LUA_PC) libcurl 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs libcurl 2>/dev/null) -lhttp_parser -lhiredis
-SRCS = csrc/core.c csrc/config.c csrc/governor.c csrc/transport.c csrc/policy.c csrc/ratelimit.c csrc/headers.c csrc/util.c csrc/encode.c csrc/decode.c csrc/journal.c csrc/http1.c csrc/resp.c csrc/redis.c
+SRCS = csrc/core.c csrc/config.c csrc/governor.c csrc/transport.c csrc/signals.c csrc/policy.c csrc/ratelimit.c csrc/headers.c csrc/util.c csrc/encode.c csrc/decode.c csrc/journal.c csrc/http1.c csrc/resp.c csrc/redis.c
 OBJS = $(SRCS:csrc/%.c=$(BUILD)/%.o)
 CORE = $(BUILD)/commprefs/core.so
 SIM_PORT ?= 8089

@@ -1,5 +1,5 @@
 /* config.c: owns reading a client's configuration from Lua (config.h) and
- * exporting the limits of limits.h as core.limits: one table of ranges that
+ * exporting the limits of cp_limits.h as core.limits: one table of ranges that
  * the core and the Lua option checks (lua/commprefs/check.lua) both read. */
 #include <stdio.h>
 #include <string.h>

@@ -1,10 +1,10 @@
 /* config.h: a client's configuration as the core reads it from a Lua table
- * (config.c), with the ranges and defaults of limits.h. */
+ * (config.c), with the ranges and defaults of cp_limits.h. */
 #ifndef COMMPREFS_CONFIG_H
 #define COMMPREFS_CONFIG_H
 
 #include "compat.h"
-#include "limits.h"
+#include "cp_limits.h"
 
 typedef struct {
 #define CP_FIELD(opt, field, def, min, max, integer, unit) double field;
@@ -18,7 +18,7 @@ typedef struct {
 
 /* Reads the table at idx (the core's names: rate_max, rate_interval, redis_url, ...).
  * A wrong type or a value out of range raises, naming the option as the user
- * wrote it (limits.h) and `fname`. */
+ * wrote it (cp_limits.h) and `fname`. */
 void cp_config_read(lua_State *L, int idx, const char *fname, cp_config *c);
 /* core.limits: {[option] = {default =, min =, max =, integer =, unit =}, max_id_bytes =, ...} */
 void cp_register_limits(lua_State *L);

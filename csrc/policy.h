@@ -4,7 +4,7 @@
 #define COMMPREFS_POLICY_H
 
 #include "ratelimit.h"
-#include "limits.h"
+#include "cp_limits.h"
 
 typedef struct {
   int max_retries;

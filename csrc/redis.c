@@ -20,7 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "redis.h"
-#include "transport.h"
+#include "signals.h"
 #include "util.h"
 
 #define CONN_MT "commprefs.core.redis"

@@ -11,7 +11,7 @@
 #include "compat.h"
 #include "backing.h"
 #include "ratelimit.h"
-#include "limits.h"
+#include "cp_limits.h"
 
 /* The most elements a reply array may announce (bigger: a protocol error). */
 #define CP_RESP_MAX_ELEMENTS (1 << 20)

@@ -27,109 +27,13 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 #include "transport.h"
+#include "signals.h"
 #include "headers.h"
 #include "util.h"
 
 enum { SLOT_FREE, SLOT_WAITING, SLOT_RUNNING };
 enum { ARG_SELF = 1, ARG_SOURCE, ARG_ON_DONE, ST_RESULTS, ST_INFLIGHT };
 
-#define SIGNAL_CHECK_MS 50  /* longest wait before perform looks at the signal flag */
-
-/* ------------------------------------------------------------ signals
- * The one piece of global mutable state beyond curl_global_init: a signal
- * handler can only talk to the code it interrupted through a static
- * volatile sig_atomic_t. It holds the number of the SIGINT/SIGTERM caught
- * while a perform ran (0: none); `trapped` says core.trap_signals keeps the
- * handler in place. A perform installs the handler only once it has lasted
- * SIGNAL_LAZY_MS (a short perform makes no system call for it; a signal in
- * its first milliseconds does its usual action, as it would without
- * commprefs), unless the signal is ignored; it then stops within
- * SIGNAL_CHECK_MS when it fires, and restores the previous handler. Then,
- * unless a caller asked for signals to be kept (core.trap_signals, the CLI's
- * bulk jobs and the worker: perform is then "nested" and installs nothing),
- * the signal is raised again, so it does what it would have done without
- * commprefs (lua's "interrupted!", the default termination) right after
- * perform returns. */
-#define SIGNAL_LAZY_MS 10.0
-static volatile sig_atomic_t caught_signal = 0;
-static volatile sig_atomic_t trapped = 0;
-/* How many SIGINT/SIGTERM the handler has seen (wraps): a wait elsewhere in
- * the core (redis.c) stops when it changes while it waits. */
-static volatile sig_atomic_t signal_count = 0;
-
-static void on_signal(int sig) {
-  caught_signal = sig;
-  signal_count = (signal_count + 1) & 0x3fffffff;
-}
-
-int cp_caught_signal(void) { return (int)caught_signal; }
-int cp_signal_count(void) { return (int)signal_count; }
-
-typedef struct {
-  struct sigaction old_int, old_term;
-  int installed_int, installed_term, nested;
-  int armed;           /* the handler is installed (or nested) */
-  double since;        /* when the perform started (monotonic ms) */
-} signal_guard;
-
-/* Installs on_signal for sig unless sig is ignored (then the old action is put back). */
-static int install_one(int sig, struct sigaction *old) {
-  struct sigaction sa;
-  memset(&sa, 0, sizeof(sa));
-  sa.sa_handler = on_signal;
-  sigemptyset(&sa.sa_mask);
-  if (sigaction(sig, &sa, old) != 0) return 0;
-  if (old->sa_handler == SIG_IGN) {
-    sigaction(sig, old, NULL);
-    return 0;
-  }
-  return 1;
-}
-
-static void signals_begin(signal_guard *g) {
-  memset(g, 0, sizeof(*g));
-  g->nested = g->armed = trapped != 0;
-  if (!g->nested) caught_signal = 0; /* an outer trap keeps what it caught */
-  g->since = cp_now_ms();
-}
-
-/* Before a wait of up to `wake` ms: installs the handler once the perform
- * has lasted SIGNAL_LAZY_MS; returns the wait, cut so the flag is looked at
- * in time (and the handler installed in time). */
-static double signals_before_wait(signal_guard *g, double wake) {
-  if (!g->armed) {
-    double ran = cp_now_ms() - g->since;
-    if (ran < SIGNAL_LAZY_MS) return wake < SIGNAL_LAZY_MS - ran ? wake : SIGNAL_LAZY_MS - ran;
-    g->installed_int = install_one(SIGINT, &g->old_int);
-    g->installed_term = install_one(SIGTERM, &g->old_term);
-    g->armed = 1;
-  }
-  return wake > SIGNAL_CHECK_MS ? SIGNAL_CHECK_MS : wake;
-}
-
-static void signals_restore(signal_guard *g) {
-  if (g->installed_int) sigaction(SIGINT, &g->old_int, NULL);
-  if (g->installed_term) sigaction(SIGTERM, &g->old_term, NULL);
-}
-
-/* After perform has put the client in order: the signal goes on to its usual action. */
-static void signals_reraise(const signal_guard *g) {
-  if (!g->nested && (g->installed_int || g->installed_term) && caught_signal) raise(caught_signal);
-}
-
-/* A scope longer than one perform (the Redis worker's run, which waits in
- * Redis between performs): on != 0 clears the flag and keeps SIGINT/SIGTERM
- * caught (performs inside see it as nested); 0 puts the default action back. */
-void cp_trap_signals(int on) {
-  struct sigaction sa;
-  memset(&sa, 0, sizeof(sa));
-  sa.sa_handler = on ? on_signal : SIG_DFL;
-  sigemptyset(&sa.sa_mask);
-  if (on) caught_signal = 0;
-  trapped = on != 0;
-  sigaction(SIGINT, &sa, NULL);
-  sigaction(SIGTERM, &sa, NULL);
-}
 
 /* ------------------------------------------------------------ easy handles */
 
@@ -761,7 +665,7 @@ static int perform_loop(lua_State *L) {
     CURLMsg *msg;
     int left, delivered = 0;
     double wake;
-    if (t->handle_signals && caught_signal) {
+    if (t->handle_signals && cp_caught_signal()) {
       src.stop = "interrupted";
       stop_slots(L, t, &src, 1);
       break;

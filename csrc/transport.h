@@ -67,10 +67,6 @@ int cp_transport_set_token(cp_transport *t, const char *token, double due_in_ms)
 int cp_transport_drop_connections(cp_transport *t);
 /* client:perform(source, on_done): see transport.c. */
 int cp_transport_perform(lua_State *L, cp_transport *t);
-/* The signal (SIGINT, SIGTERM) that stopped the last perform, or 0. */
-int cp_caught_signal(void);
-/* Changes each time the handler catches SIGINT/SIGTERM (see transport.c). */
-int cp_signal_count(void);
-void cp_trap_signals(int on);
+#include "signals.h"
 
 #endif

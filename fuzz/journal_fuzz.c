@@ -6,6 +6,7 @@
 /* the core files first: they set their own feature macros */
 #include "../csrc/journal.c"
 #include "../csrc/decode.c"
+#include "../csrc/config.c"
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -38,6 +39,7 @@ static lua_State *state(void) {
   lua_pushcclosure(L, cp_decode, 2);
   lua_setfield(L, -2, "decode");
   cp_register_journal(L);                /* core.journal */
+  cp_register_limits(L);                 /* core.limits: bulk.lua's id rule reads them */
   lua_pop(L, 1);
   return L;
 }

@@ -11,6 +11,7 @@
 #include "../csrc/resp.c"
 #include "../csrc/ratelimit.c"
 #include "../csrc/util.c"
+#include "../csrc/signals.c"
 #include <stdint.h>
 #include <string.h>
 #include <time.h>

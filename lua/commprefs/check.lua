@@ -1,6 +1,6 @@
 -- commprefs.check: owns the rules of arguments and options, once: what a
 -- text, an id, an integer and a numeric option must be, with the ranges
--- and defaults of the C core's one table (core.limits, csrc/limits.h), so a
+-- and defaults of the C core's one table (core.limits, csrc/cp_limits.h), so a
 -- message names the option as the user wrote it and no number is written
 -- twice. Each rule returns nil when v is fine, else the reason; the caller
 -- raises (with the stack level that points at its own caller).

@@ -1,4 +1,4 @@
-/* limits.h: every option range and default of commprefs, once. Each row:
+/* cp_limits.h: every option range and default of commprefs, once. Each row:
  * the name a user writes (the Lua option; rate_limit.max is "rate_limit.max"),
  * the core's config field, the default, the least and the most allowed,
  * whether it must be an integer, and the unit. core.limits exports the
