@@ -62,6 +62,9 @@ local function nginx_surroundings(code, o)
     { "pid /run/[^;]+;", "pid " .. o.prefix .. "/logs/nginx.pid;" },
     { "error_log /var/log/nginx/[^ ;]+", "error_log " .. o.prefix .. "/logs/error.log" },
     { "/var/lib/app/", o.prefix .. "/work/" },
+    -- the workers as the invoking user (as support.nginx runs them): `nobody` cannot
+    -- read a checkout under a mode-700 directory (root's home, mktemp -d, CI's clone)
+    { "\nuser [^;]+;", "\n" .. nginx.USER },
   }
   for _, s in ipairs(subs) do
     local n
