@@ -460,7 +460,7 @@ static void push_metrics(lua_State *L, const cp_governor *g) {
   lua_newtable(L);
   for (i = 0; i < 500; i++) /* string keys ("200"): stats() stays JSON-encodable */
     if (g->m.by_status[i]) {
-      char k[8];
+      char k[16];
       snprintf(k, sizeof(k), "%d", i + 100);
       cp_set_integer(L, k, g->m.by_status[i]);
     }

@@ -99,12 +99,15 @@ function M.start(mode)
   local lua = jit and "luajit" or "lua5.4"
   local f = io.popen(string.format("%s spec/support/fakeredis.lua %s %d %s %s & echo pid=$!", lua, mode, port,
     proc.my_pid(), count_file))
-  local out = ""
+  -- "pid=" (the shell's echo) and "ready" (the server) may come in either order
+  local pid, ready
   repeat
     local line = f:read("*l")
-    out = out .. (line or "") .. "\n"
-  until not line or line == "ready"
-  local pid = out:match("pid=(%d+)")
+    if line then
+      pid = pid or line:match("^pid=(%d+)$")
+      ready = ready or line == "ready"
+    end
+  until not line or (pid and ready)
   local inst = { url = "redis://127.0.0.1:" .. port, port = port, pid = pid }
   function inst.count() return tonumber(proc.slurp(count_file)) or 0 end
   function inst.stop() os.execute("kill " .. pid .. " 2>/dev/null"); os.remove(count_file) end
