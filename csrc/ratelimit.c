@@ -46,7 +46,7 @@ int cp_rl_init(cp_ratelimit *rl, int max, long interval_ms) {
   rl->sent = rl->hist = NULL;
   rl->cap = rl->head = rl->count = 0;
   rl->hcap = rl->hhead = rl->hcount = 0;
-  rl->started_at = 0;
+  rl->next_at = 0;
   rl->blocked_until = 0;
   rl->pending = 0;
   rl->daily_left = -1;
@@ -88,8 +88,8 @@ double cp_rl_wait(cp_ratelimit *rl, double now) {
     double w = oldest + rl->interval_ms + margin_ms(rl) - now;
     if (w > wait) wait = w;
   }
-  if (rl->max > 0 && rl->count + rl->pending >= CP_PACE_BURST && rl->started_at > 0) {
-    double w = rl->started_at + cp_rl_spacing_ms(rl) - now; /* even spacing */
+  if (rl->max > 0 && rl->count + rl->pending >= CP_PACE_BURST && rl->next_at > 0) {
+    double w = rl->next_at - now; /* even spacing */
     if (w > wait) wait = w;
   }
   return wait > 0 ? wait : 0;
@@ -112,8 +112,14 @@ void cp_rl_record(cp_ratelimit *rl, double now) {
 }
 
 void cp_rl_start(cp_ratelimit *rl, double now) {
+  double spacing = cp_rl_spacing_ms(rl), base = now;
+  /* within a window's first few (the burst) the schedule starts from this
+   * start; after it, it advances from where it was due, not from a late
+   * start: lateness up to one spacing is caught up by the next start */
+  if (rl->count + rl->pending >= CP_PACE_BURST)
+    base = rl->next_at > now - spacing ? rl->next_at : now - spacing;
   rl->pending++;
-  rl->started_at = now;
+  rl->next_at = base + spacing;
 }
 
 void cp_rl_sent(cp_ratelimit *rl, double now) {

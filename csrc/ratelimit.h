@@ -15,7 +15,7 @@ typedef struct {
   int on_wire;        /* sent and not answered yet */
   double skew_ms;     /* margin learned from 429s inside the known window (clock skew) */
   double skewed_at;   /* when skew_ms last grew */
-  double started_at;  /* when the last attempt started (even spacing); 0 = none */
+  double next_at;     /* even spacing: when the next attempt is due (GCRA's theoretical time); 0 = none */
   double *hist;       /* ring of the last hcap send times, never expired (cp_rl_skewed reads it) */
   int hcap, hhead, hcount;
 } cp_ratelimit;
@@ -23,7 +23,10 @@ typedef struct {
 /* Even pacing: with the window known, the first CP_PACE_BURST attempts of a
  * window may start at once (a job's first requests); after that one starts
  * every (interval + margin) / max, so a window's requests never leave in a
- * burst at its edge. The rolling-window rule stays the hard bound. */
+ * burst at its edge. The schedule runs on its own clock (a start that came
+ * late does not push every later one back: up to one spacing of lateness is
+ * caught up), so the bound is reached. The rolling-window rule stays the
+ * hard bound. */
 #define CP_PACE_BURST 4
 
 /* The margin (ms) added to the window for the trip to the server. */

@@ -388,7 +388,7 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s, long timeou
   curl_easy_setopt(s->easy, CURLOPT_TIMEOUT_MS, timeout_ms); /* DNS, connect, TLS and the exchange */
   curl_easy_setopt(s->easy, CURLOPT_CONNECTTIMEOUT_MS, connect_ms);
   s->on_wire = 0;
-  cp_gov_paced(t->gov, cp_now_ms() - s->not_before);
+  cp_gov_paced(t->gov, cp_now_ms() - s->ready_at);
   cp_gov_begin(t->gov);
   curl_multi_add_handle(t->multi, s->easy);
   s->state = SLOT_RUNNING;
@@ -516,7 +516,8 @@ static int fill_slot(lua_State *L, cp_transport *t, cp_slot *s, source_state *sr
   lua_rawseti(L, ST_INFLIGHT, i);
   s->index = src->next++;
   s->attempts = 0;
-  s->not_before = cp_now_ms(); /* ready now: any later start waited for pacing */
+  s->not_before = 0;            /* may start at once */
+  s->ready_at = cp_now_ms();    /* any later start waited for pacing */
   s->state = SLOT_WAITING;
   t->in_use++;
   if (i > t->high) t->high = i;
@@ -611,7 +612,7 @@ static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, doubl
   }
   if (d.retry) {
     s->state = SLOT_WAITING;
-    s->not_before = now + d.delay_ms;
+    s->not_before = s->ready_at = now + d.delay_ms;
     return;
   }
   push_result(L, t, s, rc, &o);

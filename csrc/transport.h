@@ -26,6 +26,7 @@ typedef struct {
   int too_large;           /* this attempt's answer passed max_response_size */
   double sent_at;          /* monotonic ms when this attempt went on the wire */
   double not_before;       /* monotonic ms: earliest start of the next attempt */
+  double ready_at;         /* monotonic ms: when it could have started (pacing waits count from here) */
   /* the HubSpot headers of this attempt's answer (header callback), "" = absent:
    * Retry-After, X-HubSpot-RateLimit-Max, -Interval-Milliseconds, -Daily-Remaining */
   char hubspot[4][64];
