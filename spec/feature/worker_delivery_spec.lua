@@ -55,19 +55,7 @@ local function addresses(n, prefix)
 end
 
 -- A stream as a list of {field = value} tables.
-local function entries(key)
-  local out, from = {}, "-"
-  while true do
-    local page = cmd({ "XRANGE", key, from, "+", "COUNT", "5000" })
-    for _, e in ipairs(page) do
-      local t = { _id = e[1] }
-      for i = 1, #e[2], 2 do t[e[2][i]] = e[2][i + 1] end
-      if e[1] ~= from then out[#out + 1] = t end
-    end
-    if #page < 5000 then return out end
-    from = page[#page][1]
-  end
-end
+local function entries(key) return redis.entries(conn, key) end
 
 -- entry id -> "result:OUTCOME" or "dead"; fails on an entry with two.
 local function settled(k)

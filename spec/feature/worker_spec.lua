@@ -58,19 +58,7 @@ local function addresses(n, prefix)
 end
 
 -- The results stream as a list of {field = value} tables.
-local function results(key)
-  local out, from = {}, "-"
-  while true do
-    local page = cmd({ "XRANGE", key, from, "+", "COUNT", "5000" })
-    for _, e in ipairs(page) do
-      local t = { _id = e[1] }
-      for i = 1, #e[2], 2 do t[e[2][i]] = e[2][i + 1] end
-      if e[1] ~= from then out[#out + 1] = t end
-    end
-    if #page < 5000 then return out end
-    from = page[#page][1]
-  end
-end
+local function results(key) return redis.entries(conn, key) end
 
 -- Asserts one result per source entry (no more, no less); returns entry id -> result.
 local function one_each(k, source_ids)
