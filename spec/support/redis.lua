@@ -41,23 +41,7 @@ end
 -- Whether the server answering on inst.port is inst's own (on a busy machine
 -- another suite's redis-server may hold a port free_port gave out).
 local function ours(inst)
-  -- A stream as a list of {field = value} tables (its entry id as _id), read
--- through conn (a commprefs.core.redis_connect connection) 5,000 at a time.
-function M.entries(conn, key)
-  local out, from = {}, "-"
-  while true do
-    local page = assert(conn:command({ "XRANGE", key, from, "+", "COUNT", "5000" }))
-    for _, e in ipairs(page) do
-      local t = { _id = e[1] }
-      for i = 1, #e[2], 2 do t[e[2][i]] = e[2][i + 1] end
-      if e[1] ~= from then out[#out + 1] = t end
-    end
-    if #page < 5000 then return out end
-    from = page[#page][1]
-  end
-end
-
-return M.cli(inst, "INFO", "server"):match("process_id:(%d+)") == inst.pid
+  return M.cli(inst, "INFO", "server"):match("process_id:(%d+)") == inst.pid
 end
 
 -- true once inst's server answers; nil, its log when it died or never answered.
