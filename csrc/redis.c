@@ -99,6 +99,7 @@ typedef struct {
   struct timeval connect_tv, cmd_tv;
   int auth_failed;         /* the last connect failed on AUTH */
   int interrupted;         /* the last command was stopped by SIGINT/SIGTERM */
+  int stop_after_signals;  /* signals during a wait that stop it (1, or 2: a command to finish) */
   char err[400];
 } cp_redis;
 
@@ -254,13 +255,13 @@ static int wait_failed(cp_redis *r, const char *why, int interrupted) {
 /* The reply of the command appended last: writes what is buffered, then
  * reads until a whole reply is parsed, for at most the command timeout in
  * all (a deadline, not a per-read timeout: a reply trickling in byte by
- * byte is cut there), and stops as soon as SIGINT/SIGTERM is caught during
- * the wait (transport.c's handler, while a caller traps them). 0 with *rep,
- * or -1 with r->err and the connection dropped. */
+ * byte is cut there), and stops once r->stop_after_signals SIGINT/SIGTERM
+ * are caught during the wait (transport.c's handler, while a caller traps
+ * them). 0 with *rep, or -1 with r->err and the connection dropped. */
 static int await_reply(cp_redis *r, redisReply **rep) {
   redisContext *c = r->c;
   double deadline = cp_now_ms() + tv_ms(r->cmd_tv);
-  int done = 0, sigs = cp_signal_count();
+  int done = 0, sigs = cp_signal_count(), stop_after = r->stop_after_signals > 1 ? 2 : 1;
   void *reply = NULL;
   *rep = NULL;
   r->interrupted = 0;
@@ -282,7 +283,8 @@ static int await_reply(cp_redis *r, redisReply **rep) {
       *rep = reply;
       return 0;
     }
-    if (cp_signal_count() != sigs) return wait_failed(r, "interrupted by a signal while waiting for Redis", 1);
+    if (((cp_signal_count() - sigs) & 0x3fffffff) >= stop_after)
+      return wait_failed(r, "interrupted by a signal while waiting for Redis", 1);
     left = deadline - cp_now_ms();
     if (left <= 0) {
       char why[80];
@@ -471,13 +473,36 @@ static int core_redis_connect(lua_State *L) {
   return 1;
 }
 
-/* conn:command({"SET", "k", "v"}) -> reply | nil, err */
+/* The option of conn:command: {stop_after_signals = 1 | 2}
+ * (default 1: the first SIGINT/SIGTERM caught during the wait stops it; 2:
+ * a command the caller must see finished, such as a commit, which only a
+ * second signal stops). Raises on a bad option, before anything is sent. */
+static int opt_stop_after_signals(lua_State *L, int idx, const char *fname) {
+  lua_Integer v;
+  if (lua_isnoneornil(L, idx)) return 1;
+  luaL_checktype(L, idx, LUA_TTABLE);
+  lua_getfield(L, idx, "stop_after_signals");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return 1;
+  }
+  v = lua_type(L, -1) == LUA_TNUMBER ? lua_tointeger(L, -1) : 0;
+  if ((v != 1 && v != 2) || lua_tonumber(L, -1) != (lua_Number)v) luaL_error(L, "%s: bad option 'stop_after_signals' (1 or 2 expected)", fname);
+  lua_pop(L, 1);
+  return (int)v;
+}
+
+/* conn:command({"SET", "k", "v"} [, {stop_after_signals = 2}]) -> reply | nil, err */
 static int conn_command(lua_State *L) {
   lua_conn *c = check_conn(L);
   const char **argv;
   size_t *lens;
+  int stop_after = opt_stop_after_signals(L, 3, "commprefs.redis: command");
   int n = cp_resp_check_args(L, 2, "commprefs.redis: command", &argv, &lens);
-  redisReply *rep = redis_call(&c->r, n, argv, lens);
+  redisReply *rep;
+  c->r.stop_after_signals = stop_after;
+  rep = redis_call(&c->r, n, argv, lens);
+  c->r.stop_after_signals = 1;
   free(argv);
   free(lens);
   if (!rep) return push_failure(L, &c->r);

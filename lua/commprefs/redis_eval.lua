@@ -9,8 +9,9 @@
 --   local session = require("commprefs.redis_eval").new {
 --     connect = function() return conn or nil, err end, wait = 30,
 --     stop = function() return false end, on_event = function(name, info) end }
---   session:call(argv)                 -> reply | nil, err, code
---   session:eval(script, keys, args)   -> reply | nil, err, code
+--   session:call(argv [, opts])               -> reply | nil, err, code
+--   session:eval(script, keys, args [, opts]) -> reply | nil, err, code
+--   (opts: the connection's, e.g. {stop_after_signals = 2}: see csrc/redis.c)
 --   session:drop(); session:close()
 --
 -- code: a reply error's class (its first word: "NOGROUP", "WRONGTYPE", ...),
@@ -118,12 +119,12 @@ end
 Session.close = Session.drop
 
 -- One command: reply, or nil, err, code (see the top of this file).
-function Session:call(argv)
+function Session:call(argv, opts)
   local deadline = core.now() + self.wait
   while true do
     local conn, cerr, ccode = self:open()
     if not conn then return nil, cerr, ccode end
-    local reply, err = conn:command(argv)
+    local reply, err = conn:command(argv, opts)
     if reply ~= nil then self:_answered(); return reply end
     local code = code_of(err)
     if code == "interrupted" then self:drop(); return nil, err, code end
@@ -144,23 +145,23 @@ end
 
 -- Runs a script: EVALSHA of its cached digest (SCRIPT LOAD once), EVAL after
 -- NOSCRIPT (SCRIPT FLUSH, a restarted Redis), which caches it again.
-function Session:eval(script, keys, args)
+function Session:eval(script, keys, args, opts)
   local argv = { "EVALSHA", "", tostring(#keys) }
   for _, k in ipairs(keys) do argv[#argv + 1] = k end
   for _, a in ipairs(args) do argv[#argv + 1] = a end
   local sha = self.shas[script]
   if not sha then
     local err, code
-    sha, err, code = self:call({ "SCRIPT", "LOAD", script })
+    sha, err, code = self:call({ "SCRIPT", "LOAD", script }, opts)
     if not sha then return nil, err, code end
     if type(sha) ~= "string" then return nil, M.bad_reply("SCRIPT LOAD"), "bad_reply" end
     self.shas[script] = sha
   end
   argv[2] = sha
-  local reply, err, code = self:call(argv)
+  local reply, err, code = self:call(argv, opts)
   if code == "NOSCRIPT" then
     argv[1], argv[2] = "EVAL", script
-    reply, err, code = self:call(argv)
+    reply, err, code = self:call(argv, opts)
   end
   return reply, err, code
 end

@@ -375,14 +375,22 @@ function Worker:_pause(seconds)
   return true
 end
 
-function Worker:_call(argv)
-  local reply, err, code = self.redis:call(argv)
+-- How a signal meets a wait for Redis (plain Lua: csrc/redis.c). A blocking
+-- read stops at the first SIGINT/SIGTERM, so an idle worker stops at once;
+-- every other command is finished despite one signal (a second stops it):
+-- a commit or a read cut short by the signal that stops the worker would
+-- leave entries pending that nobody settles.
+local FINISH = { stop_after_signals = 2 }
+local STOP_AT_SIGNAL = { stop_after_signals = 1 }
+
+function Worker:_call(argv, opts)
+  local reply, err, code = self.redis:call(argv, opts or FINISH)
   self.summary.reconnects = self.redis.reconnects
   return reply, err, code
 end
 
 function Worker:_eval(script, keys, args)
-  local reply, err, code = self.redis:eval(script, keys, args)
+  local reply, err, code = self.redis:eval(script, keys, args, FINISH)
   self.summary.reconnects = self.redis.reconnects
   return reply, err, code
 end
@@ -419,10 +427,10 @@ function Worker:_missing_group()
 end
 
 -- A command that needs the group (see _missing_group when it is missing).
-function Worker:_group_call(argv, script_keys, script_args)
+function Worker:_group_call(argv, script_keys, script_args, opts)
   local function once()
     if script_keys then return self:_eval(argv, script_keys, script_args) end
-    return self:_call(argv)
+    return self:_call(argv, opts)
   end
   local reply, err, code = once()
   if code == "NOGROUP" then
@@ -533,10 +541,11 @@ function Worker:_read(n, block_ms)
     if not out or #out > 0 then return out, err, code end
   end
   local argv = { "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", tostring(n) }
-  if block_ms and block_ms > 0 then argv[#argv + 1] = "BLOCK"; argv[#argv + 1] = tostring(block_ms) end
+  local blocking = block_ms and block_ms > 0
+  if blocking then argv[#argv + 1] = "BLOCK"; argv[#argv + 1] = tostring(block_ms) end
   argv[#argv + 1] = "STREAMS"; argv[#argv + 1] = self.stream; argv[#argv + 1] = ">"
   local reply
-  reply, err, code = self:_group_call(argv)
+  reply, err, code = self:_group_call(argv, nil, nil, blocking and STOP_AT_SIGNAL or FINISH)
   if not reply then return nil, err, code end
   local list = stream_entries(reply)
   if not list then return self:_bad_reply("XREADGROUP") end
@@ -620,8 +629,9 @@ function Worker:_gather(block_ms)
     if not entries then return nil, err end
     if #entries == 0 then return false end
     if #entries < self.batch_size and self.fill_ms > 0 then
-      local more, merr = self:_read(self.batch_size - #entries, self.fill_ms)
-      if not more then return nil, merr end
+      local more, merr, mcode = self:_read(self.batch_size - #entries, self.fill_ms)
+      if not more and mcode ~= "interrupted" then return nil, merr end
+      more = more or {} -- a signal ended the wait for more: the batch goes as it is
       for _, e in ipairs(more) do entries[#entries + 1] = e end
     end
     local batch, serr = self:_sort(entries)
@@ -726,7 +736,7 @@ function Worker:_drain(ready, gather, stop, on_progress)
     if not batch and gather and not stop() and core.now() >= self.hold_until then
       local err
       batch, err = self:_gather(nil)
-      if batch == nil then fatal = err end
+      if batch == nil and not (type(err) == "table" and err.code == "interrupted") then fatal = err end
     end
     if not batch then return nil end
     seq = seq + 1

@@ -80,7 +80,7 @@ describe("bulk jobs", function()
       end,
       on_progress = function(done, total) progress = done; assert.equal(20000, total) end,
     })
-    assert.equal(20000, s.done)
+    assert.equal(20000, s.done, "stopped: " .. tostring(s.stopped) .. " " .. tostring(s.stop_message))
     assert.equal(20000, s.changed + s.unchanged + s.failed)
     assert.equal(20000, progress)
     for _, id in ipairs(list) do assert.is_not_nil(seen[id], id) end

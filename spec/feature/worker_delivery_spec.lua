@@ -324,6 +324,39 @@ describe("worker against a misbehaving Redis", function()
     assert.is_true(took < 1, "took " .. took)
   end)
 
+  it("finishes a command asked to outlast one signal (stop_after_signals = 2); a second signal stops it", function()
+    local fake = fakeredis.start("drip")
+    local lua = jit and "luajit" or "lua5.4"
+    local script = proc.tmpfile("drip2", "script.lua")
+    local f = assert(io.open(script, "w"))
+    f:write(string.format([[
+      package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+      package.cpath = %q .. "/?.so;" .. package.cpath
+      local core = require "commprefs.core"
+      core.trap_signals(true)
+      local c = assert(core.redis_connect(%q, { timeout = 30 }))
+      assert(not pcall(c.command, c, { "GET", "k" }, { stop_after_signals = 3 }))
+      local reply, err = c:command({ "GET", "k" }, { stop_after_signals = 2 })
+      io.write(tostring(err and err.code), "\n")
+    ]], os.getenv("COMMPREFS_BUILD") or ("build/" .. sim.vm), fake.url))
+    f:close()
+    local p = spawn(lua .. " " .. script)
+    socket.sleep(1.5)
+    os.execute("kill -INT " .. p.pid)
+    socket.sleep(1)
+    local alive = os.execute("kill -0 " .. p.pid .. " 2>/dev/null")
+    local t0 = socket.gettime()
+    os.execute("kill -INT " .. p.pid)
+    local code, out = wait(p, 10)
+    local took = socket.gettime() - t0
+    fake.stop()
+    os.remove(script)
+    assert.is_true(alive == true or alive == 0, "the first signal stopped the command")
+    assert.equal(0, code)
+    assert.equal("interrupted\n", out)
+    assert.is_true(took < 1, "took " .. took)
+  end)
+
   it("says at once that Redis is unreachable and for how long it keeps trying", function()
     local port = proc.free_port()
     local p = spawn(worker_cmd({ stream = "s", group = "g", results = "r" }, "", "redis://127.0.0.1:" .. port))

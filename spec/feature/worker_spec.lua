@@ -518,6 +518,30 @@ describe("commprefs worker (command line)", function()
     assert.equal(0, cmd({ "XLEN", k.stream })) -- the group was created again on an empty stream
   end)
 
+  it("finishes the Redis commands a signal arrives in the middle of, leaving nothing pending", function()
+    -- DEBUG SLEEP stops the server answering for 1.5 s: the worker is waiting
+    -- on a commit or a read when SIGTERM comes (CI once saw 70 entries left
+    -- pending: a commit cut short by the signal stopped the drain as if Redis
+    -- had failed, and the batches in flight were never finished)
+    local k = keys()
+    sim.reset({ rate = "20/1000", latency = 100 })
+    local ids = add(k.stream, addresses(800, "slowredis"))
+    local p = spawn(worker_args(k, "--batch-size 10 --consumer s --quiet"))
+    socket.sleep(1.5)
+    exec(string.format("redis-cli -p %d DEBUG SLEEP 1.5 >/dev/null 2>&1 &", R.port))
+    socket.sleep(0.5)
+    exec("kill -TERM " .. p.pid)
+    local code, _, err = wait(p, 30)
+    assert.equal(0, code, err)
+    assert.matches("stopped: signal", err)
+    assert.equal(0, group_pending(k)) -- every entry read was settled
+    local done = #results(k.results)
+    assert.is_true(done > 0 and done < 800, done .. " results")
+    local code2, _, err2 = cli(worker_args(k, "--batch-size 100 --idle-exit 0.5 --quiet --claim-idle 1"))
+    assert.equal(0, code2, err2)
+    one_each(k, ids)
+  end)
+
   it("finishes and commits the batches in flight on SIGTERM (exit 0) and SIGINT (exit 130)", function()
     for _, sig in ipairs { { "TERM", 0 }, { "INT", 130 } } do
       local k = keys()

@@ -61,7 +61,8 @@ local function launch(inst, dir)
   -- env -u: a sanitizer run preloads libasan into this process only, not into redis-server
   local cmd = string.format(
     "env -u LD_PRELOAD -u ASAN_OPTIONS redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no" ..
-    " --dir %s --logfile %s --daemonize no --protected-mode no%s >/dev/null 2>&1 </dev/null & " ..
+    " --dir %s --logfile %s --daemonize no --protected-mode no --enable-debug-command local%s" ..
+    " >/dev/null 2>&1 </dev/null & " ..
     "pid=$!; echo pid=$pid; " ..
     "( while kill -0 %s 2>/dev/null && kill -0 $pid 2>/dev/null; do sleep 0.5; done; " ..
     "kill $pid 2>/dev/null; sleep 0.5; " ..

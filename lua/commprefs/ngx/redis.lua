@@ -53,8 +53,9 @@ local function check_open(self, fname)
   if not self.sock then error("commprefs.ngx.redis: " .. fname .. ": the connection is closed", 3) end
 end
 
--- conn:command(args) -> reply | nil, err
-function Conn:command(args)
+-- conn:command(args [, opts]) -> reply | nil, err (opts, for core.redis_connect's
+-- stop_after_signals, mean nothing here: nginx handles signals itself)
+function Conn:command(args, _)
   check_open(self, "command")
   local bytes = core.redis_format(args) -- raises on bad args: nothing is sent
   local _, err = self.sock:send(bytes)
