@@ -41,9 +41,15 @@ function M.slurp(path)
 end
 
 -- A path under $TMPDIR (or /tmp) no file holds yet, named after the spec (tag) and VM.
+-- Unique per process and call: this pid and a counter (LuaJIT's math.random
+-- starts from the same seed in every process, so two LuaJIT suites side by
+-- side once got the same journal path and removed each other's records).
+local tmp_count, tmp_pid = 0, nil
 function M.tmpfile(tag, name)
-  local p = string.format("%s/commprefs-%s-%s-%d-%s", os.getenv("TMPDIR") or "/tmp", tag,
-    jit and "luajit" or "lua5.4", math.random(1e9), name)
+  tmp_pid = tmp_pid or M.my_pid()
+  tmp_count = tmp_count + 1
+  local p = string.format("%s/commprefs-%s-%s-%s-%d-%.0f-%s", os.getenv("TMPDIR") or "/tmp", tag,
+    jit and "luajit" or "lua5.4", tmp_pid, tmp_count, socket.gettime() * 1e6 % 1e12, name)
   os.remove(p)
   return p
 end
