@@ -9,9 +9,10 @@
  * commprefs:{K}:window, a sorted set of the times (Redis TIME, ms) requests
  * were granted in the current rolling window, and commprefs:{K}:limits, a
  * hash with HubSpot's learned max, interval and margin (ms: ratelimit.c's
- * plus CP_BUDGET_SLACK_MS, see redis.h), a 429's blocked-until time and the
- * last grant ("last": grants are spaced evenly, ratelimit.c's rule: once
- * CP_PACE_BURST are in the window, one per (interval + margin) / max).
+ * plus CP_BUDGET_SLACK_MS, see redis.h), a 429's blocked-until time and when
+ * the next grant is due ("due": grants are spaced evenly, ratelimit.c's rule:
+ * once CP_PACE_BURST are in the window, one per (interval + margin) / max on
+ * a schedule of its own, which catches up a late grant by up to one spacing).
  * Both expire. Only numbers are written: never the token. */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -61,7 +62,7 @@ static const char BUDGET_SCRIPT[] =
   "elseif op ~= 'acquire' then\n"
   "  return redis.error_reply('commprefs budget: unknown operation')\n"
   "end\n"
-  "local l = redis.call('HMGET', s, 'max', 'interval', 'margin', 'blocked', 'last')\n"
+  "local l = redis.call('HMGET', s, 'max', 'interval', 'margin', 'blocked', 'due')\n"
   "local max, interval, margin = tonumber(l[1]), tonumber(l[2]), tonumber(l[3])\n"
   "if not max and tonumber(ARGV[2]) then\n"
   "  max, interval, margin = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])\n"
@@ -77,14 +78,12 @@ static const char BUDGET_SCRIPT[] =
   "    local oldest = redis.call('ZRANGE', w, n - max, n - max, 'WITHSCORES')\n"
   "    return math.max(1, math.ceil(tonumber(oldest[2]) + interval + margin - now))\n"
   "  end\n"
-  "  local last = tonumber(l[5])\n"
-  "  if n >= " BUDGET_STR(CP_PACE_BURST) " and last then\n"
-  "    local next = last + (interval + margin) / max\n"
-  "    if next > now then return math.max(1, math.ceil(next - now)) end\n"
-  "  end\n"
+  "  local due, spacing = tonumber(l[5]), (interval + margin) / max\n"
+  "  local paced = n >= " BUDGET_STR(CP_PACE_BURST) " and due\n"
+  "  if paced and due > now then return math.max(1, math.ceil(due - now)) end\n"
+  "  redis.call('HSET', s, 'due', (paced and math.max(due, now - spacing) or now) + spacing)\n"
   "end\n"
   "redis.call('ZADD', w, now, redis.call('HINCRBY', s, 'seq', 1))\n"
-  "redis.call('HSET', s, 'last', now)\n"
   "redis.call('PEXPIRE', w, math.ceil(interval + margin) + 1000)\n"
   "redis.call('PEXPIRE', s, keep)\n"
   "return 0\n";

@@ -171,6 +171,26 @@ case { name = "a learned window spreads attempts across it: a burst of a few, th
     for i = 1, #at - burst do assert.is_true(at[i + burst] - at[i] >= 10, "send " .. i) end
   end }
 
+-- A caller late for its turn does not push the schedule back: the next
+-- send goes when it was due (lateness up to one spacing is caught up).
+case { name = "a send late for its turn is caught up by the next one: the schedule holds",
+  code = [[
+    local a = P.new {}
+    a:finish { status = 200, attempts = 1, rate_max = 20, rate_interval_ms = 1000 }
+    for i = 1, 5 do P.go(a); a:sent() end
+    local t5 = P.now()
+    P.sleep(75) -- the sixth was due 51.75 ms after the fifth: 23 ms late
+    P.go(a); local t6 = P.now(); a:sent()
+    P.go(a); local t7 = P.now(); a:sent()
+    return { late = t6 - t5, gap = t7 - t6, due = t7 - t5 }
+  ]],
+  check = function(t)
+    assert.is_true(t.late >= 74 and t.late < 100, "sixth after " .. t.late)
+    -- due 2 x 51.75 = 103.5 ms after the fifth (the old rule: 51.75 after the sixth, >= 126)
+    assert.is_true(t.due > 98 and t.due < 122, "seventh after " .. t.due)
+    assert.is_true(t.gap < 45, "gap " .. t.gap)
+  end }
+
 case { name = "participants share one even schedule", shared = true,
   code = [[
     local a, b = P.new {}, P.new {}

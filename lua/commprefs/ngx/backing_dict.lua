@@ -69,7 +69,10 @@ local BURST = core.limits.pace_burst
 local PENDING_POLL_MS = 10 -- the ticket before is not on the wire yet: ask again this soon
 
 -- ms until ticket n may go by the even spacing (0 = now): while ticket
--- n - BURST is in the window, one spacing after ticket n - 1 was sent.
+-- n - BURST is in the window, one spacing after ticket n - 1 was sent, less
+-- how late n - 1 went after n - 2's schedule (up to one spacing): the
+-- schedule catches up a late send as ratelimit.c's does, instead of every
+-- late send pushing all later ones back.
 function Dict:spacing_wait(n, now, max, window)
   if n <= BURST then return 0 end
   local dict, prefix = self.dict, self.ticket_prefix
@@ -79,7 +82,12 @@ function Dict:spacing_wait(n, now, max, window)
   if not prev then return 0 end -- never sent: its turn is free
   local spacing = window / max
   if prev < 0 then return math.min(spacing, PENDING_POLL_MS) end
-  return prev + spacing - now
+  local due = prev + spacing
+  local before = self:sent_at(n - 2)
+  if before and before >= 0 and before + 2 * spacing < due then -- n - 1 went late
+    due = math.max(prev, before + 2 * spacing)
+  end
+  return due - now
 end
 
 -- The send time of ticket m, nil when it never was (or was given up), or -1
