@@ -296,9 +296,10 @@ describe("worker against a misbehaving Redis", function()
     assert.is_true(took > 0.9 and took < 2, "took " .. took)
   end)
 
-  it("stops a trickling reply on SIGINT when signals are trapped (the worker's case)", function()
+  -- A child that traps signals and waits on a reply the drip server trickles
+  -- (`command`: the Lua call, on connection c): its process and a cleanup.
+  local function drip_child(command)
     local fake = fakeredis.start("drip")
-    local lua = jit and "luajit" or "lua5.4"
     local script = proc.tmpfile("drip", "script.lua")
     local f = assert(io.open(script, "w"))
     f:write(string.format([[
@@ -307,50 +308,43 @@ describe("worker against a misbehaving Redis", function()
       local core = require "commprefs.core"
       core.trap_signals(true)
       local c = assert(core.redis_connect(%q, { timeout = 30 }))
-      local reply, err = c:command({ "GET", "k" })
+      local reply, err = %s
       io.write(tostring(err and err.code), "\n")
-    ]], os.getenv("COMMPREFS_BUILD") or ("build/" .. sim.vm), fake.url))
+    ]], os.getenv("COMMPREFS_BUILD") or ("build/" .. sim.vm), fake.url, command))
     f:close()
-    local p = spawn(lua .. " " .. script)
-    socket.sleep(1.5)
+    local p = spawn((jit and "luajit" or "lua5.4") .. " " .. script)
+    return p, function() fake.stop(); os.remove(script) end
+  end
+
+  -- Sends SIGINT to p; its exit code, output and how long it took to end.
+  local function interrupt(p)
     local t0 = socket.gettime()
     os.execute("kill -INT " .. p.pid)
     local code, out = wait(p, 10)
-    local took = socket.gettime() - t0
-    fake.stop()
-    os.remove(script)
+    return code, out, socket.gettime() - t0
+  end
+
+  it("stops a trickling reply on SIGINT when signals are trapped (the worker's case)", function()
+    local p, cleanup = drip_child([[c:command({ "GET", "k" })]])
+    socket.sleep(1.5)
+    local code, out, took = interrupt(p)
+    cleanup()
     assert.equal(0, code)
     assert.equal("interrupted\n", out)
     assert.is_true(took < 1, "took " .. took)
   end)
 
   it("finishes a command asked to outlast one signal (stop_after_signals = 2); a second signal stops it", function()
-    local fake = fakeredis.start("drip")
-    local lua = jit and "luajit" or "lua5.4"
-    local script = proc.tmpfile("drip2", "script.lua")
-    local f = assert(io.open(script, "w"))
-    f:write(string.format([[
-      package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
-      package.cpath = %q .. "/?.so;" .. package.cpath
-      local core = require "commprefs.core"
-      core.trap_signals(true)
-      local c = assert(core.redis_connect(%q, { timeout = 30 }))
-      assert(not pcall(c.command, c, { "GET", "k" }, { stop_after_signals = 3 }))
-      local reply, err = c:command({ "GET", "k" }, { stop_after_signals = 2 })
-      io.write(tostring(err and err.code), "\n")
-    ]], os.getenv("COMMPREFS_BUILD") or ("build/" .. sim.vm), fake.url))
-    f:close()
-    local p = spawn(lua .. " " .. script)
+    local p, cleanup = drip_child([[(function()
+        assert(not pcall(c.command, c, { "GET", "k" }, { stop_after_signals = 3 })) -- a mistake: raises
+        return c:command({ "GET", "k" }, { stop_after_signals = 2 })
+      end)()]])
     socket.sleep(1.5)
     os.execute("kill -INT " .. p.pid)
     socket.sleep(1)
     local alive = os.execute("kill -0 " .. p.pid .. " 2>/dev/null")
-    local t0 = socket.gettime()
-    os.execute("kill -INT " .. p.pid)
-    local code, out = wait(p, 10)
-    local took = socket.gettime() - t0
-    fake.stop()
-    os.remove(script)
+    local code, out, took = interrupt(p)
+    cleanup()
     assert.is_true(alive == true or alive == 0, "the first signal stopped the command")
     assert.equal(0, code)
     assert.equal("interrupted\n", out)
