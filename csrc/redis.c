@@ -98,6 +98,7 @@ typedef struct {
   struct timeval connect_tv, cmd_tv;
   int auth_failed;         /* the last connect failed on AUTH */
   int interrupted;         /* the last command was stopped by SIGINT/SIGTERM */
+  int too_large;           /* the last reply announced more than the caps of redis.h */
   int stop_after_signals;  /* signals during a wait that stop it (1, or 2: a command to finish) */
   char err[400];
 } cp_redis;
@@ -263,7 +264,7 @@ static int await_reply(cp_redis *r, redisReply **rep) {
   int done = 0, sigs = cp_signal_count(), stop_after = r->stop_after_signals > 1 ? 2 : 1;
   void *reply = NULL;
   *rep = NULL;
-  r->interrupted = 0;
+  r->interrupted = r->too_large = 0;
   while (!done) {
     if (redisBufferWrite(c, &done) != REDIS_OK) {
       io_failed(r);
@@ -281,6 +282,12 @@ static int await_reply(cp_redis *r, redisReply **rep) {
     if (reply) {
       *rep = reply;
       return 0;
+    }
+    /* a bulk string announced over the cap fails here, at its header, not
+     * once hiredis has buffered all of it (its memory would be the reply's size) */
+    if (cp_resp_check_pending(c->reader, &r->lim) != 0) {
+      r->too_large = 1;
+      return wait_failed(r, cp_resp_reader_error(c->reader, &r->lim), 0);
     }
     if (((cp_signal_count() - sigs) & 0x3fffffff) >= stop_after)
       return wait_failed(r, "interrupted by a signal while waiting for Redis", 1);
@@ -338,7 +345,7 @@ static int setup_command(cp_redis *r, int argc, const char **argv, const char *w
 static int redis_connect(cp_redis *r) {
   char db[16];
   drop_connection(r);
-  r->auth_failed = 0;
+  r->auth_failed = r->interrupted = r->too_large = 0;
   r->c = redisConnectWithTimeout(r->host, r->port, r->connect_tv);
   if (!r->c || r->c->err) {
     snprintf(r->err, sizeof(r->err), "%s:%d: cannot connect: %s", r->host, r->port,
@@ -368,12 +375,17 @@ static int redis_connect(cp_redis *r) {
   return 0;
 }
 
+/* A failed read or write: r->err, the connection dropped. A reader error
+ * from our caps (an array announced over CP_RESP_MAX_ELEMENTS, refused at
+ * its header) is too_large, said as such. */
 static void io_failed(cp_redis *r) {
+  int reader_err;
   const char *why;
   if (!r->c) return;
-  why = r->c->err == REDIS_ERR_PROTOCOL || r->c->err == REDIS_ERR_OOM
-    ? cp_resp_reader_error(r->c->reader, &r->lim) : r->c->errstr;
-  snprintf(r->err, sizeof(r->err), "%s:%d: connection lost: %s", r->host, r->port,
+  reader_err = r->c->err == REDIS_ERR_PROTOCOL || r->c->err == REDIS_ERR_OOM;
+  why = reader_err ? cp_resp_reader_error(r->c->reader, &r->lim) : r->c->errstr;
+  r->too_large = reader_err && r->lim.too_large;
+  snprintf(r->err, sizeof(r->err), "%s:%d: %s%s", r->host, r->port, r->too_large ? "" : "connection lost: ",
            *why ? why : "connection closed");
   drop_connection(r);
 }
@@ -416,11 +428,14 @@ static double opt_seconds(lua_State *L, int idx, const char *key, double def) {
 }
 
 /* nil, error: code "auth_failed" (a wrong password does not heal),
- * "interrupted" (SIGINT/SIGTERM during the wait) or "connection". */
+ * "interrupted" (SIGINT/SIGTERM during the wait), "too_large" (a reply
+ * announced a bulk string or array over the caps of redis.h: refused at its
+ * header, the connection dropped) or "connection". */
 static int push_failure(lua_State *L, const cp_redis *r) {
   lua_pushnil(L);
   cp_resp_push_error(L, r->err, strlen(r->err),
-                     r->auth_failed ? "auth_failed" : r->interrupted ? "interrupted" : "connection");
+                     r->auth_failed ? "auth_failed" : r->interrupted ? "interrupted"
+                     : r->too_large ? "too_large" : "connection");
   return 2;
 }
 

@@ -41,6 +41,11 @@ typedef struct {
 
 void cp_resp_limit_reader(redisReader *r, cp_resp_limit *lim);
 const char *cp_resp_reader_error(const redisReader *r, const cp_resp_limit *lim);
+/* After a redisReaderGetReply that gave no reply: -1 (and the reader failed,
+ * lim->too_large set) when the item hiredis waits for is already known to be
+ * over CP_RESP_MAX_BULK (a bulk string's header, or an unended status line),
+ * so that nobody buffers it first; else 0. */
+int cp_resp_check_pending(redisReader *r, cp_resp_limit *lim);
 void cp_resp_push_null(lua_State *L);
 /* Registry keys: the Error metatable Lua gives (core.error_type), and the core's fallback. */
 #define CP_ERROR_TYPE "commprefs.Error"

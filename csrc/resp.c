@@ -140,7 +140,7 @@ static int pending_too_long(const redisReader *r) {
 }
 
 /* Fails the reader (sticky, as hiredis's own errors) when pending_too_long. */
-static int check_pending(redisReader *r, cp_resp_limit *lim) {
+int cp_resp_check_pending(redisReader *r, cp_resp_limit *lim) {
   if (!pending_too_long(r)) return 0;
   lim->too_large = TOO_LONG_STRING;
   r->err = REDIS_ERR_PROTOCOL;
@@ -161,35 +161,34 @@ static lua_reader *check_reader(lua_State *L) {
   return lr;
 }
 
-/* reader:feed(bytes) -> true | nil, err (a protocol error: the stream is unusable) */
+/* nil, err, code: code "too_large" (an item announced over the caps of
+ * redis.h) or "protocol" (any other protocol error). The stream is unusable. */
+static int push_reader_failure(lua_State *L, const lua_reader *lr) {
+  lua_pushnil(L);
+  lua_pushstring(L, cp_resp_reader_error(lr->r, &lr->lim));
+  if (lr->lim.too_large) lua_pushliteral(L, "too_large");
+  else lua_pushliteral(L, "protocol");
+  return 3;
+}
+
+/* reader:feed(bytes) -> true | nil, err, code (see push_reader_failure) */
 static int reader_feed(lua_State *L) {
   lua_reader *lr = check_reader(L);
   size_t len;
   const char *buf = luaL_checklstring(L, 2, &len);
-  if (lr->r->err || check_pending(lr->r, &lr->lim) != 0 || redisReaderFeed(lr->r, buf, len) != REDIS_OK) {
-    lua_pushnil(L);
-    lua_pushstring(L, cp_resp_reader_error(lr->r, &lr->lim));
-    return 2;
-  }
+  if (lr->r->err || cp_resp_check_pending(lr->r, &lr->lim) != 0 || redisReaderFeed(lr->r, buf, len) != REDIS_OK)
+    return push_reader_failure(L, lr);
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* reader:get() -> true, value (a whole reply) | false (more bytes needed) | nil, err.
- * An error reply is value = commprefs.Error. */
+/* reader:get() -> true, value (a whole reply) | false (more bytes needed) |
+ * nil, err, code (see push_reader_failure). An error reply is value = commprefs.Error. */
 static int reader_get(lua_State *L) {
   lua_reader *lr = check_reader(L);
   void *reply = NULL;
-  if (lr->r->err || redisReaderGetReply(lr->r, &reply) != REDIS_OK) {
-    lua_pushnil(L);
-    lua_pushstring(L, cp_resp_reader_error(lr->r, &lr->lim));
-    return 2;
-  }
-  if (!reply && check_pending(lr->r, &lr->lim) != 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, cp_resp_reader_error(lr->r, &lr->lim));
-    return 2;
-  }
+  if (lr->r->err || redisReaderGetReply(lr->r, &reply) != REDIS_OK) return push_reader_failure(L, lr);
+  if (!reply && cp_resp_check_pending(lr->r, &lr->lim) != 0) return push_reader_failure(L, lr);
   if (!reply) {
     lua_pushboolean(L, 0);
     return 1;

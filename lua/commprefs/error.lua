@@ -2,7 +2,7 @@
 -- Fields: kind ("http", "network", "timeout", "tls", "too_large", "decode",
 -- "journal", "item", "stopped", "redis", ...), code (machine-readable, set
 -- where the failure is known: a Redis error class such as "WRONGTYPE", or
--- "connection", "auth_failed"), status, category, message, correlation_id, sub_category,
+-- "connection", "auth_failed", "interrupted", "too_large"), status, category, message, correlation_id, sub_category,
 -- context, errors, retry_after, attempts, method, url, and for batches
 -- partial/failed_inputs. tostring(err) never raises, whatever the fields
 -- hold (a field of an unexpected type is left out), and never shows a

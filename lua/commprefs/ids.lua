@@ -100,7 +100,23 @@ local function refused_char(id, allow_space)
 end
 
 M.ADDRESS = "^[^@]+@[^@]+%.[^@.]+$"
+M.EMPTY = "empty" -- the why of an address that is nothing but white space
 
+-- An address as the command line (a line, an argument) and the worker (an
+-- entry's field) take it: s with the white space around it trimmed. nil,
+-- why, refused when it is none: why is "not valid UTF-8", M.EMPTY,
+-- "invisible or control character U+XXXX inside the id" (then refused is
+-- true: it would name another address than the one meant) or "not an email
+-- address". Duplicates are compared by commprefs.ops.key (any letter case).
+function M.address(s)
+  if not valid_utf8(s) then return nil, "not valid UTF-8" end
+  local id = trim_unicode(s)
+  if id == "" then return nil, M.EMPTY end
+  local bad = refused_char(id)
+  if bad then return nil, "invisible or control character " .. bad .. " inside the id", true end
+  if not id:find(M.ADDRESS) then return nil, "not an email address" end
+  return id
+end
 
 M.valid_utf8, M.trim, M.refused_char = valid_utf8, trim_unicode, refused_char
 

@@ -45,7 +45,8 @@ local TRANSIENT = { LOADING = true, BUSY = true, MASTERDOWN = true, READONLY = t
   TRYAGAIN = true, CLUSTERDOWN = true }
 
 -- The class of a failure: "connection" (gone: refused, reset, timed out,
--- closed), "auth_failed", "interrupted", or a reply error's class.
+-- closed), "auth_failed", "interrupted", "too_large" (a reply over the
+-- core's caps, refused at its header), or a reply error's class.
 local function code_of(err)
   return type(err) == "table" and err.code or "connection"
 end

@@ -73,6 +73,7 @@
 -- own pending entries, so nothing delivered during the outage is stranded.
 local core = require "commprefs.core"
 local ops = require "commprefs.ops"
+local ids_rule = require "commprefs.ids"
 local outcome = require("commprefs.response").outcome
 local redis_eval = require "commprefs.redis_eval"
 local id_after -- below
@@ -207,25 +208,8 @@ local ALLOWED = { redis = true, connect = true, redis_timeout = true, stream = t
   results = true, consumer = true, op = true, batch_size = true, business_unit_id = true, block = true,
   fill_wait = true, claim_idle = true, redis_wait = true, max_deliveries = true, dead_letter = true }
 
--- Valid UTF-8 (utf8.len where there is one: LuaJIT has none).
-local function valid_utf8(s)
-  if utf8 and utf8.len then return utf8.len(s) ~= nil end
-  local i, n = 1, #s
-  while i <= n do
-    local c = s:byte(i)
-    local len = c < 0x80 and 1 or (c >= 0xC2 and c < 0xE0) and 2 or (c >= 0xE0 and c < 0xF0) and 3
-      or (c >= 0xF0 and c < 0xF5) and 4 or nil
-    if not len or i + len - 1 > n then return false end
-    for j = i + 1, i + len - 1 do
-      local b = s:byte(j)
-      if b < 0x80 or b > 0xBF then return false end
-    end
-    i = i + len
-  end
-  return true
-end
-
--- Why an entry cannot be sent (nil when it can), and its address.
+-- Why an entry cannot be sent (nil when it can), and its address: the id
+-- as commprefs.ids takes an address (trimmed; the field as it was when bad).
 -- fields: the flat {name, value, ...} array Redis returns.
 function M.check_entry(fields)
   local id, size = nil, 0
@@ -240,12 +224,9 @@ function M.check_entry(fields)
   if size > M.MAX_ENTRY then
     return string.format("the entry is %d bytes, over the %d-byte limit", size, M.MAX_ENTRY), id:sub(1, M.MAX_ENTRY)
   end
-  if id == "" then return "field 'id' is empty", id end
-  if not valid_utf8(id) then return "field 'id' is not valid UTF-8", id end
-  if core.has_control(id) or id:find("%c") then return "field 'id' contains control characters", id end
-  if id:find("%s") then return "field 'id' contains spaces", id end
-  if not id:match("^[^@]+@[^@]+%.[^@.]+$") then return "field 'id' is not an email address", id end
-  return nil, id
+  local address, why = ids_rule.address(id)
+  if not address then return "field 'id': " .. why, id end
+  return nil, address
 end
 
 local function default_consumer()

@@ -5,6 +5,7 @@
 -- SCRIPT FLUSH mid-job, Redis never started, a wrong password.
 local sim = require "support.sim"
 local R = require "support.redis"
+local fakeredis = require "support.fakeredis"
 local core = require "commprefs.core"
 local commprefs = require "commprefs"
 
@@ -264,15 +265,17 @@ describe("core.redis_reader / core.redis_format (sans-I/O, hiredis)", function()
   it("turns protocol errors and absurd array sizes into nil, err", function()
     local rd = core.redis_reader()
     rd:feed("?what\r\n")
-    local ok, err = rd:get()
+    local ok, err, code = rd:get()
     assert.is_nil(ok)
     assert.matches("[Pp]rotocol error", err)
+    assert.equal("protocol", code)
     assert.is_nil((rd:feed("+OK\r\n"))) -- the stream stays failed
     local rd2 = core.redis_reader()
     rd2:feed("*2000000000\r\n")
-    ok, err = rd2:get()
+    ok, err, code = rd2:get()
     assert.is_nil(ok)
     assert.matches("more than 1048576 elements", err)
+    assert.equal("too_large", code)
   end)
 end)
 
@@ -579,6 +582,21 @@ describe("the cosocket side inside nginx (commprefs.ngx.redis, commprefs.ngx.red
     assert.equal(3, got.p1)
     assert.matches("^WRONGTYPE", got.p2)
     assert.equal(0, got.p3)
+  end)
+
+  it("refuses a reply announcing 300 MB at its header with code too_large, as core.redis_connect does", function()
+    local fake = fakeredis.start("huge")
+    local got = run(string.format([[
+      local c = assert(require("commprefs.ngx.redis").connect(%q, { timeout = 10 }))
+      local v, err = c:command { "GET", "k" }
+      local status = io.open("/proc/self/status"):read("*a")
+      return { v = v == nil, code = err.code, msg = err.message, hwm = tonumber(status:match("VmHWM:%%s*(%%d+)")) }
+    ]], fake.url))
+    fake.stop()
+    assert.is_true(got.v)
+    assert.equal("too_large", got.code)
+    assert.equal("127.0.0.1:" .. fake.port .. ": protocol error: the server announced a string of more than 67108864 bytes", got.msg)
+    assert.is_true(got.hwm < 128 * 1024, "nginx worker peak RSS " .. got.hwm .. " kB")
   end)
 
   it("says clearly when the password is wrong or Redis unreachable, never showing the password", function()

@@ -118,6 +118,23 @@ end
 
 local function run_cli(args, env, timeout) return wait(spawn(args, env), timeout) end
 
+local LUA = jit and "luajit" or "lua5.4"
+
+-- A Lua script for a child process (run it with spawn(LUA .. " " .. path)):
+-- body runs with core (commprefs.core of this build) and c, a connection to url.
+local function core_script(tag, url, body)
+  local script = proc.tmpfile(tag, "script.lua")
+  local f = assert(io.open(script, "w"))
+  f:write(string.format([[
+    package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+    package.cpath = %q .. "/?.so;" .. package.cpath
+    local core = require "commprefs.core"
+    local c = assert(core.redis_connect(%q, { timeout = 30 }))
+  ]], os.getenv("COMMPREFS_BUILD") or ("build/" .. sim.vm), url), body)
+  f:close()
+  return script
+end
+
 ------------------------------------------------------------------ specs
 
 describe("worker delivery", function()
@@ -296,55 +313,70 @@ describe("worker against a misbehaving Redis", function()
     assert.is_true(took > 0.9 and took < 2, "took " .. took)
   end)
 
-  -- A child that traps signals and waits on a reply the drip server trickles
-  -- (`command`: the Lua call, on connection c): its process and a cleanup.
-  local function drip_child(command)
-    local fake = fakeredis.start("drip")
-    local script = proc.tmpfile("drip", "script.lua")
-    local f = assert(io.open(script, "w"))
-    f:write(string.format([[
-      package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
-      package.cpath = %q .. "/?.so;" .. package.cpath
-      local core = require "commprefs.core"
-      core.trap_signals(true)
-      local c = assert(core.redis_connect(%q, { timeout = 30 }))
-      local reply, err = %s
-      io.write(tostring(err and err.code), "\n")
-    ]], os.getenv("COMMPREFS_BUILD") or ("build/" .. sim.vm), fake.url, command))
-    f:close()
-    local p = spawn((jit and "luajit" or "lua5.4") .. " " .. script)
-    return p, function() fake.stop(); os.remove(script) end
-  end
-
-  -- Sends SIGINT to p; its exit code, output and how long it took to end.
-  local function interrupt(p)
-    local t0 = socket.gettime()
-    os.execute("kill -INT " .. p.pid)
-    local code, out = wait(p, 10)
-    return code, out, socket.gettime() - t0
+  for mode, what in pairs { huge = "a string of more than 67108864 bytes", huge_array = "an array of more than 1048576 elements" } do
+    it("refuses a reply announcing " .. what .. " at its header (" .. mode .. "): nil, err too_large at once, memory bounded", function()
+      local fake = fakeredis.start(mode)
+      local script = core_script(mode, fake.url, [[
+        local t0 = os.time()
+        local reply, err = c:command({ "GET", "k" })
+        local again = c:command({ "PING" }) -- the connection was dropped: a fresh one
+        local status = io.open("/proc/self/status"):read("*a")
+        io.write(tostring(err and err.code), "\n", tostring(err and err.message), "\n",
+          status:match("VmHWM:%s*(%d+)"), "\n", os.time() - t0, "\n", tostring(again and again.ok), "\n")
+      ]])
+      local code, out, err = wait(spawn(LUA .. " " .. script), 60)
+      fake.stop()
+      os.remove(script)
+      assert.equal(0, code, err)
+      local ecode, msg, hwm_kb, took, again = out:match("^(.-)\n(.-)\n(%d+)\n(%d+)\n(.-)\n$")
+      assert.equal("too_large", ecode, out)
+      assert.equal("127.0.0.1:" .. fake.port .. ": protocol error: the server announced " .. what, msg)
+      -- the old code buffered the whole 300 MB (peak RSS ~318 MB): a wide margin below
+      assert.is_true(tonumber(hwm_kb) < 64 * 1024, "peak RSS " .. tostring(hwm_kb) .. " kB")
+      assert.is_true(tonumber(took) < 10, "took " .. took .. " s")
+      assert.equal("PONG", again)
+    end)
   end
 
   it("stops a trickling reply on SIGINT when signals are trapped (the worker's case)", function()
-    local p, cleanup = drip_child([[c:command({ "GET", "k" })]])
+    local fake = fakeredis.start("drip")
+    local script = core_script("drip", fake.url, [[
+      core.trap_signals(true)
+      local reply, err = c:command({ "GET", "k" })
+      io.write(tostring(err and err.code), "\n")
+    ]])
+    local p = spawn(LUA .. " " .. script)
     socket.sleep(1.5)
-    local code, out, took = interrupt(p)
-    cleanup()
+    local t0 = socket.gettime()
+    os.execute("kill -INT " .. p.pid)
+    local code, out = wait(p, 10)
+    local took = socket.gettime() - t0
+    fake.stop()
+    os.remove(script)
     assert.equal(0, code)
     assert.equal("interrupted\n", out)
     assert.is_true(took < 1, "took " .. took)
   end)
 
   it("finishes a command asked to outlast one signal (stop_after_signals = 2); a second signal stops it", function()
-    local p, cleanup = drip_child([[(function()
-        assert(not pcall(c.command, c, { "GET", "k" }, { stop_after_signals = 3 })) -- a mistake: raises
-        return c:command({ "GET", "k" }, { stop_after_signals = 2 })
-      end)()]])
+    local fake = fakeredis.start("drip")
+    local script = core_script("drip2", fake.url, [[
+      core.trap_signals(true)
+      assert(not pcall(c.command, c, { "GET", "k" }, { stop_after_signals = 3 }))
+      local reply, err = c:command({ "GET", "k" }, { stop_after_signals = 2 })
+      io.write(tostring(err and err.code), "\n")
+    ]])
+    local p = spawn(LUA .. " " .. script)
     socket.sleep(1.5)
     os.execute("kill -INT " .. p.pid)
     socket.sleep(1)
     local alive = os.execute("kill -0 " .. p.pid .. " 2>/dev/null")
-    local code, out, took = interrupt(p)
-    cleanup()
+    local t0 = socket.gettime()
+    os.execute("kill -INT " .. p.pid)
+    local code, out = wait(p, 10)
+    local took = socket.gettime() - t0
+    fake.stop()
+    os.remove(script)
     assert.is_true(alive == true or alive == 0, "the first signal stopped the command")
     assert.equal(0, code)
     assert.equal("interrupted\n", out)

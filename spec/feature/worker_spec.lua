@@ -156,14 +156,14 @@ describe("commprefs.worker", function()
     entries[#entries + 1] = good[1] -- the same address twice: two entries, two results
     local bad = {
       { { "email", "x@example.com" }, "the entry has no field 'id'" },
-      { "not-an-address", "field 'id' is not an email address" },
-      { "ctl\1@example.com", "field 'id' contains control characters" },
-      { "new\nline@example.com", "field 'id' contains control characters" },
-      { "sp ace@example.com", "field 'id' contains spaces" },
-      { "bad\255utf8@example.com", "field 'id' is not valid UTF-8" },
+      { "not-an-address", "field 'id': not an email address" },
+      { "ctl\1@example.com", "field 'id': invisible or control character U+0001 inside the id" },
+      { "new\nline@example.com", "field 'id': invisible or control character U+000A inside the id" },
+      { "sp ace@example.com", "field 'id': invisible or control character U+0020 inside the id" },
+      { "bad\255utf8@example.com", "field 'id': not valid UTF-8" },
       { string.rep("a", 1100) .. "@example.com", "the entry is 1114 bytes, over the 1024-byte limit" },
       { { "id", "ok@example.com", "note", string.rep("n", 1020) }, "the entry is 1040 bytes, over the 1024-byte limit" },
-      { "", "field 'id' is empty" },
+      { "", "field 'id': empty" },
     }
     for _, b in ipairs(bad) do entries[#entries + 1] = b[1] end
     local ids = add(k.stream, entries)
@@ -210,6 +210,45 @@ describe("commprefs.worker", function()
     assert.equal(#good, n)
     local state = sim.state()
     for _, a in ipairs(good) do assert.is_not_nil(state[a], a .. " not unsubscribed") end
+  end)
+
+  it("takes addresses by commprefs.ids' rule: padding trimmed, an invisible character inside failed and never sent", function()
+    local k = keys()
+    local NBSP, ZWSP, BOM = "\194\160", "\226\128\139", "\239\187\191"
+    local entries = {
+      NBSP .. "pad@example.com" .. NBSP,         -- sent as pad@example.com
+      BOM .. "Pad@Example.com\t",                 -- the same address in other letters: sent once
+      ZWSP .. "zw@example.com" .. ZWSP,           -- zero-width around it: trimmed, sent
+      "ev" .. ZWSP .. "e@example.com",            -- zero-width inside: another address, failed
+      "nb" .. NBSP .. "sp@example.com",           -- NBSP inside: failed
+      NBSP .. NBSP,                               -- nothing but padding: failed (empty)
+    }
+    local ids = add(k.stream, entries)
+    local c = client()
+    local w = worker.new(c, { redis = R.url, stream = k.stream, group = k.group, results = k.results })
+    local s = assert(w:run { idle_exit = 0.3 })
+    w:close()
+    c:close()
+    assert.equal(3, s.bad)
+    assert.equal(3, s.failed)
+    local by_entry = one_each(k, ids)
+    for i, want in ipairs { "pad@example.com", "Pad@Example.com", "zw@example.com" } do
+      assert.equal(want, by_entry[ids[i]].id)
+      assert.is_true(by_entry[ids[i]].outcome == "changed" or by_entry[ids[i]].outcome == "unchanged")
+      assert.is_nil(by_entry[ids[i]].error)
+    end
+    for i, why in pairs { [4] = "invisible or control character U+200B inside the id",
+      [5] = "invisible or control character U+00A0 inside the id", [6] = "empty" } do
+      assert.equal("failed", by_entry[ids[i]].outcome)
+      assert.equal("field 'id': " .. why, by_entry[ids[i]].error)
+      assert.equal(entries[i], by_entry[ids[i]].id) -- the field as it was
+    end
+    local sent = {}
+    for _, req in ipairs(sim.log()) do
+      for _, id in ipairs(require("cjson").decode(req.body).inputs) do sent[#sent + 1] = id end
+    end
+    table.sort(sent)
+    assert.same({ "pad@example.com", "zw@example.com" }, sent)
   end)
 
   it("answers status entries with unsubscribed or subscribed", function()

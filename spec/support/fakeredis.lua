@@ -6,6 +6,9 @@
 -- when process WATCH_PID ends. PING, AUTH, SELECT and XGROUP answer +OK /
 -- +PONG; every other command gets the MODE's answer:
 --   drip          "$1000000\r\n" then one byte every 0.5 s, forever
+--   huge          "$314572800\r\n" (300 MB: over the 64 MiB cap), its digits
+--                 split over two writes, then the bytes as fast as they go
+--   huge_array    "*2000000\r\n" (over the 1048576-element cap), then ":1\r\n"s
 --   arr_int       *1 :5                     (an XREADGROUP reply that is no stream list)
 --   entry_int     [[s, [7]]]                (an entry that is an integer)
 --   id_table      [[s, [[[1], [id, x@y.co]]]]] (an entry id that is an array)
@@ -53,6 +56,26 @@ local function alive(pid)
   return false
 end
 
+-- The huge bulk string: the header in two writes, then 300 MB in 64 KiB
+-- writes until the client hangs up (or all is sent).
+local HUGE = {
+  huge = { "$31457", "2800\r\n", string.rep("x", 65536), 314572800 / 65536, "\r\n" },
+  huge_array = { "*20000", "00\r\n", string.rep(":1\r\n", 16384), 2000000 / 16384, "" },
+}
+
+-- A huge reply: the header in two writes, then its body in 64 KiB writes
+-- until the client hangs up (or all is sent).
+local function stream_huge(c, watch, mode)
+  local head1, head2, chunk, chunks, tail = (table.unpack or unpack)(HUGE[mode])
+  c:send(head1)
+  socket.sleep(0.1)
+  c:send(head2)
+  for _ = 1, chunks do
+    if not c:send(chunk) or not alive(watch) then return end
+  end
+  c:send(tail)
+end
+
 local function serve(mode, port, watch, count_file)
   local srv = assert(socket.bind("127.0.0.1", port))
   srv:settimeout(0.2)
@@ -70,6 +93,9 @@ local function serve(mode, port, watch, count_file)
         local cmd = (argv[1] or ""):upper()
         if cmd == "PING" then c:send("+PONG\r\n")
         elseif cmd == "AUTH" or cmd == "SELECT" or cmd == "XGROUP" then c:send("+OK\r\n")
+        elseif HUGE[mode] then
+          stream_huge(c, watch, mode)
+          break
         elseif mode == "drip" then
           c:send("$1000000\r\n")
           local ok = true

@@ -41,4 +41,13 @@ describe("ids with invisible characters", function()
     assert.is_nil(ids.refused_char("a da@example.com", true))
     assert.is_false(ids.valid_utf8("ada\255@example.com"))
   end)
+
+  it("an address as the command line and the worker take it: ids.address", function()
+    assert.same({ "ada@example.com" }, { ids.address("\239\187\191\194\160ada@example.com\226\128\139 ") })
+    assert.same({ nil, "invisible or control character U+200B inside the id", true },
+      { ids.address("ada\226\128\139@example.com") })
+    assert.same({ nil, ids.EMPTY }, { ids.address("\194\160\t") })
+    assert.same({ nil, "not valid UTF-8" }, { ids.address("ada\255@example.com") })
+    assert.same({ nil, "not an email address" }, { ids.address("ada.example.com") })
+  end)
 end)

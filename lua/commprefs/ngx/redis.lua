@@ -29,9 +29,14 @@ local POOL_SIZE = 16
 local KEEPALIVE_MS = 60000
 local RECEIVE_CHUNK = 65536
 
-local function failure(self, what, err)
+-- nil, Error {code = "connection"}, or "too_large" (a reply announced over
+-- the reader's caps: refused at its header, as core.redis_connect does).
+local function failure(self, what, err, code)
   if self.sock then self.sock:close() end
   self.sock = nil
+  if code == "too_large" then
+    return nil, Error.new { kind = "redis", code = code, message = string.format("%s:%d: %s", self.host, self.port, err) }
+  end
   return nil, Error.new { kind = "redis", code = "connection",
     message = string.format("%s:%d: %s: %s", self.host, self.port, what, tostring(err)) }
 end
@@ -39,13 +44,13 @@ end
 -- The next whole reply: value (an error reply is an Error) or nil, Error.
 local function read_reply(self)
   while true do
-    local ok, v = self.reader:get()
+    local ok, v, code = self.reader:get()
     if ok then return v end
-    if ok == nil then return failure(self, "protocol error", v) end
+    if ok == nil then return failure(self, "protocol error", v, code) end
     local data, err = self.sock:receiveany(RECEIVE_CHUNK)
     if not data then return failure(self, "connection lost", err) end
-    local fed, ferr = self.reader:feed(data)
-    if not fed then return failure(self, "protocol error", ferr) end
+    local fed, ferr, fcode = self.reader:feed(data)
+    if not fed then return failure(self, "protocol error", ferr, fcode) end
   end
 end
 
