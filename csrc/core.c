@@ -1,6 +1,6 @@
 /* core.c: owns the module commprefs.core: luaopen, the libcurl client
  * userdata (core.new: a transport over a governor; perform, governor, close)
- * and the registration of the other parts (governor, limits, codecs with
+ * and the registration of the other parts (governor, policy, limits, codecs with
  * their private lua-cjson instance, journal, http1, resp, redis). */
 #define _POSIX_C_SOURCE 200809L
 #include <string.h>
@@ -237,6 +237,7 @@ int luaopen_commprefs_core(lua_State *L) {
   cp_register_resp(L);
   cp_register_redis(L);
   cp_register_governor(L);
+  cp_register_policy(L);
   cp_register_limits(L);
   push_private_cjson(L);               /* module, cjson */
   lua_getfield(L, -1, "encode");

@@ -2,8 +2,9 @@
  * rules, what a window may learn (sane, and never over a window set by hand),
  * what a shared backing is told, the in-flight target and every count of
  * stats(); and the commprefs.core.governor userdata through which transports
- * written in Lua drive it. The retry decision itself is policy.c's, the
- * window arithmetic ratelimit.c's. */
+ * written in Lua drive it. A governor is what clients of one app share; the
+ * retry decision and each attempt's timeouts are the calling client's policy
+ * (policy.c), the window arithmetic ratelimit.c's. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,26 +15,16 @@
 #define GOV_MT "commprefs.core.governor"
 #define DAILY_POLL_MS 10.0 /* while the day's last requests are on the wire */
 
-static char *dup_string(const char *s) {
-  char *d = malloc(strlen(s) + 1);
-  if (d) strcpy(d, s);
-  return d;
-}
-
 int cp_gov_init(cp_governor *g, const cp_config *c) {
   memset(g, 0, sizeof(*g));
-  cp_policy_init(&g->policy, (int)c->max_retries, c->backoff_base * 1000, c->backoff_max * 1000,
-                 c->max_retry_after * 1000, g);
   g->max_concurrency = (int)c->max_concurrency;
-  g->timeout_ms = (long)(c->timeout * 1000);
-  g->connect_timeout_ms = (long)(c->connect_timeout * 1000);
-  g->max_response = (long)c->max_response_size;
   g->deadline_ms = c->deadline * 1000;
-  g->verify_tls = c->verify_tls;
-  g->user_agent = dup_string(c->user_agent);
-  if (!g->user_agent || cp_rl_init(&g->rl, c->rate_set ? (int)c->rate_max : 0, (long)(c->rate_interval * 1000)) != 0) {
-    free(g->user_agent);
-    g->user_agent = NULL;
+  if (cp_policy_init(&g->policy, c, g) != 0) {
+    g->closed = 1;
+    return -1;
+  }
+  if (cp_rl_init(&g->rl, c->rate_set ? (int)c->rate_max : 0, (long)(c->rate_interval * 1000)) != 0) {
+    cp_policy_free(&g->policy);
     g->closed = 1;
     return -1;
   }
@@ -44,8 +35,7 @@ void cp_gov_free(cp_governor *g) {
   if (g->closed) return;
   g->closed = 1;
   cp_rl_free(&g->rl);
-  free(g->user_agent);
-  g->user_agent = NULL;
+  cp_policy_free(&g->policy);
   if (g->backing.close) g->backing.close(g->backing.ud);
   memset(&g->backing, 0, sizeof(g->backing));
 }
@@ -62,18 +52,6 @@ static double next_window(cp_governor *g, double now, const char **stop, const c
 double cp_gov_deadline(const cp_governor *g, double now, double seconds) {
   if (seconds > 0) return now + seconds * 1000;
   return g->deadline_ms > 0 ? now + g->deadline_ms : 0;
-}
-
-long cp_gov_attempt_timeout(const cp_governor *g, double now, double deadline, long *connect_ms) {
-  long total = g->timeout_ms, connect = g->connect_timeout_ms;
-  if (deadline > 0) {
-    double left = deadline - now;
-    if (left < 1) return 0;
-    if (left < total) total = (long)left;
-  }
-  if (connect > total) connect = total;
-  if (connect_ms) *connect_ms = connect;
-  return total;
 }
 
 /* Whether waiting w ms from now would reach the deadline (0: none). */
@@ -175,7 +153,8 @@ static void count_outcome(cp_metrics *m, const cp_outcome *o, int on_wire, doubl
   m->duration_sum_s += latency_ms / 1000.0;
 }
 
-void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms, double deadline, cp_decision *d) {
+void cp_gov_finish(cp_governor *g, cp_policy *p, cp_outcome *o, int on_wire, double latency_ms, double deadline,
+                   cp_decision *d) {
   double now;
   memset(d, 0, sizeof(*d));
   d->hold_ms = -1;
@@ -190,7 +169,7 @@ void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms
   }
   now = cp_now_ms();
   o->sent_at = on_wire && latency_ms >= 0 ? now - latency_ms : 0;
-  d->retry = cp_policy_decide(&g->policy, &g->rl, o, now, &d->delay_ms);
+  d->retry = cp_policy_decide(p, &g->rl, o, now, &d->delay_ms);
   if (d->retry && past_deadline(now, d->delay_ms, deadline)) {
     d->retry = 0; /* the next attempt could not start in time: the call ends now */
     d->deadline = 1;
@@ -355,17 +334,19 @@ static void read_outcome(lua_State *L, int idx, cp_outcome *o) {
   o->daily_remaining = field_long(L, idx, "daily_remaining");
 }
 
-/* g:finish(result[, on_wire = true[, latency_ms[, deadline]]]) -> retry, delay_ms, hold_ms | nil,
- * learn_max | nil, learn_interval_ms | nil (what a Lua backing must be told),
+/* g:finish(result[, on_wire = true[, latency_ms[, deadline[, policy]]]]) -> retry, delay_ms,
+ * hold_ms | nil, learn_max | nil, learn_interval_ms | nil (what a Lua backing must be told),
  * true when the deadline refused a retry (the answer is then g:deadline_result).
+ * policy: the calling client's (commprefs.core.policy), else the governor's own.
  * Sets result.daily_limit = true when HubSpot's daily limit is spent. */
 static int gov_finish(lua_State *L) {
   cp_governor *g = cp_check_governor(L, 1);
+  cp_policy *p = cp_opt_policy(L, 6, &g->policy);
   cp_outcome o;
   cp_decision d;
   luaL_checktype(L, 2, LUA_TTABLE);
   read_outcome(L, 2, &o);
-  cp_gov_finish(g, &o, lua_isnoneornil(L, 3) || lua_toboolean(L, 3), luaL_optnumber(L, 4, -1),
+  cp_gov_finish(g, p, &o, lua_isnoneornil(L, 3) || lua_toboolean(L, 3), luaL_optnumber(L, 4, -1),
                 luaL_optnumber(L, 5, 0), &d);
   if (d.daily_limit) {
     lua_pushboolean(L, 1);
@@ -402,10 +383,13 @@ static int gov_deadline(lua_State *L) {
   return 1;
 }
 
-/* g:attempt_timeout([deadline]) -> timeout_ms, connect_timeout_ms | nil (no time left) */
+/* g:attempt_timeout([deadline[, policy]]) -> timeout_ms, connect_timeout_ms | nil (no time
+ * left); policy: the calling client's, else the governor's own. */
 static int gov_attempt_timeout(lua_State *L) {
+  cp_governor *g = cp_check_governor(L, 1);
   long connect = 0;
-  long total = cp_gov_attempt_timeout(cp_check_governor(L, 1), cp_now_ms(), luaL_optnumber(L, 2, 0), &connect);
+  long total = cp_policy_attempt_timeout(cp_opt_policy(L, 3, &g->policy), cp_now_ms(), luaL_optnumber(L, 2, 0),
+                                         &connect);
   if (total <= 0) return 0;
   lua_pushinteger(L, total);
   lua_pushinteger(L, connect);
@@ -433,17 +417,13 @@ static int gov_manual(lua_State *L) {
   return 2;
 }
 
-/* g:settings() -> what a transport needs (never the token) */
+/* g:settings([policy]) -> what a transport needs (never the token): the
+ * governor's budget and the policy's (the governor's own when none is given) */
 static int gov_settings(lua_State *L) {
   cp_governor *g = cp_check_governor(L, 1);
-  lua_createtable(L, 0, 8);
-  cp_set_integer(L, "timeout_ms", g->timeout_ms);
-  cp_set_integer(L, "connect_timeout_ms", g->connect_timeout_ms);
-  lua_pushboolean(L, g->verify_tls);
-  lua_setfield(L, -2, "verify_tls");
-  cp_set_string(L, "user_agent", g->user_agent);
-  cp_set_integer(L, "max_response_size", g->max_response);
-  cp_set_integer(L, "max_retries", g->policy.max_retries);
+  cp_policy *p = cp_opt_policy(L, 2, &g->policy);
+  lua_createtable(L, 0, 9);
+  cp_policy_settings(L, p);
   if (g->max_concurrency) cp_set_integer(L, "max_concurrency", g->max_concurrency);
   if (g->rl.max > 0) cp_set_integer(L, "rate_max", g->rl.max);
   cp_set_integer(L, "rate_interval_ms", g->rl.interval_ms);

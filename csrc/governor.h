@@ -6,19 +6,31 @@
  *   cp_gov_begin       an attempt starts (it counts for the window until it ends)
  *   cp_gov_on_wire     its request is being sent now
  *   cp_gov_unsent      it ended before anything was sent
- *   cp_gov_finish      it ended with outcome o: the decision (retry and when; what the
- *                      shared backing is told) and every count of stats()
+ *   cp_gov_finish      it ended with outcome o: the decision under the caller's
+ *                      policy (retry and when; what the shared backing is told)
+ *                      and every count of stats()
+ *
+ * A governor is what clients of one HubSpot app share (inside nginx, every
+ * client of a worker's bundle, lua/commprefs/shared.lua): the window and
+ * what it learned, the daily rules, the budget stated by hand (rate_max,
+ * max_concurrency), the C backing and the counts. What each client decides
+ * for its own calls is its policy (policy.h): passed to cp_gov_finish and
+ * cp_policy_attempt_timeout per attempt. g->policy is the policy of the
+ * governor's own config, for callers that give none (core.governor alone,
+ * a token endpoint's sender).
  *
  * A call's deadline (the `deadline` option, or one a caller gives) is an
  * absolute monotonic ms time (cp_gov_deadline; 0 = none): cp_gov_next stops
  * ("deadline") once it has passed or a wait would pass it, each attempt's
- * timeout is capped by the time left (cp_gov_attempt_timeout), and
+ * timeout is capped by the time left (cp_policy_attempt_timeout), and
  * cp_gov_finish refuses a retry whose delay would pass it. The answer is
  * then the deadline result (cp_gov_push_deadline_result): kind "timeout".
  *
- * The libcurl loop (transport.c) calls these from C; the cosocket transport
- * (lua/commprefs/ngx/transport.lua) through the commprefs.core.governor
- * userdata. Nothing else counts, learns or applies the daily rules. */
+ * The libcurl loop (transport.c) calls these from C with its own policy;
+ * the cosocket transport (lua/commprefs/ngx/transport.lua) through the
+ * commprefs.core.governor userdata with the calling client's
+ * commprefs.core.policy. Nothing else counts, learns or applies the daily
+ * rules. */
 #ifndef COMMPREFS_GOVERNOR_H
 #define COMMPREFS_GOVERNOR_H
 
@@ -48,7 +60,7 @@ typedef struct {
 } cp_metrics;
 
 typedef struct {
-  cp_policy policy;
+  cp_policy policy;       /* the policy of the governor's own config: for callers that give none */
   cp_ratelimit rl;
   cp_backing backing;     /* all NULL: none in C (a Lua backing may be told by the caller) */
   int max_concurrency;    /* 0: adaptive */
@@ -56,11 +68,7 @@ typedef struct {
   lua_Integer answers, sent, retries, throttled;
   cp_metrics m;
   int closed;
-  /* what every transport needs (never the token) */
-  long timeout_ms, connect_timeout_ms, max_response;
-  double deadline_ms;     /* the `deadline` option; 0 = none */
-  int verify_tls;
-  char *user_agent;
+  double deadline_ms;     /* the config's `deadline`, for g:deadline() without seconds; 0 = none */
 } cp_governor;
 
 /* What the caller (and a shared backing) must do after an attempt ended. */
@@ -79,9 +87,6 @@ void cp_gov_new_call(cp_governor *g);
 /* The absolute deadline of a call starting at now: now + seconds (seconds > 0),
  * else now + the deadline option; 0 when there is none. */
 double cp_gov_deadline(const cp_governor *g, double now, double seconds);
-/* An attempt's timeout (ms) and connect timeout, capped by what is left
- * before deadline (0: none); 0 when nothing is left. */
-long cp_gov_attempt_timeout(const cp_governor *g, double now, double deadline, long *connect_ms);
 double cp_gov_next(cp_governor *g, double now, double deadline, const char **stop, const char **why);
 void cp_gov_begin(cp_governor *g);
 void cp_gov_on_wire(cp_governor *g, double now);
@@ -92,7 +97,9 @@ void cp_gov_unsent(cp_governor *g);
 void cp_gov_paced(cp_governor *g, double ms);
 /* it was abandoned (the call stopped or raised): on the wire or not */
 void cp_gov_abandon(cp_governor *g, int on_wire);
-void cp_gov_finish(cp_governor *g, cp_outcome *o, int on_wire, double latency_ms, double deadline, cp_decision *d);
+/* p: the policy of the client whose attempt it was (retries, backoff, jitter). */
+void cp_gov_finish(cp_governor *g, cp_policy *p, cp_outcome *o, int on_wire, double latency_ms, double deadline,
+                   cp_decision *d);
 /* Pushes the answer of a call whose deadline passed: {kind = "timeout", code =
  * "deadline", attempts =, message =} (last: what the last attempt got, or NULL). */
 void cp_gov_push_deadline_result(lua_State *L, int attempts, const char *last);

@@ -4,8 +4,9 @@
  * taken from `source` (an array, or a function returning the next request
  * or nil) over reused connections (keep-alive, HTTP/2 multiplexing where
  * offered). Every attempt goes through the client's governor (governor.c):
- * whether it may start, when it is on the wire, what its end decides (retry
- * and when, the counts, the shared backing); this file only moves bytes and
+ * whether it may start, when it is on the wire, what its end decides under
+ * this client's policy (policy.c: retry and when, the attempt's timeouts),
+ * the counts, the shared backing; this file only moves bytes and
  * builds result tables. When a request is final, on_done(i, result) is
  * called (i: its position in source); without on_done, perform returns the
  * array of results. perform's second return value is the reason it stopped
@@ -40,7 +41,7 @@ enum { ARG_SELF = 1, ARG_SOURCE, ARG_ON_DONE, ST_RESULTS, ST_INFLIGHT };
 static size_t on_body(char *data, size_t size, size_t n, void *ud) {
   cp_slot *s = ud;
   size_t add = size * n;
-  if (s->len + add > (size_t)s->owner->gov->max_response) {
+  if (s->len + add > (size_t)s->owner->policy.max_response) {
     s->too_large = 1;
     return 0; /* curl reports a write error */
   }
@@ -67,6 +68,7 @@ static size_t on_body(char *data, size_t size, size_t n, void *ud) {
 static int on_prereq(void *ud, char *ip, char *local_ip, int port, int local_port) {
   cp_slot *s = ud;
   cp_governor *g = s->owner->gov;
+  const cp_policy *p = &s->owner->policy;
   (void)ip; (void)local_ip; (void)port; (void)local_port;
   s->length_seen = -1;
   if (!s->on_wire) {
@@ -76,7 +78,7 @@ static int on_prereq(void *ud, char *ip, char *local_ip, int port, int local_por
     return CURL_PREREQFUNC_OK;
   }
   if (!s->post) return CURL_PREREQFUNC_OK;
-  if (s->attempts + 1 > g->policy.max_retries) {
+  if (s->attempts + 1 > p->max_retries) {
     s->replay_refused = 1;
     return CURL_PREREQFUNC_ABORT;
   }
@@ -159,7 +161,7 @@ static char *dup_or_null(const char *s) {
 }
 
 static CURL *new_easy(cp_transport *t, cp_slot *s) {
-  const cp_governor *g = t->gov;
+  const cp_policy *p = &t->policy;
   CURL *e = curl_easy_init();
   if (!e) return NULL;
   s->owner = t;
@@ -175,9 +177,9 @@ static CURL *new_easy(cp_transport *t, cp_slot *s) {
     curl_easy_setopt(e, CURLOPT_PROXY, "");
     curl_easy_setopt(e, CURLOPT_NOPROXY, "");
   }
-  curl_easy_setopt(e, CURLOPT_USERAGENT, g->user_agent);
+  curl_easy_setopt(e, CURLOPT_USERAGENT, p->user_agent);
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)g->max_response);
+  curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)p->max_response);
   curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
   curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
   /* No Accept-Encoding: HubSpot's answers are small and rate-limited traffic is
@@ -187,8 +189,8 @@ static CURL *new_easy(cp_transport *t, cp_slot *s) {
 #if LIBCURL_VERSION_NUM >= 0x075500
   curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
 #endif
-  curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, g->verify_tls ? 1L : 0L);
-  curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, g->verify_tls ? 2L : 0L);
+  curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, p->verify_tls ? 1L : 0L);
+  curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, p->verify_tls ? 2L : 0L);
   if (t->ca_file) curl_easy_setopt(e, CURLOPT_CAINFO, t->ca_file);
   return e;
 }
@@ -304,7 +306,8 @@ int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const
   t->token = c->token ? dup_or_null(c->token) : NULL;
   t->multi = curl_multi_init();
   t->slots = calloc((size_t)t->nslots, sizeof(cp_slot));
-  if ((c->ca_file && !t->ca_file) || (c->token && !t->token) || !t->multi || !t->slots) {
+  if (cp_policy_init(&t->policy, c, t) != 0 || (c->ca_file && !t->ca_file) || (c->token && !t->token) || !t->multi
+      || !t->slots) {
     cp_transport_close(t);
     return -1;
   }
@@ -346,6 +349,7 @@ void cp_transport_close(cp_transport *t) {
   wipe_token(t);
   free(t->ca_file);
   t->ca_file = NULL;
+  cp_policy_free(&t->policy);
   t->gov = NULL; /* the caller drops gov_ref */
 }
 
@@ -443,7 +447,7 @@ static void push_result(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, 
     lua_pushstring(L, o->kind);
     lua_setfield(L, -2, "kind");
     if (strcmp(o->kind, "too_large") == 0)
-      lua_pushfstring(L, "the answer is larger than max_response_size (%d bytes)", (int)t->gov->max_response);
+      lua_pushfstring(L, "the answer is larger than max_response_size (%d bytes)", (int)t->policy.max_response);
     else if (s->replay_refused)
       lua_pushliteral(L, "the connection closed before an answer; not sent again (no retries left)");
     else if (s->bad_length)
@@ -603,7 +607,7 @@ static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, doubl
   if (!s->on_wire) cp_gov_unsent(t->gov);
   s->attempts++;
   read_outcome(s, rc, &o);
-  cp_gov_finish(t->gov, &o, s->on_wire, now - s->sent_at, deadline, &d);
+  cp_gov_finish(t->gov, &t->policy, &o, s->on_wire, now - s->sent_at, deadline, &d);
   if (d.deadline) {
     cp_gov_push_deadline_result(L, s->attempts, last_outcome(L, &o));
     lua_remove(L, -2);
@@ -645,7 +649,7 @@ static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
       break;
     }
     if (t->token_due_ms > 0 && now >= t->token_due_ms) renew_token(L, t);
-    timeout_ms = cp_gov_attempt_timeout(t->gov, now, src->deadline, &connect_ms);
+    timeout_ms = cp_policy_attempt_timeout(&t->policy, now, src->deadline, &connect_ms);
     start_attempt(L, t, s, timeout_ms > 0 ? timeout_ms : 1, connect_ms > 0 ? connect_ms : 1);
   }
   if (src->stop) stop_slots(L, t, src, 0);

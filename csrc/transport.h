@@ -1,5 +1,6 @@
 /* transport.h: the libcurl transport (transport.c): a client userdata that
- * drives a governor (governor.h) over libcurl's multi interface. */
+ * drives a governor (governor.h) over libcurl's multi interface, under the
+ * policy (policy.h) of its own config. */
 #ifndef COMMPREFS_TRANSPORT_H
 #define COMMPREFS_TRANSPORT_H
 
@@ -47,6 +48,7 @@ typedef struct cp_transport {
   int in_use;                      /* slots not free */
   int high;                        /* slots at and above this index are free */
   cp_governor *gov;                /* the attempt lifecycle: kept alive by gov_ref */
+  cp_policy policy;                /* this client's retries, timeouts, TLS, User-Agent (its config's) */
   int gov_ref;                     /* registry reference to the governor userdata */
   char *ca_file;
   int closed, active;              /* active: inside perform() */
@@ -54,8 +56,8 @@ typedef struct cp_transport {
   int proxy_env;                   /* the user configured a proxy in the environment */
 } cp_transport;
 
-/* Opens t over governor g (the caller keeps it alive and sets gov_ref): 0, or -1
- * with a message in err (nothing left allocated). */
+/* Opens t over governor g (the caller keeps it alive and sets gov_ref) with
+ * the policy of config c: 0, or -1 with a message in err (nothing left allocated). */
 int cp_transport_open(cp_transport *t, cp_governor *g, const cp_config *c, const char **err);
 void cp_transport_close(cp_transport *t);
 /* Sets the token later attempts send (NULL: none); due_in_ms > 0: when an

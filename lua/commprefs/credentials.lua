@@ -79,7 +79,10 @@ function M.new(opts)
     self.kind = "oauth"
     self.client_id, self.vault().client_secret, self.vault().refresh_token = o.client_id, o.client_secret, o.refresh_token
     self.token_url = o.token_url or (opts.base_url .. M.OAUTH_PATH)
-    self.on_refresh = o.on_refresh
+    -- on_refresh of every client of these credentials (commprefs.shared), weak: the
+    -- clients hold theirs (client._on_refresh); one no client holds any more is not told
+    self.listeners = setmetatable({}, { __mode = "k" })
+    if o.on_refresh then self.listeners[o.on_refresh] = true end
     self.dict_name = o.shared_dict
     redact.remember_secret(self.owner, self.vault().client_secret)
     redact.remember_secret(self.owner, self.vault().refresh_token)
@@ -93,6 +96,21 @@ function M.new(opts)
     self.identity = "token:" .. M.fingerprint(opts.token)
   end
   return self
+end
+
+-- Another client of these credentials (inside nginx, one app's bundle:
+-- commprefs.shared) with its oauth option o: its on_refresh is told too,
+-- and its shared_dict is taken when these credentials had none. Returns
+-- why it cannot join (another shared_dict), or nil.
+function Creds:join(o)
+  if not o or self.kind ~= "oauth" then return nil end
+  if o.shared_dict and self.dict_name and o.shared_dict ~= self.dict_name then
+    return string.format("bad option 'oauth.shared_dict' ('%s' here, '%s' for the clients this nginx worker"
+      .. " already made with the same OAuth app, base URL and API version: they share one access token)",
+      o.shared_dict, self.dict_name)
+  end
+  if o.shared_dict then self.dict_name = o.shared_dict end
+  if o.on_refresh then self.listeners[o.on_refresh] = true end
 end
 
 -- A new access token is in effect (gen counts them: a request sent under an
@@ -202,12 +220,12 @@ function Creds:_fetch()
   return nil, auth_error(fields)
 end
 
--- Takes a fetched token set: in effect here, told to on_refresh.
+-- Takes a fetched token set: in effect here, told to every on_refresh.
 function Creds:_take(t)
   self.vault().refresh_token = t.refresh_token
   self:_set(t.access_token, t.expires_in)
-  if self.on_refresh then
-    local ok, err = pcall(self.on_refresh, { access_token = t.access_token, refresh_token = t.refresh_token,
+  for on_refresh in pairs(self.listeners) do
+    local ok, err = pcall(on_refresh, { access_token = t.access_token, refresh_token = t.refresh_token,
       expires_in = t.expires_in })
     if not ok and ngx and ngx.log then ngx.log(ngx.ERR, "commprefs: on_refresh raised: ", redact.text(tostring(err)))
     elseif not ok then io.stderr:write("commprefs: on_refresh raised: ", redact.text(tostring(err)), "\n") end

@@ -101,9 +101,10 @@ function M.perform(client, source, on_done, send, deadline)
 
   -- The source the transport pulls from. Credentials that cannot be had
   -- now: the request pulled gets that failure without being sent (an "auth"
-  -- one stops everything, see ops.stops).
+  -- one stops everything, see ops.stops). A closed client raises here.
   local function pull()
     while not stop do
+      client:_check_open()
       local tok, err = creds:current()
       local item = next_item()
       if not item then return nil end

@@ -194,6 +194,18 @@ local function token_sender(config, which, cosockets, has_ca_file)
   end
 end
 
+-- The profile (commprefs.ngx.transport.profile) of a cosocket client: its
+-- call policy, which its calls hand to the transport and governor it may
+-- share; one per set of policy options in the bundle (commprefs.shared).
+local function profile_of(client, bundle, config, opts)
+  local shared = require "commprefs.shared"
+  return shared.profile(bundle, shared.profile_key(opts), function()
+    local profile = require("commprefs.ngx.transport").profile(client._gov, core.policy(config, "commprefs.new"))
+    client._ngx.pacer:cover(profile.settings)
+    return profile
+  end)
+end
+
 local function check_rate_limit(rl, shared_dict)
   if rl == nil then return end
   for k in pairs(rl) do
@@ -316,9 +328,14 @@ function M.new(opts)
     redis_url = rl and not cosockets and rl.redis or nil,
     redis_key = rl and rl.key, redis_timeout = rl and rl.redis_timeout, redis_wait = rl and rl.redis_wait,
   }
-  -- inside nginx, clients of one app and options share one bundle per worker (commprefs.shared)
-  local share_key = cosockets and require("commprefs.shared").key(token, base_url, version, opts)
-  local bundle = share_key and require("commprefs.shared").get(share_key)
+  -- inside nginx, clients of one app share one bundle per worker (commprefs.shared)
+  local shared = cosockets and require("commprefs.shared")
+  local share_key = shared and shared.key(token, base_url, version, opts)
+  local bundle = share_key and shared.get(share_key)
+  if bundle then
+    local why = shared.conflict(bundle, opts) or bundle.creds:join(opts.oauth)
+    if why then raise("new", why) end
+  end
   local gov
   if bundle then
     gov = bundle.gov
@@ -338,10 +355,11 @@ function M.new(opts)
     _transport = transport, _ca_file = opts.ca_file ~= nil, _batch_mode = batch_mode, _metrics_dict = metrics_dict,
     _deadline = opts.deadline, _timeout = opts.timeout or check.limits.timeout.default,
     _shared = share_key or nil,
+    _on_refresh = opts.oauth and opts.oauth.on_refresh, -- held here: the credentials hold it weakly
   }, Client)
   redact.remember(client, type(token) == "string" and token or nil) -- errors never show it (commprefs.redact)
   -- a shared bundle owns its credentials' secrets for redaction: they outlive any one client
-  local holder = bundle or (share_key and { clients = 1 }) or client
+  local holder = bundle or (share_key and shared.new_bundle(opts)) or client
   local creds = bundle and bundle.creds or credentials.new { token = token, oauth = opts.oauth, base_url = base_url,
     owner = holder, post_form = token_sender(config, transport, cosockets, opts.ca_file ~= nil) }
   client._creds, client._creds_key = creds, base_url .. "\0" .. creds.identity
@@ -350,6 +368,7 @@ function M.new(opts)
     local pacer = require("commprefs.pacer").new(gov, { shared_dict = opts.shared_dict, rate_limit = rl })
     client._ngx = require("commprefs.ngx.transport").new(gov, pacer, creds)
   end
+  if cosockets then client._profile = profile_of(client, holder, config, opts) end
   -- libcurl: made at the first call (inside nginx only for init_by_lua calls), with the token then
   client._make_curl = function(tok)
     config.token = tok
@@ -358,13 +377,12 @@ function M.new(opts)
     return curl
   end
   if not cosockets and type(token) == "string" then client:_use_token(token) end
-  if bundle then client._lookup = bundle.lookup
-  else
-    client._lookup = lookup.new(client, opts.coalesce, opts.cache, opts.timeout)
-    if share_key then
-      holder.gov, holder.ngx, holder.lookup, holder.creds = gov, client._ngx, client._lookup, creds
-      if not require("commprefs.shared").put(share_key, holder) then client._shared = nil end
-    end
+  -- lookup: the bundle's queue and cache entries, read with this client's coalesce and cache options
+  client._lookup_state = bundle and bundle.lookup or lookup.state(version)
+  client._lookup = lookup.view(client._lookup_state, client, opts.coalesce, opts.cache)
+  if share_key and not bundle then
+    holder.gov, holder.ngx, holder.lookup, holder.creds = gov, client._ngx, client._lookup_state, creds
+    if not shared.put(share_key, holder) then client._shared = nil end
   end
   return client
 end
@@ -373,10 +391,13 @@ function Client:__tostring()
   return string.format("commprefs.client: %s (api %s)", self.base_url, self.api_version)
 end
 
--- A client sharing its worker's bundle (commprefs.shared) closes the
--- governor only when it is the last open client of the bundle: the others
--- go on with it.
+-- A closed client sends nothing more (a perform under way raises once its
+-- requests in flight end). One sharing its worker's bundle
+-- (commprefs.shared) closes the governor only when it is the last open
+-- client of the bundle: the others go on with it.
 function Client:close()
+  if self._closed then return end -- a second close must not close a bundle's governor
+  self._closed = true
   if self._curl then self._curl:close() end
   if self._shared then
     local key = self._shared
@@ -421,12 +442,13 @@ end
 -- What the feature modules (bulk, lookup, worker) use of a client, and
 -- nothing else: _perform, _uses_cosockets, _has_cosockets, _in_flight_target, _pacer,
 -- _cache_note, _get_unsubscribe_all, _gov:clock(), _deadline, _timeout, _prefix,
--- batch_size, business_unit_id, max_concurrency.
+-- _lookup / _lookup_state (commprefs.lookup's own), _profile (its call policy
+-- inside nginx), _check_open, batch_size, business_unit_id, max_concurrency.
 
 -- One perform on the transport of this call (the choice is commprefs.transport's).
 local function transport_perform(self, source, on_done, deadline)
   if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
-    return self._ngx:perform(source, on_done, deadline)
+    return self._ngx:perform(source, on_done, deadline, self._profile)
   end
   return self._curl:perform(source, on_done, deadline)
 end
@@ -448,12 +470,13 @@ end
 -- for one single-contact request: straight to the transport (no closures,
 -- no wrapper table: the GET path).
 function Client:_perform_one(req, deadline)
+  self:_check_open()
   if self._creds:renewable() or exchange.single_contact(self) then
     return self:_perform({ req }, nil, deadline)[1]
   end
   if self._metrics_dict and not self._metrics_watched then watch_metrics(self) end
   if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
-    return self._ngx:perform_one(req, deadline)
+    return self._ngx:perform_one(req, deadline, self._profile)
   end
   local curl = self._curl
   if not curl then return self:_perform({ req }, nil, deadline)[1] end -- exchange sets the token first
@@ -485,6 +508,11 @@ function Client:_use_token(tok)
   end
 end
 
+-- Raises once the client is closed (commprefs.exchange asks before each request it hands on).
+function Client:_check_open()
+  if self._closed then error("commprefs: the client is closed", 0) end
+end
+
 -- Whether a call made now goes over cosockets (light threads can gather).
 function Client:_uses_cosockets()
   return transport_choice.is_cosocket(self._transport, self._ngx ~= nil)
@@ -511,6 +539,13 @@ function Client:_drop_connections()
   if self._ngx then self._ngx:drop_connections() end
 end
 
+-- The absolute deadline (the governor's clock) of a call of `seconds`
+-- starting now, or nil: always this client's (never the deadline option of
+-- the client that made a shared governor).
+local function deadline_in(self, seconds)
+  if seconds then return self._gov:deadline(seconds) end
+end
+
 -- One request; about_id: the id a read is about. An answer naming another id
 -- belongs to another request (a connection that held stale bytes): the
 -- connections are dropped and the read is sent once more on a fresh one;
@@ -518,7 +553,7 @@ end
 -- seconds: the call's deadline when not the deadline option's.
 function Client:_request(method, path, q, body, about_id, seconds)
   local req = { method = method, url = self._prefix .. path .. q, body = body }
-  local deadline = self._gov:deadline(seconds or transport_choice.call_seconds(self._deadline, self._timeout))
+  local deadline = deadline_in(self, seconds or transport_choice.call_seconds(self._deadline, self._timeout))
   for attempt = 1, 2 do
     local env, err = outcome(req, self:_perform_one(req, deadline))
     local other = env and about_id and ops.names_other(env, about_id)
@@ -548,7 +583,7 @@ function Client:_batch(path, q, items)
   local size = self.batch_size
   local chunks, reqs = ops.split(items, size), {}
   for i, chunk in ipairs(chunks) do reqs[i] = ops.batch_request(self._prefix .. path .. q, chunk) end
-  local results = self:_perform(reqs, nil, self._gov:deadline())
+  local results = self:_perform(reqs, nil, deadline_in(self, self._deadline))
   local merged = { status = "COMPLETE", results = {} }
   local first_err, failed = nil, {}
   for i, req in ipairs(reqs) do

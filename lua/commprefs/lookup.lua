@@ -16,6 +16,19 @@
 -- Every caller gets the answer a single GET would have given: true / false,
 -- or nil and a commprefs.Error (a per-id error of the batch read is that
 -- caller's error alone; a failed request is every caller's error in it).
+--
+-- The state (M.state: the queue, the stores of cached answers, the counts)
+-- belongs to a client, or inside nginx to its bundle (commprefs.shared):
+-- every client of the bundle reads through its own view (M.view) with its
+-- own options. Cached entries are shared and each client reads them with
+-- its own ttl (an entry keeps the time its answer was read; it lives as
+-- long as the longest ttl of its store's readers); a change made through
+-- any client of the bundle updates every store of it. A batch read gathers
+-- the callers of one business unit whose clients share a profile (the same
+-- call policy: retries, timeouts, ...; commprefs.ngx.transport.profile) and
+-- batch_size, and is sent through one of them, so every caller's answer
+-- honours its own client's policy; each caller's coalesce window bounds how
+-- long its group waits to gather more.
 local core = require "commprefs.core"
 local Error = require "commprefs.error"
 local response = require "commprefs.response"
@@ -83,19 +96,27 @@ local function bounded(max)
   return setmetatable({ half = half, keep_old = 2 * half <= max, cur = {}, old = {}, n_cur = 0, n_old = 0 }, Bounded)
 end
 
-function Bounded:put(k, v, ttl)
+-- The largest bound any reader of the store asked for.
+function Bounded:grow(max)
+  local half = math.max(1, math.floor(max / 2))
+  if half > self.half then self.half, self.keep_old = half, 2 * half <= max end
+end
+
+-- put(k, v, ttl, at): at = when the answer was read (nil: now).
+function Bounded:put(k, v, ttl, at)
   local e = self.cur[k]
-  if e then e[1], e[2] = v, now() + ttl; return end
+  if e then e[1], e[2], e[3] = v, now() + ttl, at or now(); return end
   if self.old[k] then self.old[k] = nil; self.n_old = self.n_old - 1 end
   if self.n_cur >= self.half then
     if self.keep_old then self.old, self.n_old = self.cur, self.n_cur
     else self.old, self.n_old = {}, 0 end
     self.cur, self.n_cur = {}, 0
   end
-  self.cur[k] = { v, now() + ttl }
+  self.cur[k] = { v, now() + ttl, at or now() }
   self.n_cur = self.n_cur + 1
 end
 
+-- v, age (seconds since it was read), or nil.
 function Bounded:get(k)
   local e = self.cur[k]
   if not e then
@@ -104,10 +125,10 @@ function Bounded:get(k)
     self.old[k] = nil
     self.n_old = self.n_old - 1
     if e[2] <= now() then return nil end
-    self:put(k, e[1], e[2] - now())
+    self:put(k, e[1], e[2] - now(), e[3])
   end
   if e[2] <= now() then self:delete(k); return nil end
-  return e[1]
+  return e[1], now() - e[3]
 end
 
 function Bounded:delete(k)
@@ -119,18 +140,26 @@ function Bounded:count()
   return self.n_cur + self.n_old
 end
 
--- The same three methods over a lua_shared_dict (which bounds itself by its
--- size, dropping the least recently used entries when full).
+-- The same methods over a lua_shared_dict (which bounds itself by its
+-- size, dropping the least recently used entries when full). When an
+-- answer was read goes in the entry's flags (centiseconds modulo 2^31, what
+-- the dict's int flags hold: ages are right up to 248 days), not its value:
+-- a longer value would take the next slab size and halve what the dict holds.
 local Shared = {}
 Shared.__index = Shared
+local WRAP = 2147483648
 
-function Shared:put(k, v, ttl)
-  local ok = self.dict:set(k, v, ttl)
+function Shared:grow() end -- the dict bounds itself
+
+function Shared:put(k, v, ttl, at)
+  local ok = self.dict:set(k, v, ttl, math.floor((at or now()) * 100) % WRAP)
   if not ok then self.dict:delete(k) end -- full of fresh entries: never leave an older answer
 end
 
 function Shared:get(k)
-  return (self.dict:get(k))
+  local v, at = self.dict:get(k)
+  if v == nil or not at then return v end -- no flags: no age known
+  return v, ((math.floor(now() * 100) - at) % WRAP) / 100
 end
 
 function Shared:delete(k)
@@ -139,51 +168,85 @@ end
 
 ------------------------------------------------------------------ cache
 
--- Stored values: "t" / "f" answers of reads; "T<time>" unsubscribed by a
--- change made through commprefs at <time>; "?<time>" changed at <time> in a
--- way whose answer only HubSpot knows. A read that started before a change
--- never overwrites what the change noted.
+-- Stored values: "t" / "f" answers of reads (the store keeps when they were
+-- read); "T<time>" unsubscribed by a change made through commprefs at
+-- <time>; "?<time>" changed at <time> in a way whose answer only HubSpot
+-- knows. A read that started before a change never overwrites what the
+-- change noted. A store (one per bundle and store kind: a dict, or the
+-- in-process map) keeps entries for the longest ttl of its readers (ttl);
+-- a Cache is one client's view of it, with that client's ttl.
 local Cache = {}
 Cache.__index = Cache
 
-local function new_cache(opts, api_version)
-  local store
-  if opts.shared_dict then
-    store = setmetatable({ dict = ngx.shared[opts.shared_dict] }, Shared)
-  else
-    store = bounded(opts.max_entries or M.DEFAULT_MAX_ENTRIES)
+local function key_of(prefix, id, bu)
+  return prefix .. string.format("%d", bu or 0) .. ":" .. id
+end
+
+-- The store of state for cache options opts (made at first use), grown to
+-- this reader's ttl and bound.
+local function store_for(state, opts)
+  local name = opts.shared_dict and ("dict " .. opts.shared_dict) or "memory"
+  local store = state.stores[name]
+  if not store then
+    if opts.shared_dict then store = setmetatable({ dict = ngx.shared[opts.shared_dict] }, Shared)
+    else store = bounded(opts.max_entries or M.DEFAULT_MAX_ENTRIES) end
+    store.ttl = 0
+    state.stores[name] = store
+    state.store_list[#state.store_list + 1] = store
   end
-  return setmetatable({ store = store, ttl = opts.ttl, prefix = "commprefs:uall:" .. api_version .. ":" }, Cache)
+  if opts.ttl > store.ttl then store.ttl = opts.ttl end
+  store:grow(opts.max_entries or M.DEFAULT_MAX_ENTRIES)
+  return store
 end
 
 function Cache:key(id, bu)
-  return self.prefix .. string.format("%d", bu or 0) .. ":" .. id
+  return key_of(self.prefix, id, bu)
 end
 
--- true / false, or nil when the answer is not known.
+-- true / false, or nil when the answer is not known (or older than this reader's ttl).
 function Cache:get(key)
-  local v = self.store:get(key)
-  if v == "t" then return true elseif v == "f" then return false end
-  if v and v:sub(1, 1) == "T" then return true end
+  local v, age = self.store:get(key)
+  if v == nil then return nil end
+  local mark = v:sub(1, 1)
+  if mark == "t" or mark == "f" then
+    if age and age >= self.ttl then return nil end
+    return mark == "t"
+  end
+  if mark == "T" and now() - tonumber(v:sub(2)) < self.ttl then return true end
   return nil
 end
 
--- Remembers the answer of a read that started at `started`, unless a
--- change noted since then (or the read took longer than ttl) makes it stale.
-function Cache:remember(key, answer, started)
-  if now() - started >= self.ttl then return end
-  local v = self.store:get(key)
+-- Remembers in store the answer of a read that started at `started`,
+-- unless a change noted since then (or the read took longer than any
+-- reader's ttl) makes it stale.
+local function remember(store, key, answer, started)
+  local age = now() - started
+  if age >= store.ttl then return end
+  local v = store:get(key)
   if v then
     local mark = v:sub(1, 1)
     if (mark == "T" or mark == "?") and tonumber(v:sub(2)) >= started then return end
   end
-  self.store:put(key, answer and "t" or "f", self.ttl)
+  store:put(key, answer and "t" or "f", store.ttl - age, started)
 end
 
--- A change made through commprefs: true (now unsubscribed from all), or
--- nil / false (the answer may have changed: forget it).
-function Cache:note(key, unsubscribed)
-  self.store:put(key, (unsubscribed and "T" or "?") .. string.format("%.6f", now()), self.ttl)
+function Cache:remember(key, answer, started)
+  remember(self.store, key, answer, started)
+end
+
+-- What a read through any client of state answered, in every store of it.
+local function remember_all(state, id, bu, answer, started)
+  local key = key_of(state.prefix, id, bu)
+  for _, store in ipairs(state.store_list) do remember(store, key, answer, started) end
+end
+
+-- A change made through any client of state: true (now unsubscribed from
+-- all), or nil / false (the answer may have changed: forget it), in every
+-- store of it.
+local function note(state, id, bu, unsubscribed)
+  local key = key_of(state.prefix, id, bu)
+  local v = (unsubscribed and "T" or "?") .. string.format("%.6f", now())
+  for _, store in ipairs(state.store_list) do store:put(key, v, store.ttl) end
 end
 
 ------------------------------------------------------------------ answers
@@ -193,14 +256,16 @@ local answer_of = ops.unsubscribed
 
 ------------------------------------------------------------------ coalescing
 
--- Callers of one business unit join the open group (up to batch_size ids)
--- and wait on their own semaphore. Senders (ngx.timers, per client and
--- worker) send batch reads through client:_perform: the oldest group leaves
--- once its window has passed and no other batch is in flight (or at once
--- when full) AND the pacer would let a request go, so ids keep joining it
--- while HubSpot's rate limit holds it back. A batch carries only ids whose
--- callers will still wait when the answer returns. More senders start while
--- batches are in flight, up to the client's in-flight target.
+-- Callers of one business unit and group key (their client's profile and
+-- batch_size) join the open group (up to batch_size ids) and wait on their
+-- own semaphore. Senders (ngx.timers, per state and worker) send batch
+-- reads through the group's client:_perform (the client whose caller opened
+-- it): the oldest group leaves once its window has passed (the earliest
+-- end of its callers' coalesce windows) and no other batch is in flight (or
+-- at once when full) AND the pacer would let a request go, so ids keep
+-- joining it while HubSpot's rate limit holds it back. A batch carries only
+-- ids whose callers will still wait when the answer returns. More senders
+-- start while batches are in flight, up to the governor's in-flight target.
 
 local BATCH_PATH = ops.BATCH.get_unsubscribe_all_status.path
 local IDLE = 1 -- seconds the source waits for new callers before it ends
@@ -215,24 +280,24 @@ local function bu_text(bu)
   return bu == nil and "-" or string.format("%d", bu)
 end
 
--- A group: the ids of one business unit waiting to go out in one batch read.
-local function new_group(L, bu)
-  local g = { bu = bu, ids = {}, waiters = {}, sent = {}, answered = {}, n = 0, born = now() }
-  L.groups[bu_text(bu)] = g
+-- A group: the ids of one business unit and group key waiting to go out in
+-- one batch read through client (the one whose caller opened it).
+local function new_group(L, key, bu, client)
+  local g = { key = key, bu = bu, client = client, size = client.batch_size, ids = {}, waiters = {}, sent = {},
+    answered = {}, n = 0, due = now() + client._lookup.coalesce }
+  L.groups[key] = g
   L.order[#L.order + 1] = g
   if L.idle_waiting then L.arrival:post(1) end
   return g
 end
 
 local function close_group(L, g)
-  if L.groups[bu_text(g.bu)] == g then L.groups[bu_text(g.bu)] = nil end
+  if L.groups[g.key] == g then L.groups[g.key] = nil end
 end
 
 -- Hands every waiter of id in batch b its answer (or err); remembers answers.
 local function deliver(L, b, id, answer, err)
-  if answer ~= nil and L.cache then
-    L.cache:remember(L.cache:key(id, b.bu), answer, b.started)
-  end
+  if answer ~= nil then remember_all(L, id, b.bu, answer, b.started) end
   for _, g in ipairs(b.groups) do
     local list = g.waiters[id]
     if list then
@@ -308,28 +373,41 @@ end
 -- window has passed and no other batch is in flight (a partial batch waiting
 -- for an answer to come back gathers more callers instead of using a slot
 -- of the rate limit early).
-local function wait_until_due(L, client, g)
-  while g.n < client.batch_size do
-    local wait = g.born + L.coalesce - now()
+local function wait_until_due(L, g)
+  while g.n < g.size do
+    local wait = g.due - now()
     if wait <= 0 and L.senders - L.ready == 0 then return end
     nap(wait > 0 and wait * 1000 or 2)
   end
 end
 
--- Takes from the oldest groups (of the oldest group's business unit, in
--- order) the ids someone will still wait for when the answer comes back, up
--- to batch_size (the last group may give only some; it stays first in line).
+-- The client a batch of group g is sent through: the one that opened it,
+-- else (closed since) one of a caller still waiting (the same profile).
+local function sending_client(g)
+  if not g.client._closed then return g.client end
+  for _, list in pairs(g.waiters) do
+    for _, w in ipairs(list) do
+      if not w.gone and not w.done and not w.client._closed then return w.client end
+    end
+  end
+  return g.client -- every one closed: the send says so
+end
+
+-- Takes from the oldest groups (of the oldest group's key, in order) the
+-- ids someone will still wait for when the answer comes back, up to its
+-- batch_size (the last group may give only some; it stays first in line).
 -- Groups with none left are dropped: their callers time out.
-local function take_batch(L, client)
+local function take_batch(L)
   local cutoff, first = now() + L.rtt, L.order[1]
-  local b = { groups = {}, ids = {}, bu = first.bu, until_time = 0 }
+  local client, size = sending_client(first), first.size
+  local b = { groups = {}, ids = {}, bu = first.bu, client = client, until_time = 0 }
   local seen = {}
-  while L.order[1] and #b.ids < client.batch_size do
+  while L.order[1] and #b.ids < size do
     local g = L.order[1]
-    if g.bu ~= b.bu then break end
+    if g.key ~= first.key then break end
     local ids, latest = hopeful_ids(g, cutoff, seen)
     if latest > b.until_time then b.until_time = latest end
-    local room = client.batch_size - #b.ids
+    local room = size - #b.ids
     if #ids <= room then
       table.remove(L.order, 1)
       close_group(L, g)
@@ -347,10 +425,10 @@ local function take_batch(L, client)
   return b
 end
 
--- The next batch read {groups=, bu=, ids=, req=, started=}, once the oldest
--- group's window has passed (or it is full) and the pacer would let it go;
--- nil once no caller has come for IDLE seconds.
-local function next_batch(L, client)
+-- The next batch read {groups=, bu=, client=, ids=, req=, started=}, once
+-- the oldest group's window has passed (or it is full) and the pacer would
+-- let it go; nil once no caller has come for IDLE seconds.
+local function next_batch(L)
   while true do
     local g = L.order[1]
     if not g then
@@ -359,9 +437,9 @@ local function next_batch(L, client)
       L.idle_waiting = false
       if not L.order[1] then return nil end
     else
-      wait_until_due(L, client, g)
-      wait_for_pacer(client)
-      local b = L.order[1] and take_batch(L, client)
+      wait_until_due(L, g)
+      wait_for_pacer(g.client)
+      local b = L.order[1] and take_batch(L)
       if b then return b end
     end
   end
@@ -371,19 +449,20 @@ local ensure_sender
 
 -- A sender (an ngx.timer callback). Senders take turns to wait for the next
 -- batch (one at a time, so a batch keeps growing until it may really go),
--- then send it through client:_perform; while one is in flight another takes
--- the turn. Ends once no caller has come for IDLE seconds.
-local function sender(premature, L, client)
+-- then send it through its client's _perform; while one is in flight another
+-- takes the turn. Ends once no caller has come for IDLE seconds.
+local function sender(premature, L)
   while not premature do
     local turn = L.turn:wait(IDLE + L.timeout)
     local ok, b = false, nil
     if turn then
-      ok, b = pcall(next_batch, L, client)
+      ok, b = pcall(next_batch, L)
       L.turn:post(1)
       if not ok then ngx.log(ngx.ERR, "commprefs: coalesced batch read: ", tostring(b)) end
     end
     if not ok or not b then break end
     L.ready = L.ready - 1
+    local client = b.client
     if L.order[1] then ensure_sender(L, client) end -- someone to take the next turn
     -- the batch read's deadline: the last of its callers stops waiting then (the governor's clock)
     local deadline = client._gov:clock() + (b.until_time - now()) * 1000
@@ -411,7 +490,7 @@ function ensure_sender(L, client)
   if L.ready > 0 then return true end
   local most = client:_in_flight_target()
   if L.senders >= math.max(1, most) then return true end
-  local ok, err = ngx.timer.at(0, sender, L, client)
+  local ok, err = ngx.timer.at(0, sender, L)
   if not ok then
     if L.senders > 0 then return true end
     return nil, err
@@ -432,19 +511,24 @@ local function coalesced(L, client, id, bu, seconds)
   if not L.arrival then -- made in the worker, at first use
     L.arrival, L.turn = semaphore.new(0), semaphore.new(1)
   end
-  local g = L.groups[bu_text(bu)]
-  if not g then g = new_group(L, bu) end
+  local key = bu_text(bu) .. client._lookup.group
+  local g = L.groups[key]
+  if not g then g = new_group(L, key, bu, client)
+  else
+    local due = now() + client._lookup.coalesce -- no caller's group waits past its own window
+    if due < g.due then g.due = due end
+  end
   local list = g.waiters[id]
   if not list then
     list = {}
     g.waiters[id] = list
     g.n = g.n + 1
     g.ids[g.n] = id
-    if g.n >= client.batch_size then close_group(L, g) end
+    if g.n >= g.size then close_group(L, g) end
   elseif g.answered[id] then -- a part of g went out already, with id: its fresh answer
     return g.answered[id][1], g.answered[id][2]
   end
-  local w = { deadline = now() + seconds, sema = semaphore.new(0) }
+  local w = { deadline = now() + seconds, sema = semaphore.new(0), client = client }
   list[#list + 1] = w
   local ok, terr = ensure_sender(L, client)
   if not ok then
@@ -464,13 +548,28 @@ end
 
 ------------------------------------------------------------------ API
 
--- The lookup state of a client (nil when neither option is given).
-function M.new(client, coalesce, cache, timeout)
-  if coalesce == nil and cache == nil then return nil end
+-- The lookup state of a client, or inside nginx of its bundle: the queue,
+-- the stores of cached answers, the counts. api_version: the clients'.
+function M.state(api_version)
   return {
-    cache = cache and new_cache(cache, client.api_version), coalesce = coalesce,
-    timeout = timeout or 30, groups = {}, order = {}, senders = 0, ready = 0, requests = 0, rtt = 0,
+    prefix = "commprefs:uall:" .. api_version .. ":", stores = {}, store_list = {},
+    timeout = 0, groups = {}, order = {}, senders = 0, ready = 0, requests = 0, rtt = 0,
     hits = 0, misses = 0, coalesced = 0, -- for the metrics
+  }
+end
+
+-- A client's view of state with its own options (nil when neither is
+-- given): {state =, coalesce =, cache = a Cache with its ttl, group = the
+-- key its coalesced reads share a batch under}. Needs client.batch_size,
+-- client._timeout and client._profile (its call policy; absent outside nginx).
+function M.view(state, client, coalesce, cache)
+  if coalesce == nil and cache == nil then return nil end
+  state.viewed = true
+  if client._timeout > state.timeout then state.timeout = client._timeout end
+  return {
+    state = state, coalesce = coalesce,
+    cache = cache and setmetatable({ store = store_for(state, cache), ttl = cache.ttl, prefix = state.prefix }, Cache),
+    group = string.format("|%s|%d", tostring(client._profile), client.batch_size),
   }
 end
 
@@ -482,35 +581,34 @@ end
 
 -- client:is_unsubscribed_from_all(id, opts) once id and opts are checked.
 function M.is_unsubscribed_from_all(client, id, opts)
-  local L = client._lookup
+  local V, L = client._lookup, client._lookup_state
+  local cache = V and V.cache
   local bu = opts.business_unit_id
   if bu == nil then bu = client.business_unit_id end
-  local key
-  if L and L.cache then
-    key = L.cache:key(id, bu)
-    local hit = L.cache:get(key)
+  if cache then
+    local hit = cache:get(cache:key(id, bu))
     if hit ~= nil then L.hits = L.hits + 1; return hit end
     L.misses = L.misses + 1
   end
   local seconds = lookup_seconds(client)
-  if L and L.coalesce and gathering(client) then
+  if V and V.coalesce and gathering(client) then
     L.coalesced = L.coalesced + 1
-    return coalesced(L, client, id, bu, seconds or L.timeout)
+    return coalesced(L, client, id, bu, seconds or client._timeout)
   end
   local started = now()
   local env, err = client:_get_unsubscribe_all(id, opts, seconds)
   if not env then return nil, err end
   local answer = answer_of(env.results)
-  if key then L.cache:remember(key, answer, started) end
+  if L.store_list[1] then remember_all(L, id, bu, answer, started) end
   return answer
 end
 
 -- client:_cache_note(id, bu, unsubscribed): see the top of the file.
 function M.note(client, id, bu, unsubscribed)
-  local L = client._lookup
-  if not (L and L.cache) then return end
+  local L = client._lookup_state
+  if not L.store_list[1] then return end
   if bu == nil then bu = client.business_unit_id end
-  L.cache:note(L.cache:key(id, bu), unsubscribed)
+  note(L, id, bu, unsubscribed)
 end
 
 -- After a batch change of ids (env: its envelope or the partial one, may be
@@ -519,33 +617,35 @@ end
 -- writes that may resubscribe): every id is forgotten in the business unit
 -- its results name and in bu.
 function M.note_batch(client, ids, bu, env, unsubscribe)
-  local L = client._lookup
-  if not (L and L.cache) then return end
+  local L = client._lookup_state
+  if not L.store_list[1] then return end
   if bu == nil then bu = client.business_unit_id end
-  local cache, done = L.cache, {}
+  local done = {}
   for _, r in ipairs(type(env) == "table" and env.results or {}) do
     local id = type(r) == "table" and r.subscriberIdString
     if type(id) == "string" then
       if unsubscribe then
-        cache:note(cache:key(id, bu), true)
+        note(L, id, bu, true)
         done[id] = true
       elseif type(r.businessUnitId) == "number" then
-        cache:note(cache:key(id, r.businessUnitId), nil)
+        note(L, id, r.businessUnitId, nil)
       end
     end
   end
   for _, id in ipairs(ids) do
-    if not done[id] then cache:note(cache:key(id, bu), nil) end
+    if not done[id] then note(L, id, bu, nil) end
   end
 end
 
--- For client:stats() and the metrics: entries held in process (nil with a
--- shared dict), batch reads sent, cache hits and misses, coalesced reads.
+-- For client:stats() and the metrics, the counts of the client's state (its
+-- bundle's inside nginx: every client of it tells the same; nil when no
+-- client of it has either option): entries held in process (nil with only
+-- a shared dict), batch reads sent, cache hits and misses, coalesced reads.
 function M.stats(client)
-  local L = client._lookup
-  if not L then return nil end
-  local store = L.cache and L.cache.store
-  return { cache_entries = store and store.count and store:count() or nil, batch_reads = L.requests,
+  local L = client._lookup_state
+  if not L.viewed then return nil end
+  local store = L.stores.memory
+  return { cache_entries = store and store:count() or nil, batch_reads = L.requests,
     cache_hits = L.hits, cache_misses = L.misses, coalesced_reads = L.coalesced }
 end
 

@@ -107,11 +107,22 @@ end
 local GAUGE = { commprefs_daily_remaining = true, commprefs_rate_limit_max = true,
   commprefs_rate_limit_interval_seconds = true, commprefs_in_flight_target = true }
 
--- Adds what changed since the last flush of client into the dict (counters
--- by increment; gauges: this worker's value, under a per-worker key).
+-- What was last flushed into each dict, per governor (the counts'
+-- source: clients of one bundle, commprefs.shared, count into one governor,
+-- so each count is added once however many of them flush). Weak: a
+-- governor that is gone has nothing more to add.
+local flushed = {}
+
+-- Adds what changed since the last flush of client's counts into the dict
+-- (counters by increment; gauges: this worker's value, under a per-worker key).
 function M.flush(client, dict)
   local now_series = M.series(client:stats())
-  local last = client._metrics_last or {}
+  local by_gov = flushed[dict]
+  if not by_gov then
+    by_gov = setmetatable({}, { __mode = "k" })
+    flushed[dict] = by_gov
+  end
+  local last = by_gov[client._gov] or {}
   local pid = ngx.worker.pid()
   for name, v in pairs(now_series) do
     if GAUGE[family_of(name)] then
@@ -121,7 +132,7 @@ function M.flush(client, dict)
       if delta ~= 0 then dict:incr("c|" .. name, delta, 0) end
     end
   end
-  client._metrics_last = now_series
+  by_gov[client._gov] = now_series
 end
 
 -- Every worker's counters from the dict (gauges: the lowest daily remaining,

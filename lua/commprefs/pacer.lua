@@ -1,6 +1,7 @@
 -- commprefs.pacer: the pacing contract of the cosocket transport: the
--- client's governor (csrc/governor.c: the local window, the daily rules,
--- what may be learned, every count) plus at most one shared backing:
+-- governor (csrc/governor.c: the local window, the daily rules, what may be
+-- learned, every count; inside nginx shared by every client of a worker's
+-- bundle, commprefs.shared) plus at most one shared backing:
 --   * none: the governor's window paces each nginx worker alone;
 --   * a lua_shared_dict (`shared_dict = "name"`, commprefs.ngx.backing_dict):
 --     every worker of an nginx paces through one window;
@@ -16,7 +17,9 @@
 --   p:sent()     the attempt is on the wire now
 --   p:unsent()   it ended before anything was sent
 --   p:abandon(on_wire)  it was given up (killed, raised): released everywhere
---   p:finish(result, on_wire, latency_ms, deadline) -> retry, delay_ms, deadline_refused_retry
+--   p:finish(result, on_wire, latency_ms, deadline, policy) -> retry, delay_ms, deadline_refused_retry
+--                (policy: the calling client's commprefs.core.policy; nil: the governor's own)
+--   p:cover(settings)  a client with these settings (a policy's) joined: the backing allows for them
 local M = {}
 
 local Pacer = {}
@@ -61,14 +64,20 @@ function Pacer:abandon(on_wire)
   if self.shared and not on_wire then self.shared:unsent() end
 end
 
-function Pacer:finish(res, on_wire, latency_ms, deadline)
-  local retry, delay_ms, hold_ms, learn_max, learn_interval, refused = self.gov:finish(res, on_wire, latency_ms, deadline)
+function Pacer:finish(res, on_wire, latency_ms, deadline, policy)
+  local retry, delay_ms, hold_ms, learn_max, learn_interval, refused =
+    self.gov:finish(res, on_wire, latency_ms, deadline, policy)
   local shared = self.shared
   if shared then
     if learn_max then shared:learn(learn_max, learn_interval) end
     if hold_ms then shared:throttled(hold_ms) end
   end
   return retry, delay_ms, refused
+end
+
+function Pacer:cover(settings)
+  local shared = self.shared
+  if shared and shared.cover then shared:cover(settings) end
 end
 
 -- new(governor, {shared_dict =, rate_limit =}): rate_limit is the client's

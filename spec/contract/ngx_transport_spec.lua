@@ -244,17 +244,22 @@ describe("the cosocket transport in nginx", function()
     end)
   end)
 
+  -- Clients with a budget of their own (rate_limit, max_concurrency set by
+  -- hand) use API version 2026-09 and close at the end: clients of one
+  -- worker with the same token, base URL and version share one budget
+  -- (commprefs.shared), and must state the same one.
   describe("paced waits (issue 19)", function()
     it("never pass the caller's timeout: a call the rate limit would hold longer fails at once, unsent", function()
       sim.reset()
       local out = run([[
         local c = require("commprefs").new { token = "sim-token", base_url = SIM_URL, timeout = 1,
-          rate_limit = { max = 1, interval = 10 } }
+          api_version = "2026-09", rate_limit = { max = 1, interval = 10 } }
         assert(c:get_status("x@example.com"))
         ngx.update_time()
         local t0 = ngx.now()
         local env, err = c:get_status("y@example.com")
         ngx.update_time()
+        c:close()
         return string.format("%s %s %.2f", tostring(env), err and err.kind, ngx.now() - t0)]])
       local env, kind, took = out:match("^(%S+) (%S+) (%S+)$")
       assert.equal("nil", env)
@@ -271,7 +276,9 @@ describe("the cosocket transport in nginx", function()
       run([[
         -- a window set by hand wide enough for 40 at once: even pacing under the simulator's
         -- HubSpot window (100 per 10 s: one per ~100 ms after a burst of 4) would spread them over 4 s
-        package.loaded.spec_kept_client = require("commprefs").new { token = "sim-token", base_url = SIM_URL,
+        -- (localhost and 2026-09: a bundle of its own, kept)
+        package.loaded.spec_kept_client = require("commprefs").new { token = "sim-token",
+          base_url = SIM_URL:gsub("127%.0%.0%.1", "localhost"), api_version = "2026-09",
           rate_limit = { max = 1000, interval = 1 } }
         return "made"]])
       assert.equal("3", run([[return #assert(package.loaded.spec_kept_client:get_status("x@example.com")).results]]))
@@ -328,7 +335,8 @@ describe("the cosocket transport in nginx", function()
     it("a client closed by another request while a batch runs: the batch raises once its requests end", function()
       sim.reset { latency = 200 }
       local text = run([[
-        local c = require("commprefs").new { token = "sim-token", base_url = SIM_URL, max_concurrency = 2, batch_size = 1 }
+        local c = require("commprefs").new { token = "sim-token", base_url = SIM_URL, max_concurrency = 2, batch_size = 1,
+          api_version = "2026-09" }
         ngx.thread.spawn(function() ngx.sleep(0.05); c:close() end)
         local ok, err = pcall(c.batch_get_unsubscribe_all_status, c, { "a@x.com", "b@x.com", "c@x.com", "d@x.com" })
         return tostring(ok) .. " " .. tostring(err)]])
@@ -339,10 +347,12 @@ describe("the cosocket transport in nginx", function()
     it("runs batches in parallel up to max_concurrency (ngx.thread)", function()
       sim.reset { latency = 200 }
       local text = run([[
-        local c = require("commprefs").new { token = "sim-token", base_url = SIM_URL, max_concurrency = 4, batch_size = 1 }
+        local c = require("commprefs").new { token = "sim-token", base_url = SIM_URL, max_concurrency = 4, batch_size = 1,
+          api_version = "2026-09" }
         local t0 = ngx.now()
         local env = assert(c:batch_get_unsubscribe_all_status({ "a@x.com", "b@x.com", "c@x.com", "d@x.com" }))
         ngx.update_time()
+        c:close()
         return #env.results .. " " .. (ngx.now() - t0)]])
       local n, secs = text:match("^(%d+) (%S+)$")
       assert.equal("4", n)

@@ -131,6 +131,9 @@ describe("commprefs in nginx", function()
   describe("limits learned into the shared_dict", function()
     -- client A learns HubSpot's 20 per 1,000 ms from one answer; client B (its own
     -- C window, 30 in flight by hand) never saw a header and sends 30 GETs at once.
+    -- B takes API version 2026-09: a bundle of its own in this worker (commprefs.shared
+    -- shares one governor between clients of one token, base URL and version), as a
+    -- client of another worker would be.
     local function burst(shared_dict)
       local s = sim.start { SIM_RATE = "20/1000", SIM_LATENCY = "20" }
       local inst = nginx.start { conf = "lua_shared_dict pace 1m;", env = { SIM_URL = s.url } }
@@ -139,7 +142,7 @@ describe("commprefs in nginx", function()
         local opts = { token = "sim-token", base_url = os.getenv("SIM_URL"), shared_dict = %s }
         local a = commprefs.new(opts)
         assert(a:is_unsubscribed_from_all("learner@example.com") == false)
-        opts.max_concurrency, opts.batch_size = 30, 1
+        opts.max_concurrency, opts.batch_size, opts.api_version = 30, 1, "2026-09"
         local b = commprefs.new(opts)
         local ids = {}
         for i = 1, 30 do ids[i] = "burst" .. i .. "@example.com" end

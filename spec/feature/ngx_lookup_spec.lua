@@ -72,7 +72,9 @@ local CLIENTS = [[
     package.loaded.lk_coalesce = new { coalesce = 0.01 }
     package.loaded.lk_cached = new { coalesce = 0.01, cache = { ttl = 60, shared_dict = "answers" } }
     package.loaded.lk_fragile = new { coalesce = 0.01, max_retries = 0 }
-    package.loaded.lk_slow = new { coalesce = 0.01, timeout = 1, rate_limit = { max = 1, interval = 3 } }
+    -- a budget of its own set by hand: another API version, so not the others' bundle (commprefs.shared)
+    package.loaded.lk_slow = new { coalesce = 0.01, timeout = 1, rate_limit = { max = 1, interval = 3 },
+      api_version = "2026-09" }
   }
 ]]
 

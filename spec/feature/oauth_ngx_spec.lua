@@ -101,8 +101,10 @@ describe("OAuth and HubSpot's answers over cosockets", function()
   it("a 401 renews once and resends once; a revoked app mid-job stops the job (stopped = 'auth', 0 failed)", function()
     reset(s, {})
     admin(s, "POST", "faults", { kind = "status", status = 401, count = 1, match = "^/communication" })
+    -- the deprecated token URL: no other client of the worker uses it, so this client's
+    -- credentials are its own (commprefs.shared) and its first request fetches a token
     local t = run(inst, [[
-      local c = commprefs.new { base_url = url, transport = "ngx", oauth = oauth() }
+      local c = commprefs.new { base_url = url, transport = "ngx", oauth = oauth { token_url = url .. "/oauth/v1/token" } }
       local env, err = c:get_status("a@example.com")
       return { ok = env ~= nil, err = err and tostring(err) }
     ]])

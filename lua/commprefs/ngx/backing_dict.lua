@@ -50,10 +50,18 @@ function M.new(name, key, manual_max, manual_interval, settings)
     ticket_prefix = ns .. "t:", owned = setmetatable({}, { __mode = "k" }), queue = {},
     -- tickets of this worker not yet sent or unsent: ticket -> its coroutine (weak)
     mine = {}, holder = setmetatable({}, { __mode = "v" }),
-    pending_ttl = (settings.connect_timeout_ms or 10000) / 1000 + 10,
+    pending_ttl = 0,
   }, Dict)
+  self:cover(settings)
   self.manual_max, self.manual_interval = manual_max, manual_interval -- set by hand: kept
   return self
+end
+
+-- A ticket not on the wire after the longest connect of the clients using
+-- this backing, and 10 s more, belonged to a worker that died: it expires.
+function Dict:cover(settings)
+  local ttl = (settings.connect_timeout_ms or 10000) / 1000 + 10
+  if ttl > self.pending_ttl then self.pending_ttl = ttl end
 end
 
 -- max, interval_ms of the shared window (nil when not known yet).

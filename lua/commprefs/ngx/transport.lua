@@ -6,10 +6,17 @@
 -- with ngx.thread. It keeps the contract of the libcurl transport
 -- (csrc/transport.c): perform(source, on_done) with the same result tables.
 -- Every attempt goes through the pacer (commprefs.pacer), which drives the
--- client's governor (csrc/governor.c: when an attempt may start, what its
--- end decides, every count, the call's deadline and each attempt's timeout
--- within it) and the shared backing; responses are parsed by
--- core.http1_response (csrc/http1.c). Nothing here decides a rule.
+-- governor (csrc/governor.c: when an attempt may start, what its end
+-- decides, every count, the call's deadline) and the shared backing;
+-- responses are parsed by core.http1_response (csrc/http1.c). Nothing here
+-- decides a rule.
+--
+-- One transport (its pools, pacer and governor) may serve several clients
+-- (inside nginx, every client of a worker's bundle: commprefs.shared). Each
+-- call carries its client's profile (M.profile: the client's policy,
+-- csrc/policy.c, and what this file reads of it: retries, timeouts, TLS
+-- verification, answer size, User-Agent), so a call keeps its own client's
+-- policy on the shared governor; a call without one takes the governor's.
 --
 -- An attempt's timeout covers DNS too: nginx's resolver waits for its own
 -- resolver_timeout (30 s by default) whatever a socket's connect timeout
@@ -63,37 +70,40 @@ local function parse_origin(origin, verify_tls, generation)
       tls and (verify_tls and "verify" or "noverify") or "", generation) } }
 end
 
--- The target of a request URL (parsed once per origin) and its path+query.
-local function target(t, url)
+-- The target of a request URL (parsed once per origin and TLS
+-- verification) and its path+query.
+local function target(t, url, verify_tls)
   local origin, path = url:match("^(https?://[^/?#]*)(.*)$")
   if not origin then return nil end
-  local tg = t.targets[origin]
+  local known = t.targets[verify_tls]
+  local tg = known[origin]
   if tg == nil then
-    tg = parse_origin(origin, t.settings.verify_tls, t.generation) or false
-    if t.ntargets < 16 then t.targets[origin], t.ntargets = tg, t.ntargets + 1 end
+    tg = parse_origin(origin, verify_tls, t.generation) or false
+    if known.n < 16 then known[origin], known.n = tg, known.n + 1 end
   end
   if not tg then return nil end
   if path == "" or path:byte(1) ~= 47 then path = "/" .. path end -- 47: "/"
   return tg, path:find("#", 1, true) and path:gsub("#.*$", "") or path
 end
 
--- A reset parser of the transport's own (made once, reset between answers:
--- no new userdata per request); given back with give_parser.
-local function take_parser(t)
-  local pool, n = t.parsers, t.nparsers
+-- A reset parser of the profile's own (its max_response_size; made once,
+-- reset between answers: no new userdata per request); given back with
+-- give_parser.
+local function take_parser(prof)
+  local pool, n = prof.parsers, prof.nparsers
   if n > 0 then
     local p = pool[n]
-    pool[n], t.nparsers = nil, n - 1
+    pool[n], prof.nparsers = nil, n - 1
     return p
   end
-  return http1_response { max_body = t.settings.max_response_size }
+  return http1_response { max_body = prof.settings.max_response_size }
 end
 
-local function give_parser(t, p)
-  if t.nparsers < PARSERS_KEPT then
+local function give_parser(prof, p)
+  if prof.nparsers < PARSERS_KEPT then
     p:reset()
-    t.nparsers = t.nparsers + 1
-    t.parsers[t.nparsers] = p
+    prof.nparsers = prof.nparsers + 1
+    prof.parsers[prof.nparsers] = p
   else
     p:close()
   end
@@ -131,12 +141,12 @@ end
 -- Returns the result (C2 fields, no attempts), whether it was on the wire, and
 -- whether a pooled connection failed before any byte of an answer (stale: the
 -- server had closed it). resent: the replacement of a stale attempt.
--- timeout_ms, connect_ms: this attempt's (the governor's, within the call's deadline).
-local function exchange(t, req, pacer, resent, timeout_ms, connect_ms)
-  local tg, path = target(t, req.url)
+-- timeout_ms, connect_ms: this attempt's (its policy's, within the call's deadline).
+local function exchange(t, req, pacer, resent, timeout_ms, connect_ms, prof)
+  local s = prof.settings
+  local tg, path = target(t, req.url, s.verify_tls)
   if not tg then return { kind = "network", message = "bad URL: " .. req.url }, false end
   local tls, host, port = tg.tls, tg.host, tg.port
-  local s = t.settings
   local started = now_ms()
   local deadline = started + timeout_ms
   local sock = tcp()
@@ -158,12 +168,13 @@ local function exchange(t, req, pacer, resent, timeout_ms, connect_ms)
   local body = req.body
   local post = req.method == "POST"
   if not resent then pacer:sent() end -- a replacement for a stale pooled connection is the same send
-  local bytes, serr = sock:send(t.head(post and "POST" or (req.method or "GET"), path, tg.authority, post and (body or "") or nil))
+  local bytes, serr = sock:send(t.head(prof.ua, post and "POST" or (req.method or "GET"), path, tg.authority,
+    post and (body or "") or nil))
   if not bytes then
     sock:close()
     return no_answer(serr, "sending to " .. host, started), true, reused and serr ~= "timeout"
   end
-  local parser = take_parser(t)
+  local parser = take_parser(prof)
   local got = 0
   while true do
     local left = deadline - now_ms()
@@ -178,19 +189,19 @@ local function exchange(t, req, pacer, resent, timeout_ms, connect_ms)
       done, perr, kind = parser:feed("")
     else
       sock:close()
-      give_parser(t, parser)
+      give_parser(prof, parser)
       return no_answer(rerr, format("reading the answer from %s (%d bytes received)", host, got), started),
         true, reused and got == 0 and rerr ~= "timeout"
     end
     if done == nil then
       sock:close()
-      give_parser(t, parser)
+      give_parser(prof, parser)
       return { kind = kind, message = perr }, true, reused and got == 0 and rerr == "closed"
     end
     if done then break end
   end
   local res = parser:result()
-  give_parser(t, parser)
+  give_parser(prof, parser)
   if res.keepalive then sock:setkeepalive() else sock:close() end
   res.keepalive, res.extra = nil, nil -- extra: bytes after the answer (never reused: keepalive is false)
   if res.status < 300 or res.status > 399 then res.location = nil end -- C2: location= only on a redirect
@@ -208,8 +219,8 @@ end
 -- decides, all within the call's deadline (the governor's clock; nil =
 -- none): a request not sent by then is not sent. A reused connection the
 -- server had already closed is replaced at once (not an attempt), as
--- libcurl does.
-local function run(t, req, pacer, deadline)
+-- libcurl does. prof: the calling client's (M.profile).
+local function run(t, req, pacer, deadline, prof)
   local attempts, last = 0, nil
   local gov = t.gov
   while true do
@@ -225,7 +236,7 @@ local function run(t, req, pacer, deadline)
     end
     local timeout_ms, connect_ms
     if not stop then
-      timeout_ms, connect_ms = gov:attempt_timeout(deadline)
+      timeout_ms, connect_ms = gov:attempt_timeout(deadline, prof.policy)
       if not timeout_ms then pacer:unsent(); stop = "deadline" end -- started, never sent
     end
     if stop then
@@ -237,25 +248,25 @@ local function run(t, req, pacer, deadline)
     local res, replays, was_sent = nil, 0, false
     for _ = 1, 4 do
       local on_wire, stale
-      res, on_wire, stale = exchange(t, req, pacer, was_sent, timeout_ms, connect_ms)
+      res, on_wire, stale = exchange(t, req, pacer, was_sent, timeout_ms, connect_ms, prof)
       was_sent = was_sent or on_wire
       if not stale then break end
       -- A pooled connection the server had closed: replaced at once. A GET is
       -- only replaced; a POST it had sent may have been acted on, so its
       -- replay is an attempt, sent only while retries are left (as libcurl's).
       if on_wire and req.method == "POST" then
-        if attempts + replays + 1 > t.settings.max_retries then
+        if attempts + replays + 1 > prof.settings.max_retries then
           res.message = "the connection closed before an answer; not sent again (no retries left)"
           break
         end
         replays = replays + 1
-        t.gov:resent()
+        gov:resent()
       end
     end
     if not was_sent then pacer:unsent() end
     attempts = attempts + 1 + replays
     res.attempts = attempts
-    local retry, delay_ms, refused = pacer:finish(res, was_sent, now_ms() - t0, deadline)
+    local retry, delay_ms, refused = pacer:finish(res, was_sent, now_ms() - t0, deadline, prof.policy)
     if refused then return gov:deadline_result(attempts, last_outcome(res)), "deadline" end
     if not retry then return res end
     last = res
@@ -269,13 +280,13 @@ local function check_request(req, i)
   if type(req.url) ~= "string" then error(format("perform: request %d has no url", i), 0) end
 end
 
--- perform_one(req[, deadline]) -> result: one request, no thread, no
--- closure, no wrapper table (every single call: init.lua's _request).
-local function perform_one(t, req, deadline)
+-- perform_one(req[, deadline[, profile]]) -> result: one request, no
+-- thread, no closure, no wrapper table (every single call: init.lua's _request).
+local function perform_one(t, req, deadline, prof)
   check_request(req, 1)
   M.check_phase(ngx.get_phase())
   t.gov:new_call()
-  return (run(t, req, t.pacer, deadline))
+  return (run(t, req, t.pacer, deadline, prof or t.default))
 end
 
 ------------------------------------------------------------------ perform
@@ -284,8 +295,9 @@ local function target_of(t)
   return math.max(1, t.gov:target())
 end
 
--- perform(source, on_done[, deadline]): the C2 contract (see transport.c for the libcurl twin).
-local function perform(t, source, on_done, deadline)
+-- perform(source, on_done[, deadline[, profile]]): the C2 contract (see
+-- transport.c for the libcurl twin); profile: the calling client's (M.profile).
+local function perform(t, source, on_done, deadline, prof)
   if type(source) ~= "table" and type(source) ~= "function" then
     error("bad argument #1 to 'perform' (table or function expected)", 2)
   end
@@ -294,6 +306,7 @@ local function perform(t, source, on_done, deadline)
   end
   M.check_phase(ngx.get_phase())
   local pacer = t.pacer
+  prof = prof or t.default
   t.gov:new_call()
   local st = { next = 1 }
   local results = on_done == nil and {} or nil
@@ -332,7 +345,7 @@ local function perform(t, source, on_done, deadline)
   if type(source) == "table" and source[2] == nil then -- one request: no thread
     local i, req = pull()
     if i then
-      local res, stop = run(t, req, pacer, deadline)
+      local res, stop = run(t, req, pacer, deadline, prof)
       st.stop = st.stop or stop
       deliver(i, res)
     end
@@ -350,7 +363,7 @@ local function perform(t, source, on_done, deadline)
   -- in flight finishes first.
   local finished, ready = {}, semaphore.new(0)
   local function one(i, req)
-    local ok, res, stop = pcall(run, t, req, pacer, deadline)
+    local ok, res, stop = pcall(run, t, req, pacer, deadline, prof)
     finished[#finished + 1] = { th = coroutine.running(), i = i, ok = ok, res = res, stop = stop }
     ready:post(1)
   end
@@ -379,10 +392,23 @@ end
 
 -- Forgets this transport's pooled connections: new ones are made under a
 -- new pool name (the old ones idle out in nginx's pool, never reused).
+local function no_targets()
+  return { [true] = { n = 0 }, [false] = { n = 0 } } -- by TLS verification
+end
+
 local function drop_connections(t)
   t.generation = t.generation + 1
-  t.targets, t.ntargets = {}, 0
+  t.targets = no_targets()
   return true
+end
+
+-- profile(governor[, policy]) -> what a client's calls carry (perform's
+-- last argument): its policy (commprefs.core.policy; nil: the governor's
+-- own), the settings read from it, its User-Agent line and its parsers.
+-- Made once per policy, kept by the client (or its bundle).
+function M.profile(gov, policy)
+  local s = gov:settings(policy)
+  return { policy = policy, settings = s, ua = "User-Agent: " .. s.user_agent .. "\r\n", parsers = {}, nparsers = 0 }
 end
 
 -- new(governor, pacer, credentials[, form]) -> transport with :perform(source, on_done).
@@ -390,13 +416,10 @@ end
 -- hold when it is written; without credentials none (an OAuth token
 -- endpoint: form = true sends form bodies).
 function M.new(gov, pacer, credentials, form)
-  local settings = gov:settings()
-  local ua = "User-Agent: " .. settings.user_agent .. "\r\n"
   local accept = "Accept: application/json\r\n"
   local ctype = form and "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: "
     or "Content-Type: application/json\r\nContent-Length: "
-  local t = { gov = gov, pacer = pacer, settings = settings, targets = {}, ntargets = 0, generation = 0,
-    parsers = {}, nparsers = 0 }
+  local t = { gov = gov, pacer = pacer, default = M.profile(gov), targets = no_targets(), generation = 0 }
   local auth_token, auth_line = nil, ""
   local function auth()
     if credentials and credentials:due() then credentials:current() end -- a refusal: the 401 tells
@@ -406,7 +429,7 @@ function M.new(gov, pacer, credentials, form)
     end
     return auth_line
   end
-  t.head = function(method, path, authority, body)
+  t.head = function(ua, method, path, authority, body)
     if body then
       return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", ua, auth(), accept,
         ctype, #body, "\r\n\r\n", body }
