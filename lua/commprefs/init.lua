@@ -378,7 +378,8 @@ function M.new(opts)
   end
   if not cosockets and type(token) == "string" then client:_use_token(token) end
   -- lookup: the bundle's queue and cache entries, read with this client's coalesce and cache options
-  client._lookup_state = bundle and bundle.lookup or lookup.state(version)
+  client._lookup_state = bundle and bundle.lookup
+    or lookup.state(version, shared and shared.credential_text(token, opts.oauth) .. "\0" .. base_url)
   client._lookup = lookup.view(client._lookup_state, client, opts.coalesce, opts.cache)
   if share_key and not bundle then
     holder.gov, holder.ngx, holder.lookup, holder.creds = gov, client._ngx, client._lookup_state, creds

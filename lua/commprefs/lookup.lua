@@ -548,11 +548,25 @@ end
 
 ------------------------------------------------------------------ API
 
+-- The tag of an app's entries in a lua_shared_dict cache, the same in every
+-- worker: a digest (HMAC-SHA1 under a fixed label, 64 bits in hex) of the
+-- text naming the credentials and base URL, so two apps (portals, or the
+-- simulator and HubSpot) sharing one dict never read each other's answers,
+-- and the dict holds nothing the token could be read back from. Outside
+-- nginx a cache is the client's own: "local".
+local function app_tag(app)
+  if not (app and ngx and ngx.hmac_sha1) then return "local" end
+  local d = ngx.hmac_sha1("commprefs cache entries", app)
+  return (d:sub(1, 8):gsub(".", function(c) return string.format("%02x", c:byte()) end))
+end
+
 -- The lookup state of a client, or inside nginx of its bundle: the queue,
--- the stores of cached answers, the counts. api_version: the clients'.
-function M.state(api_version)
+-- the stores of cached answers, the counts. api_version: the clients';
+-- app: the text naming their credentials and base URL (inside nginx), kept
+-- only as its digest.
+function M.state(api_version, app)
   return {
-    prefix = "commprefs:uall:" .. api_version .. ":", stores = {}, store_list = {},
+    prefix = "commprefs:uall:" .. api_version .. ":" .. app_tag(app) .. ":", stores = {}, store_list = {},
     timeout = 0, groups = {}, order = {}, senders = 0, ready = 0, requests = 0, rtt = 0,
     hits = 0, misses = 0, coalesced = 0, -- for the metrics
   }

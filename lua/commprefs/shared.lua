@@ -91,6 +91,8 @@ local function credential_text(token, oauth)
   return "function " .. tostring(token) -- by identity: the bundle keeps it alive, so never reused
 end
 
+M.credential_text = credential_text -- also names a bundle's entries in a shared cache (commprefs.lookup)
+
 -- The digest naming a bundle (see the top): the credentials (token, or
 -- opts.oauth), base URL, API version and the shared pacing backing of opts.
 function M.key(token, base_url, api_version, opts)

@@ -157,7 +157,7 @@ describe("is_unsubscribed_from_all coalesced and cached in nginx", function()
     assert.is_false(t.first)
     assert.is_true(t.second)
     assert.is_false(t.token_seen)
-    assert.equals("commprefs:uall:2026-03:0:u-me@example.com", t.key)
+    assert.matches("^commprefs:uall:2026%-03:%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x:0:u%-me@example%.com$", t.key)
     local log = api_log(s)
     assert.equals(before + 2, #log) -- the first read and the POST
     assert.equals("POST", log[#log].method)
@@ -167,6 +167,42 @@ describe("is_unsubscribed_from_all coalesced and cached in nginx", function()
     for i = 1, 8 do paths[i] = "/check?id=u-me%40example.com" end
     for _, a in ipairs(nginx.concurrent(inst, paths, 20)) do assert.equals("yes", a.body) end
     assert.equals(before + 2, #api_log(s))
+  end)
+
+  it("never gives one app's cached answer to another app sharing the dict (other token or base URL)", function()
+    quiet()
+    local status, body = nginx.run(inst, [[
+      local commprefs = require "commprefs"
+      local a = package.loaded.lk_cached
+      assert(a:unsubscribe_all("app-a@example.com")) -- noted as unsubscribed in the dict
+      local url = os.getenv("SIM_URL")
+      local b = commprefs.new { token = "sim-read-only", base_url = url,
+        cache = { ttl = 60, shared_dict = "answers" } }
+      local c = commprefs.new { token = "sim-token", base_url = url:gsub("127%.0%.0%.1", "localhost"),
+        cache = { ttl = 60, shared_dict = "answers" } }
+      local a_key, b_key, c_key = a._lookup.cache:key("x"), b._lookup.cache:key("x"), c._lookup.cache:key("x")
+      b:close(); c:close()
+      return { a = a_key, b = b_key, c = c_key }
+    ]])
+    assert.equals(200, status, body)
+    local t = cjson.decode(body)
+    assert.are_not.equal(t.a, t.b)
+    assert.are_not.equal(t.a, t.c)
+    assert.is_nil(t.b:find("sim", 1, true))
+    -- the simulator forgets everything: another app asking now must hear HubSpot's answer
+    admin(s, "POST", "reset", {})
+    local before = #api_log(s)
+    status, body = nginx.run(inst, [[
+      local b = require("commprefs").new { token = "sim-read-only", base_url = os.getenv("SIM_URL"),
+        cache = { ttl = 60, shared_dict = "answers" } }
+      local v, err = b:is_unsubscribed_from_all("app-a@example.com")
+      b:close()
+      return { v = v, err = err and tostring(err) }
+    ]])
+    assert.equals(200, status, body)
+    t = cjson.decode(body)
+    assert.is_false(t.v, t.err)
+    assert.equals(before + 1, #api_log(s))
   end)
 
   it("gives each caller what a single GET gives; business units never share a batch", function()
