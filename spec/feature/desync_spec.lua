@@ -64,3 +64,45 @@ describe("a server that sends every answer twice on a keep-alive connection", fu
     srv:stop()
   end)
 end)
+
+-- The framing faults of issue 16 as a seeded property: every answer of a
+-- keep-alive server carries a fault drawn at random (support.rawserver's
+-- faults: a duplicate at once or 20 ms late, bytes after the answer, writes
+-- of 1-40 bytes, two Content-Lengths, chunked with odd sizes/extensions/
+-- trailers, a bad chunk size, an early close, Connection: close, another
+-- id's answer); a read is either right or nil, err, never another read's
+-- answer. The seeds make a failure replayable (the server's draws follow
+-- the order of the requests it gets).
+describe("a keep-alive server with a seeded random framing fault on every answer", function()
+  local SEEDS, N = { 1, 2, 3 }, 150
+
+  local function assert_property(t, seed)
+    assert.equal(0, t.wrong, "seed " .. seed .. ": a read returned another read's answer")
+    assert.is_true(t.errors < N / 2, "seed " .. seed .. ": " .. t.errors .. " of " .. N .. " reads failed")
+  end
+
+  for _, seed in ipairs(SEEDS) do
+    it("seed " .. seed .. ": " .. N .. " reads over libcurl, 0 wrong answers", function()
+      local srv = rawserver.start("faults", seed)
+      local t = assert((loadstring or load)(code(srv.url, N)))()
+      srv:stop()
+      assert_property(t, seed)
+    end)
+  end
+
+  describe("inside nginx (cosockets)", function()
+    local nginx = require "support.nginx"
+    local inst
+    setup(function() inst = nginx.start {} end)
+    teardown(function() if inst then inst:stop() end end)
+    for _, seed in ipairs(SEEDS) do
+      it("seed " .. seed .. ": " .. N .. " reads, 0 wrong answers", function()
+        local srv = rawserver.start("faults", seed)
+        local status, body = nginx.run(inst, code(srv.url, N), 120)
+        srv:stop()
+        assert.equal(200, status, body)
+        assert_property(require("cjson").decode(body), seed)
+      end)
+    end
+  end)
+end)

@@ -10,8 +10,12 @@
 -- sent once more: at once, or 20 ms later), dieafter1 (keep-alive: answers
 -- the first request of each connection, reads the second and closes without
 -- answering; every answer's body is {"n": requests received so far}),
--- twolengths (a 200 with Content-Length: 2 and Content-Length: 3).
--- Used from a spec: `local srv = require("support.rawserver").start(mode)`
+-- twolengths (a 200 with Content-Length: 2 and Content-Length: 3), faults
+-- (keep-alive; every status GET answered for its ID as in dup, each with a
+-- framing fault drawn from FAULTS by a random generator seeded with SEED,
+-- the script's third argument; an idle connection is closed once another
+-- one is waiting).
+-- Used from a spec: `local srv = require("support.rawserver").start(mode[, seed])`
 -- -> {url=, port=, pid=}; `srv:stop()`. It exits by itself after 120 s.
 local socket = require "socket"
 
@@ -41,6 +45,59 @@ local function status_answer(request_line)
   return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body
 end
 
+-- The status answer with a chunked body: random chunk sizes, hex in either
+-- case, leading zeros, extensions and a trailer.
+local function chunked_answer(request_line)
+  local body = status_answer(request_line):match("\r\n\r\n(.*)$")
+  local out, pos = { "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" }, 1
+  while pos <= #body do
+    local piece = body:sub(pos, pos + math.random(1, 80) - 1)
+    local size = string.format(math.random(2) == 1 and "%x" or "%X", #piece)
+    out[#out + 1] = (math.random(3) == 1 and "00" or "") .. size .. (math.random(3) == 1 and ";x=1" or "") .. "\r\n" .. piece .. "\r\n"
+    pos = pos + #piece
+  end
+  out[#out + 1] = math.random(2) == 1 and "0\r\n\r\n" or "0\r\nX-Trailer: t\r\n\r\n"
+  return table.concat(out)
+end
+
+-- The framing faults of mode faults: name -> function(c, request_line) that
+-- sends the answer with that fault; false: the connection is to be closed.
+local FAULTS = {
+  ok = function(c, rl) return c:send(status_answer(rl)) ~= nil end,
+  dup = function(c, rl) return c:send(status_answer(rl):rep(2)) ~= nil end,
+  ["dup-late"] = function(c, rl)
+    local a = status_answer(rl)
+    if not c:send(a) then return false end
+    socket.sleep(0.02)
+    return c:send(a) ~= nil
+  end,
+  extra = function(c, rl) return c:send(status_answer(rl) .. "HTTP/1.1 200 OK\r\n\r\n") ~= nil end,
+  split = function(c, rl) -- the answer in small writes, some a little apart
+    local a, pos = status_answer(rl), 1
+    while pos <= #a do
+      local n = math.random(1, 40)
+      if not c:send(a:sub(pos, pos + n - 1)) then return false end
+      if math.random(4) == 1 then socket.sleep(0.001) end
+      pos = pos + n
+    end
+    return true
+  end,
+  twolengths = function(c, rl)
+    local a = status_answer(rl)
+    local n = tonumber(a:match("Content%-Length: (%d+)"))
+    return c:send((a:gsub("Content%-Length: %d+\r\n", "%0Content-Length: " .. n + 1 .. "\r\n", 1)) .. "x") ~= nil
+  end,
+  chunked = function(c, rl) return c:send(chunked_answer(rl)) ~= nil end,
+  ["chunked-bad"] = function(c, rl) c:send((chunked_answer(rl):gsub("\r\n\r\n%x+", "\r\n\r\nzz", 1))); return false end,
+  ["close-early"] = function(c, rl) local a = status_answer(rl); c:send(a:sub(1, math.random(1, #a - 1))); return false end,
+  close = function(c, rl) c:send((status_answer(rl):gsub("\r\n\r\n", "\r\nConnection: close\r\n\r\n", 1))); return false end,
+  wrongid = function(c, rl) -- another id's answer, with the opposite status
+    return c:send(status_answer((rl:gsub("/statuses/(%a)", function(p) return "/statuses/" .. (p == "u" and "s" or "u") end, 1)))) ~= nil
+  end,
+}
+local FAULT_NAMES = { "ok", "dup", "dup-late", "extra", "split", "twolengths", "chunked", "chunked-bad",
+  "close-early", "close", "wrongid" }
+
 local ANSWER = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
 local received = 0
@@ -50,7 +107,18 @@ local function counted_answer()
   return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body
 end
 
-local function serve(mode, port)
+-- Whether c sends another request before a new connection comes: a client
+-- that dropped c (an answer naming another id) may leave it idle in its
+-- pool (nginx cannot close pooled cosockets), and this server serves one
+-- connection at a time: an idle one is closed once another is waiting.
+local function next_request_on(c, srv)
+  local ready = socket.select({ c, srv }, nil, 30)
+  for _, s in ipairs(ready) do if s == c then return true end end
+  return false
+end
+
+local function serve(mode, port, seed)
+  math.randomseed(seed or 1)
   local srv = assert(socket.bind("127.0.0.1", port))
   srv:settimeout(1)
   local deadline = socket.gettime() + 120
@@ -60,6 +128,7 @@ local function serve(mode, port)
       c:settimeout(30)
       local on_this = 0
       while true do
+        if mode == "faults" and not next_request_on(c, srv) then break end
         local len, first = read_request(c)
         if not len then break end
         received, on_this = received + 1, on_this + 1
@@ -67,6 +136,9 @@ local function serve(mode, port)
           if len > 0 then c:receive(len) end
           if on_this > 1 then break end
           if not c:send(counted_answer()) then break end
+        elseif mode == "faults" then
+          if len > 0 then c:receive(len) end
+          if not FAULTS[FAULT_NAMES[math.random(#FAULT_NAMES)]](c, first) then break end
         elseif mode == "twolengths" then
           if len > 0 then c:receive(len) end
           c:send("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}x")
@@ -107,15 +179,15 @@ local function serve(mode, port)
 end
 
 if arg and arg[0] and arg[0]:match("rawserver%.lua$") then
-  serve(arg[1], tonumber(arg[2]))
+  serve(arg[1], tonumber(arg[2]), tonumber(arg[3]))
   os.exit(0)
 end
 
-function M.start(mode)
+function M.start(mode, seed)
   local s = assert(socket.bind("127.0.0.1", 0))
   local _, port = s:getsockname()
   s:close()
-  local f = io.popen(string.format("lua5.4 spec/support/rawserver.lua %s %d >/dev/null 2>&1 & echo $!", mode, port))
+  local f = io.popen(string.format("lua5.4 spec/support/rawserver.lua %s %d %d >/dev/null 2>&1 & echo $!", mode, port, seed or 1))
   local pid = f:read("*l")
   f:close()
   for _ = 1, 200 do
