@@ -24,7 +24,7 @@ local function classify(op, url, res, chunk, record)
   ops.classify(op, env, err, chunk, record)
 end
 
-local ALLOWED = { business_unit_id = true, on_result = true, on_progress = true, journal = true,
+local ALLOWED = { business_unit_id = true, on_result = true, on_progress = true, on_start = true, journal = true,
   batch_size = true, total = true, max_failures_kept = true, verbose = true }
 
 local function check(fname, op, source, opts)
@@ -36,7 +36,7 @@ local function check(fname, op, source, opts)
   opts = opts or {}
   for k, v in pairs(opts) do
     if not ALLOWED[k] or (k == "verbose" and not op.verbose) then raise("unknown option '" .. tostring(k) .. "'") end
-    if (k == "on_result" or k == "on_progress") and type(v) ~= "function" then
+    if (k == "on_result" or k == "on_progress" or k == "on_start") and type(v) ~= "function" then
       raise("bad option '" .. k .. "' (function expected)")
     end
     if k == "journal" and type(v) ~= "string" then raise("bad option 'journal' (path expected)") end
@@ -116,6 +116,8 @@ function M.run(client, fname, opname, source, opts)
     if not journal then return nil, Error.new { kind = "journal", message = err } end
     done_ids, summary.skipped = read_journal(opts.journal, opname, bu)
   end
+  -- the journal is open and read: the job starts (nothing is sent before this)
+  if opts.on_start then opts.on_start { total = total, skipped = summary.skipped } end
 
   -- The generator: the next batch request, or nil when the source is dry.
   local next_id, chunks, seq, dry = iterator(source), {}, 0, false

@@ -421,7 +421,7 @@ end
 function M.prometheus(client)
   local metrics = require "commprefs.metrics"
   local name = client._metrics_dict
-  if not name then return metrics.render(metrics.series(client:stats())) end
+  if not name then return metrics.text(client) end
   local dict = ngx.shared[name]
   metrics.flush(client, dict)
   return metrics.render(metrics.collect(dict))

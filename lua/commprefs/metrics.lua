@@ -6,7 +6,10 @@
 -- worker's counts into the dict (a timer per worker flushes deltas each
 -- second, and rendering flushes its own first), so /metrics shows the nginx.
 -- Names follow Prometheus' conventions: commprefs_ prefix, _total counters,
--- base units (seconds).
+-- base units (seconds). Also the command line's --metrics-file: the same
+-- text with the job's own series (commprefs_bulk_*, commprefs_worker_*),
+-- every series labelled with the job, written atomically for node_exporter's
+-- textfile collector.
 local M = {}
 
 -- Family metadata: type and help, by family name.
@@ -26,6 +29,29 @@ local FAMILIES = {
   commprefs_cache_misses_total = { "counter", "is_unsubscribed_from_all reads the cache could not answer." },
   commprefs_coalesced_reads_total = { "counter", "is_unsubscribed_from_all reads joined into batch reads." },
   commprefs_batch_reads_total = { "counter", "Batch reads sent for coalesced reads." },
+  -- the command line's bulk commands (--metrics-file)
+  commprefs_bulk_running = { "gauge", "1 while the bulk job runs, 0 once it has ended." },
+  commprefs_bulk_start_time_seconds = { "gauge", "When the bulk job started, seconds since the Unix epoch." },
+  commprefs_bulk_ids = { "gauge", "Ids the job has to do: the input's, less bad lines, duplicates and ids the journal has done." },
+  commprefs_bulk_ids_done_total = { "counter", "Ids with an outcome in this run, by outcome (failed: a rerun with the journal tries them again)." },
+  commprefs_bulk_ids_remaining = { "gauge", "Ids without an outcome yet (at the end: the ids not sent)." },
+  commprefs_bulk_ids_skipped = { "gauge", "Ids the journal had done already (not sent again)." },
+  commprefs_bulk_input_bad_lines = { "gauge", "Input lines skipped: blank, not an address, not UTF-8, too long." },
+  commprefs_bulk_input_duplicates = { "gauge", "Input ids seen again in any letter case (sent once)." },
+  -- commprefs worker (--metrics-file)
+  commprefs_worker_running = { "gauge", "1 while the worker runs, 0 once it has ended." },
+  commprefs_worker_start_time_seconds = { "gauge", "When the worker started, seconds since the Unix epoch." },
+  commprefs_worker_entries_read_total = { "counter", "Stream entries read (deliveries, redeliveries included)." },
+  commprefs_worker_results_total = { "counter", "Entries written to the results stream, by outcome." },
+  commprefs_worker_dead_letters_total = { "counter", "Entries written to the dead-letter stream." },
+  commprefs_worker_redeliveries_total = { "counter", "Entries of this consumer delivered again after a passing failure." },
+  commprefs_worker_bad_entries_total = { "counter", "Entries answered failed at once (no address, too long, ...)." },
+  commprefs_worker_claimed_total = { "counter", "Entries taken over from other consumers." },
+  commprefs_worker_duplicates_total = { "counter", "Commits skipped: the entry had its result already." },
+  commprefs_worker_batches_total = { "counter", "Batches sent and settled." },
+  commprefs_worker_redis_reconnects_total = { "counter", "Redis connections reopened." },
+  commprefs_worker_pending = { "gauge", "Entries of the group delivered and not settled yet (XINFO GROUPS)." },
+  commprefs_worker_lag = { "gauge", "Entries of the stream not yet delivered to the group (XINFO GROUPS)." },
 }
 M.FAMILIES = FAMILIES
 
@@ -100,6 +126,123 @@ function M.render(series, extra)
     for _, e in ipairs(list) do out[#out + 1] = e[1] .. " " .. number(e[2]) end
   end
   return table.concat(out, "\n") .. "\n"
+end
+
+-- series with labels {name = value} added to every one ({} or nil: as they are).
+function M.labelled(series, labels)
+  local names = {}
+  for k in pairs(labels or {}) do names[#names + 1] = k end
+  if #names == 0 then return series end
+  table.sort(names)
+  local parts = {}
+  for i, k in ipairs(names) do parts[i] = k .. '="' .. label(labels[k]) .. '"' end
+  local common = table.concat(parts, ",")
+  local out = {}
+  for name, v in pairs(series) do
+    local base, rest = name:match("^([%w_]+)(.*)$")
+    out[base .. "{" .. common .. (rest == "" and "}" or "," .. rest:sub(2))] = v
+  end
+  return out
+end
+
+-- The text of a client's series (commprefs.prometheus) with extra series
+-- {["name{labels}"] = value} of families in FAMILIES, every series with labels.
+function M.text(client, extra, labels)
+  local s = M.series(client:stats())
+  for k, v in pairs(extra or {}) do s[k] = v end
+  return M.render(M.labelled(s, labels))
+end
+
+------------------------------------------------------------------ jobs' series
+
+-- What each series of a job shows: per series (after the prefix) the
+-- field of the job's figures; `done`, the series counted per outcome.
+local BULK = { prefix = "commprefs_bulk_", done = "ids_done_total", fields = {
+  start_time_seconds = "started", ids = "ids", ids_remaining = "remaining", ids_skipped = "skipped",
+  input_bad_lines = "bad_lines", input_duplicates = "duplicates" } }
+local WORKER = { prefix = "commprefs_worker_", done = "results_total", fields = {
+  start_time_seconds = "started", entries_read_total = "read", dead_letters_total = "dead",
+  redeliveries_total = "redelivered", bad_entries_total = "bad", claimed_total = "claimed",
+  duplicates_total = "duplicates", batches_total = "batches", redis_reconnects_total = "reconnects",
+  pending = "pending", lag = "lag" } }
+
+-- A job's series: the running gauge (figures.running), a series per field of
+-- figures (none for a figure not known), one per outcome of counts.
+local function job_series(kind, figures, counts, outcomes)
+  local s = { [kind.prefix .. "running"] = figures.running and 1 or 0 }
+  for name, field in pairs(kind.fields) do s[kind.prefix .. name] = figures[field] end
+  for _, o in ipairs(outcomes) do s[kind.prefix .. kind.done .. '{outcome="' .. label(o) .. '"}'] = counts[o] or 0 end
+  return s
+end
+
+-- A bulk job's series. job: {running, started (epoch s), ids, outcomes =
+-- {[outcome] = n}, remaining, skipped, bad_lines, duplicates}; outcomes:
+-- every outcome of the operation, failed included (0s are series too).
+function M.bulk_series(job, outcomes) return job_series(BULK, job, job.outcomes, outcomes) end
+
+-- The worker's series: summary (commprefs.worker's run summary), outcomes
+-- (every outcome a result can have), state: {running, started (epoch s),
+-- and pending and lag (XINFO GROUPS) when known}.
+function M.worker_series(summary, outcomes, state)
+  return job_series(WORKER, setmetatable(state, { __index = summary }), summary, outcomes)
+end
+
+------------------------------------------------------------------ the file
+
+-- This process's id (/proc/self/stat), for the temporary file's name.
+local function own_pid()
+  local f = io.open("/proc/self/stat")
+  local pid = f and f:read("*l"):match("^(%d+)")
+  if f then f:close() end
+  return pid or tostring(os.time())
+end
+
+local function reason(err) return (tostring(err):gsub("^.*: ", "")) end
+
+-- Writes text to path atomically: into PATH.tmp-PID beside it, then renamed
+-- over PATH, so a reader (node_exporter's textfile collector) sees the whole
+-- old file or the whole new one. true | nil, err.
+function M.write_file(path, text)
+  local tmp = path .. ".tmp-" .. own_pid()
+  local f, err = io.open(tmp, "wb")
+  if not f then return nil, "cannot write " .. tmp .. ": " .. reason(err) end
+  local ok, werr = f:write(text)
+  local closed, cerr = f:close()
+  if not ok or not closed then
+    os.remove(tmp)
+    return nil, "cannot write " .. tmp .. ": " .. reason(werr or cerr)
+  end
+  local renamed, rerr = os.rename(tmp, path)
+  if not renamed then
+    os.remove(tmp)
+    return nil, "cannot rename " .. tmp .. " to " .. path .. ": " .. reason(rerr)
+  end
+  return true
+end
+
+-- Whether the shell command succeeds (os.execute: true on Lua 5.4, 0 on LuaJIT).
+local function succeeds(cmd)
+  local r = os.execute(cmd)
+  return r == true or r == 0
+end
+
+local function quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+
+-- Whether write_file(path) can work: its directory takes a new file, and
+-- path is nothing or a regular file (the rename would replace a directory,
+-- a device such as /dev/null, a pipe). true | nil, why. Leaves nothing.
+function M.check_file(path)
+  local q = quote(path)
+  if succeeds("test -d " .. q) then return nil, path .. ": Is a directory" end
+  if succeeds("test -e " .. q .. " && test ! -f " .. q) then
+    return nil, path .. ": not a regular file (writing it means replacing it)"
+  end
+  local tmp = path .. ".tmp-" .. own_pid()
+  local t, err = io.open(tmp, "wb")
+  if not t then return nil, "cannot write in the directory of " .. path .. ": " .. reason(err) end
+  t:close()
+  os.remove(tmp)
+  return true
 end
 
 ------------------------------------------------------------------ OpenResty

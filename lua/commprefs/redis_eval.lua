@@ -11,6 +11,7 @@
 --     stop = function() return false end, on_event = function(name, info) end }
 --   session:call(argv [, opts])               -> reply | nil, err, code
 --   session:eval(script, keys, args [, opts]) -> reply | nil, err, code
+--   session:try(argv [, opts [, open]])       -> the same, never waiting for Redis
 --   (opts: the connection's, e.g. {stop_after_signals = 2}: see csrc/redis.c)
 --   session:drop(); session:close()
 --
@@ -142,6 +143,29 @@ function Session:call(argv, opts)
     end
     if code ~= "connection" then sleep(0.1) end
   end
+end
+
+-- One command for figures a log or a metrics file shows, on the connection
+-- already open (with open = true, one attempt to open one when there is
+-- none): never waits for Redis (nil, err, code at once; a lost connection
+-- is dropped for the next call to reopen) and tells no event.
+function Session:try(argv, opts, open)
+  if not self.conn and open then
+    local ok, conn = pcall(self.connect)
+    if ok and conn then
+      self.conn = conn
+      if self.on_open then self.on_open() end
+    end
+  end
+  if not self.conn then return nil, M.error("not connected to Redis", "connection"), "connection" end
+  local reply, err = self.conn:command(argv, opts)
+  if reply ~= nil then return reply end
+  local code = code_of(err)
+  if code == "connection" or code == "interrupted" then
+    self:drop()
+    self.reconnects = self.reconnects + 1
+  end
+  return nil, err, code
 end
 
 -- Runs a script: EVALSHA of its cached digest (SCRIPT LOAD once), EVAL after

@@ -780,8 +780,11 @@ end
 
 -- What is left for the group: entries pending (delivered, not settled) and
 -- its lag (entries not yet delivered; nil when Redis cannot tell), or nil.
-function Worker:backlog()
-  local reply = self:_call({ "XINFO", "GROUPS", self.stream })
+-- Never waits for Redis: nil at once while it is lost (the worker's own
+-- commands wait for it); reconnect = true tries once to open a connection
+-- when there is none (after run() has ended).
+function Worker:backlog(reconnect)
+  local reply = self.redis:try({ "XINFO", "GROUPS", self.stream }, FINISH, reconnect)
   if type(reply) ~= "table" then return nil end
   for _, g in ipairs(reply) do
     if type(g) == "table" then

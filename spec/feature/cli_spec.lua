@@ -39,11 +39,7 @@ local function cli(args, opts)
   return code, o, e
 end
 
-local function lines_of(s)
-  local t = {}
-  for l in s:gmatch("[^\n]+") do t[#t + 1] = l end
-  return t
-end
+local lines_of = proc.lines
 
 -- Makes these addresses unsubscribed in the simulator (through the library, not the CLI).
 local function unsubscribe(ids)

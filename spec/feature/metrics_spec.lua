@@ -3,24 +3,10 @@
 -- format, checked by Debian's promtool; in OpenResty with metrics.shared_dict
 -- every worker's counts added up in the dict.
 local sim = require "support.sim"
+local prom = require "support.prom"
 local commprefs = require "commprefs"
 
-local function promtool(text)
-  local path = os.tmpname()
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-  local p = io.popen("promtool check metrics < " .. path .. " 2>&1; echo rc=$?")
-  local out = p:read("*a")
-  p:close()
-  os.remove(path)
-  return out
-end
-
-local function value(text, series)
-  local v = text:match("\n" .. series:gsub("[%[%]%(%)%.%%%+%-%*%?%^%$]", "%%%0") .. " ([%d%.e%+%-]+)")
-  return v and tonumber(v)
-end
+local promtool, value = prom.check, prom.value
 
 describe("commprefs.prometheus", function()
   before_each(function() sim.reset() end)

@@ -78,38 +78,13 @@ end
 
 ------------------------------------------------------------------ processes
 
--- Starts `commprefs ARGS` in the background with stderr not a terminal: {pid=, dir=}.
+-- Starts `commprefs ARGS` in the background with stderr not a terminal (support.proc.spawn): {pid=, dir=}.
 local function spawn(args, env)
-  local dir = os.tmpname()
-  os.remove(dir)
-  assert(os.execute("mkdir -p " .. dir))
-  local c = string.format("(env COMMPREFS_BUILD=%s HUBSPOT_ACCESS_TOKEN=sim-token COMMPREFS_BASE_URL=%s %s"
-    .. " %s >%s/out 2>%s/err & echo $! >%s/pid.tmp && mv %s/pid.tmp %s/pid;"
-    .. " wait $!; echo $? >%s/rc.tmp; mv %s/rc.tmp %s/rc) >/dev/null 2>&1 </dev/null &",
-    CLI_BUILD, sim.url, env or "", args, dir, dir, dir, dir, dir, dir, dir, dir)
-  assert(os.execute(c))
-  for _ = 1, 200 do
-    local pid = proc.slurp(dir .. "/pid")
-    if pid ~= "" then return { pid = pid:match("%d+"), dir = dir } end
-    socket.sleep(0.01)
-  end
-  error("did not start")
+  return proc.spawn(string.format("env COMMPREFS_BUILD=%s HUBSPOT_ACCESS_TOKEN=sim-token COMMPREFS_BASE_URL=%s %s %s",
+    CLI_BUILD, sim.url, env or "", args))
 end
 
-local function wait(p, timeout)
-  local deadline = socket.gettime() + (timeout or 120)
-  while socket.gettime() < deadline do
-    local rc = proc.slurp(p.dir .. "/rc")
-    if rc ~= "" then
-      local out, err = proc.slurp(p.dir .. "/out"), proc.slurp(p.dir .. "/err")
-      os.execute("rm -rf " .. p.dir)
-      return tonumber(rc), out, err
-    end
-    socket.sleep(0.05)
-  end
-  os.execute("kill -9 " .. p.pid .. " 2>/dev/null")
-  error("still running after " .. (timeout or 120) .. " s:\n" .. proc.slurp(p.dir .. "/err"))
-end
+local wait = proc.wait
 
 local function worker_cmd(k, extra, url)
   return string.format("bin/commprefs worker --redis %s --stream %s --group %s --results %s %s", url or R.url,

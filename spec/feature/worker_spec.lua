@@ -4,6 +4,7 @@
 -- failing requests and signals.
 local sim = require "support.sim"
 local redis = require "support.redis"
+local proc = require "support.proc"
 local commprefs = require "commprefs"
 local core = require "commprefs.core"
 local worker = require "commprefs.worker"
@@ -87,47 +88,14 @@ local function exec(c)
   return code
 end
 
-local function slurp(p)
-  local f = io.open(p)
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-
--- Starts `commprefs worker ARGS` in the background: {pid=, dir=}.
+-- Starts `commprefs worker ARGS` in the background (support.proc.spawn): {pid=, dir=}.
 local function spawn(args, env)
-  local dir = os.tmpname()
-  os.remove(dir)
-  assert(os.execute("mkdir -p " .. dir))
-  local c = string.format("(env COMMPREFS_BUILD=%s HUBSPOT_ACCESS_TOKEN=sim-token COMMPREFS_BASE_URL=%s %s"
-    .. " bin/commprefs worker --redis %s %s >%s/out 2>%s/err & echo $! >%s/pid.tmp && mv %s/pid.tmp %s/pid;"
-    .. " wait $!; echo $? >%s/rc.tmp; mv %s/rc.tmp %s/rc) >/dev/null 2>&1 </dev/null &",
-    CLI_BUILD, sim.url, env or "", R.url, args, dir, dir, dir, dir, dir, dir, dir, dir)
-  assert(os.execute(c))
-  for _ = 1, 200 do
-    local pid = slurp(dir .. "/pid")
-    if pid then return { pid = pid:match("%d+"), dir = dir } end
-    socket.sleep(0.01)
-  end
-  error("the worker did not start")
+  return proc.spawn(string.format("env COMMPREFS_BUILD=%s HUBSPOT_ACCESS_TOKEN=sim-token COMMPREFS_BASE_URL=%s %s"
+    .. " bin/commprefs worker --redis %s %s", CLI_BUILD, sim.url, env or "", R.url, args))
 end
 
 -- Waits for a spawned worker to end: exit code, stdout, stderr.
-local function wait(p, timeout)
-  local deadline = socket.gettime() + (timeout or 120)
-  while socket.gettime() < deadline do
-    local rc = slurp(p.dir .. "/rc")
-    if rc then
-      local out, err = slurp(p.dir .. "/out"), slurp(p.dir .. "/err")
-      os.execute("rm -rf " .. p.dir)
-      return tonumber(rc), out, err
-    end
-    socket.sleep(0.05)
-  end
-  os.execute("kill -9 " .. p.pid .. " 2>/dev/null")
-  error("worker " .. p.pid .. " still running after " .. (timeout or 120) .. " s:\n" .. tostring(slurp(p.dir .. "/err")))
-end
+local wait = proc.wait
 
 local function worker_args(k, extra)
   return string.format("--stream %s --group %s --results %s %s", k.stream, k.group, k.results, extra or "")

@@ -1,7 +1,8 @@
 -- support.proc: the process and file helpers the specs share: a free port,
 -- this process's pid for the watchdogs of every loopback server (simulator,
 -- nginx, redis-server, the hostile server), whether a pid still runs, a file's
--- text, a fresh temporary path, a journal's records.
+-- text and lines, a fresh temporary path, a journal's records, and a command run in the
+-- background with stdout and stderr in files (not a terminal).
 local socket = require "socket"
 local cjson = require "cjson"
 
@@ -40,6 +41,13 @@ function M.slurp(path)
   return s
 end
 
+-- The non-empty lines of s, in order.
+function M.lines(s)
+  local t = {}
+  for l in s:gmatch("[^\n]+") do t[#t + 1] = l end
+  return t
+end
+
 -- A path under $TMPDIR (or /tmp) no file holds yet, named after the spec (tag) and VM.
 -- Unique per process and call: this pid and a counter (LuaJIT's math.random
 -- starts from the same seed in every process, so two LuaJIT suites side by
@@ -64,6 +72,41 @@ function M.read_journal(path)
     if ok and type(rec) == "table" then recs[#recs + 1] = rec end
   end
   return recs
+end
+
+-- Starts the shell command line cmd in the background, stdin /dev/null and
+-- stdout/stderr in files of a fresh directory: {pid = the command's, dir =}.
+function M.spawn(cmd)
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -p " .. dir))
+  local c = string.format("(%s >%s/out 2>%s/err & echo $! >%s/pid.tmp && mv %s/pid.tmp %s/pid;"
+    .. " wait $!; echo $? >%s/rc.tmp; mv %s/rc.tmp %s/rc) >/dev/null 2>&1 </dev/null &",
+    cmd, dir, dir, dir, dir, dir, dir, dir, dir)
+  assert(os.execute(c))
+  for _ = 1, 200 do
+    local pid = M.slurp(dir .. "/pid")
+    if pid ~= "" then return { pid = pid:match("%d+"), dir = dir } end
+    socket.sleep(0.01)
+  end
+  error("did not start: " .. cmd)
+end
+
+-- Waits for a spawned command to end: exit code, stdout, stderr (kill -9
+-- and an error after timeout seconds, default 120).
+function M.wait(p, timeout)
+  local deadline = socket.gettime() + (timeout or 120)
+  while socket.gettime() < deadline do
+    local rc = M.slurp(p.dir .. "/rc")
+    if rc ~= "" then
+      local out, err = M.slurp(p.dir .. "/out"), M.slurp(p.dir .. "/err")
+      os.execute("rm -rf " .. p.dir)
+      return tonumber(rc), out, err
+    end
+    socket.sleep(0.05)
+  end
+  os.execute("kill -9 " .. p.pid .. " 2>/dev/null")
+  error("still running after " .. (timeout or 120) .. " s:\n" .. M.slurp(p.dir .. "/err"))
 end
 
 return M
