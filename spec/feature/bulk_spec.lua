@@ -315,13 +315,15 @@ describe("the commprefs command", function()
   end)
 
   it("sim runs the simulator in the foreground", function()
-    local port = require("socket").bind("127.0.0.1", 0)
-    local _, p = port:getsockname()
-    port:close()
-    local h = io.popen(string.format("sh -c 'echo $$; exec %s sim --port %s >/dev/null 2>&1' 2>/dev/null", CLI, p))
+    -- both ports free (the TLS one defaults to port + 1, which another suite may hold)
+    local proc = require "support.proc"
+    local p, tls_port = proc.free_port(), proc.free_port()
+    while tls_port == p do tls_port = proc.free_port() end
+    local h = io.popen(string.format("sh -c 'echo $$; SIM_TLS_PORT=%d exec %s sim --port %s >/dev/null 2>&1' 2>/dev/null",
+      tls_port, CLI, p))
     local pid = h:read("*l")
     local code
-    for _ = 1, 100 do
+    for _ = 1, 600 do -- up to 30 s: nginx starts slowly on a busy machine
       local _, c = require("socket.http").request("http://127.0.0.1:" .. p .. "/__sim/health")
       code = c
       if code == 200 then break end
