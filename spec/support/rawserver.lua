@@ -10,7 +10,10 @@
 -- sent once more: at once, or 20 ms later), dieafter1 (keep-alive: answers
 -- the first request of each connection, reads the second and closes without
 -- answering; every answer's body is {"n": requests received so far}),
--- twolengths (a 200 with Content-Length: 2 and Content-Length: 3), faults
+-- twolengths (a 200 with Content-Length: 2 and Content-Length: 3), idle-dup
+-- and idle408 (keep-alive; the status answer, then 50 ms later, the client's
+-- connection idle in its pool by then, the same answer again, or a 408 and
+-- a close, as some proxies do), faults
 -- (keep-alive; every status GET answered for its ID as in dup, each with a
 -- framing fault drawn from FAULTS by a random generator seeded with SEED,
 -- the script's third argument; an idle connection is closed once another
@@ -139,6 +142,17 @@ local function serve(mode, port, seed)
         elseif mode == "faults" then
           if len > 0 then c:receive(len) end
           if not FAULTS[FAULT_NAMES[math.random(#FAULT_NAMES)]](c, first) then break end
+        elseif mode == "idle408" or mode == "idle-dup" then
+          if len > 0 then c:receive(len) end
+          local answer = status_answer(first)
+          if not c:send(answer) then break end
+          socket.sleep(0.05) -- the connection is idle in the client's pool by now
+          if mode == "idle-dup" then
+            if not c:send(answer) then break end
+          else
+            c:send("HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            break
+          end
         elseif mode == "twolengths" then
           if len > 0 then c:receive(len) end
           c:send("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}x")
