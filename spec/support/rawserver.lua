@@ -37,14 +37,13 @@ local function read_request(c)
   return len, first
 end
 
--- The answer HubSpot gives a GET of statuses/ID/unsubscribe-all.
+-- The answer HubSpot gives a GET of statuses/ID/unsubscribe-all (support.answers).
+local answers = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "answers.lua")
+
 local function status_answer(request_line)
   local id = (request_line or ""):match("/statuses/([^/?]+)/unsubscribe%-all") or "none"
   id = id:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
-  local body = string.format('{"status":"COMPLETE","results":[{"subscriberIdString":"%s","wideStatusType":'
-    .. '"PORTAL_WIDE","status":"%s","channel":"EMAIL","timestamp":"2026-01-01T00:00:00Z"}],'
-    .. '"startedAt":"2026-01-01T00:00:00Z","completedAt":"2026-01-01T00:00:00Z"}',
-    id, id:sub(1, 1) == "u" and "UNSUBSCRIBED" or "SUBSCRIBED")
+  local body = answers.status_body(id)
   return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body
 end
 
