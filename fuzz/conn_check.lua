@@ -49,13 +49,8 @@ end
 
 local function unsubscribed(id) return id:sub(1, 1):lower() == "u" end
 
--- HubSpot's answer to GET statuses/ID/unsubscribe-all (as spec/support/rawserver.lua's).
-local function body_for(id)
-  return string.format('{"status":"COMPLETE","results":[{"subscriberIdString":"%s","wideStatusType":'
-    .. '"PORTAL_WIDE","status":"%s","channel":"EMAIL","timestamp":"2026-01-01T00:00:00Z"}],'
-    .. '"startedAt":"2026-01-01T00:00:00Z","completedAt":"2026-01-01T00:00:00Z"}',
-    id, unsubscribed(id) and "UNSUBSCRIBED" or "SUBSCRIBED")
-end
+-- HubSpot's answer to GET statuses/ID/unsubscribe-all (spec/support/answers.lua).
+local body_for = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "../spec/support/answers.lua").status_body
 
 -- body in chunks of input-chosen sizes, hex in either case, leading zeros,
 -- extensions, and a trailer or none.

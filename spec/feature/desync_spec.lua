@@ -14,12 +14,15 @@ local READS = [[
     local id = (i % 2 == 0 and "u" or "s") .. i .. "@example.com"
     local yes = c:is_unsubscribed_from_all(id)
     if yes == nil then errors = errors + 1 elseif yes ~= (i % 2 == 0) then wrong = wrong + 1 end
+    GAP()
   end
   return { wrong = wrong, errors = errors }
 ]]
 
-local function code(url, n)
-  return string.format("local commprefs = require 'commprefs'\nlocal TOKEN, URL, N = %q, %q, %d\n", TOKEN, url, n) .. READS
+-- The reads as Lua source; gap: source run after each read (none by default).
+local function code(url, n, gap)
+  return string.format("local commprefs = require 'commprefs'\nlocal TOKEN, URL, N = %q, %q, %d\n", TOKEN, url, n)
+    .. "local function GAP() " .. (gap or "") .. " end\n" .. READS
 end
 
 describe("a server that sends every answer twice on a keep-alive connection", function()
@@ -102,6 +105,41 @@ describe("a keep-alive server with a seeded random framing fault on every answer
         srv:stop()
         assert.equal(200, status, body)
         assert_property(require("cjson").decode(body), seed)
+      end)
+    end
+  end)
+end)
+
+-- HOSTILE D1 (case 13) and D2: bytes a server sends to a connection while it
+-- is idle in the client's pool (the answer again 50 ms later, or a proxy's
+-- unsolicited 408 and close) are never taken as the next read's answer:
+-- with 150 ms between the reads over libcurl, and inside nginx with 150 ms
+-- of CPU work and no yield between them (nginx's pool cannot drop the dirty
+-- connection then). A read is right or nil, err.
+describe("bytes sent to a connection idle in the pool", function()
+  local N = 6
+  for _, mode in ipairs { "idle-dup", "idle408" } do
+    it(mode .. ": " .. N .. " reads 150 ms apart over libcurl, 0 wrong answers", function()
+      local srv = rawserver.start(mode)
+      local t = assert((loadstring or load)(code(srv.url, N, "require('socket').sleep(0.15)")))()
+      srv:stop()
+      assert.equal(0, t.wrong)
+    end)
+  end
+
+  describe("inside nginx (cosockets), CPU work without a yield between the reads", function()
+    local nginx = require "support.nginx"
+    local BUSY = "ngx.update_time(); local t = ngx.now(); repeat ngx.update_time() until ngx.now() - t >= 0.15"
+    local inst
+    setup(function() inst = nginx.start {} end)
+    teardown(function() if inst then inst:stop() end end)
+    for _, mode in ipairs { "idle-dup", "idle408" } do
+      it(mode .. ": " .. N .. " reads, 0 wrong answers", function()
+        local srv = rawserver.start(mode)
+        local status, body = nginx.run(inst, code(srv.url, N, BUSY), 60)
+        srv:stop()
+        assert.equal(200, status, body)
+        assert.equal(0, require("cjson").decode(body).wrong)
       end)
     end
   end)

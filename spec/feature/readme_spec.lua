@@ -217,4 +217,25 @@ describe("README.md's blocks as pasted", function()
     assert.matches("%[notice%].-opt%-outs: 3 done, 0 failed", log)
     assert.same({}, inst.warnings())
   end)
+
+  -- HOSTILE D19: during a reload the old worker's job still holds the journal
+  it("the OpenResty nginx.conf: with its journal held by another job, the job logs why, nothing raises", function()
+    local b = of("nginx", "location = /send")
+    local inst = start_block(b[1].code, s, "/send?to=health%40example.com")
+    write(inst.prefix .. "/work/optouts.txt", "j1@example.com\n")
+    local holder = io.popen("flock -x " .. shell_quote(inst.prefix .. "/work/optouts.journal") .. " -c 'echo $$; exec sleep 60'")
+    local holder_pid = holder:read("*l") -- the lock is held once the pid is printed
+    finally(function() os.execute("kill " .. holder_pid); holder:close(); stop(inst) end)
+    launch(inst)
+    local log
+    for _ = 1, 100 do
+      log = inst.log()
+      if log:find("opt-outs:", 1, true) then break end
+      os.execute("sleep 0.1")
+    end
+    assert.matches("%[error%].-opt%-outs: .-in use by another job %(process %d+%)", log)
+    assert.is_nil(log:find("attempt to index", 1, true), log)
+    assert.is_nil(log:find("lua entry thread aborted", 1, true), log)
+    assert.equals(200, (get(inst, "/send?to=nobody%40example.com")))
+  end)
 end)

@@ -555,8 +555,8 @@ describe("the cosocket side inside nginx (commprefs.ngx.redis, commprefs.ngx.red
     R.stop(r)
   end)
 
-  local function run(code)
-    local status, body = nginx.run(inst, code)
+  local function run(code, timeout)
+    local status, body = nginx.run(inst, code, timeout)
     assert.equal(200, status, body)
     return cjson_decode(body)
   end
@@ -597,6 +597,23 @@ describe("the cosocket side inside nginx (commprefs.ngx.redis, commprefs.ngx.red
     assert.equal("too_large", got.code)
     assert.equal("127.0.0.1:" .. fake.port .. ": protocol error: the server announced a string of more than 67108864 bytes", got.msg)
     assert.is_true(got.hwm < 128 * 1024, "nginx worker peak RSS " .. got.hwm .. " kB")
+  end)
+
+  it("times out a reply trickling one byte per 0.5 s at the command timeout, in all (HOSTILE D5)", function()
+    local fake = fakeredis.start("drip")
+    local got = run(string.format([[
+      local c = assert(require("commprefs.ngx.redis").connect(%q, { timeout = 1 }))
+      ngx.update_time()
+      local t0 = ngx.now()
+      local v, err = c:command { "GET", "k" }
+      ngx.update_time()
+      return { v = v == nil, code = err and err.code, msg = err and err.message, took = ngx.now() - t0 }
+    ]], fake.url), 10)
+    fake.stop()
+    assert.is_true(got.v)
+    assert.equal("connection", got.code)
+    assert.matches("no whole reply within 1 s", got.msg)
+    assert.is_true(got.took > 0.9 and got.took < 3, "took " .. got.took)
   end)
 
   it("says clearly when the password is wrong or Redis unreachable, never showing the password", function()

@@ -10,7 +10,10 @@
 -- sent once more: at once, or 20 ms later), dieafter1 (keep-alive: answers
 -- the first request of each connection, reads the second and closes without
 -- answering; every answer's body is {"n": requests received so far}),
--- twolengths (a 200 with Content-Length: 2 and Content-Length: 3), faults
+-- twolengths (a 200 with Content-Length: 2 and Content-Length: 3), idle-dup
+-- and idle408 (keep-alive; the status answer, then 50 ms later, the client's
+-- connection idle in its pool by then, the same answer again, or a 408 and
+-- a close, as some proxies do), faults
 -- (keep-alive; every status GET answered for its ID as in dup, each with a
 -- framing fault drawn from FAULTS by a random generator seeded with SEED,
 -- the script's third argument; an idle connection is closed once another
@@ -34,14 +37,13 @@ local function read_request(c)
   return len, first
 end
 
--- The answer HubSpot gives a GET of statuses/ID/unsubscribe-all.
+-- The answer HubSpot gives a GET of statuses/ID/unsubscribe-all (support.answers).
+local answers = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "answers.lua")
+
 local function status_answer(request_line)
   local id = (request_line or ""):match("/statuses/([^/?]+)/unsubscribe%-all") or "none"
   id = id:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
-  local body = string.format('{"status":"COMPLETE","results":[{"subscriberIdString":"%s","wideStatusType":'
-    .. '"PORTAL_WIDE","status":"%s","channel":"EMAIL","timestamp":"2026-01-01T00:00:00Z"}],'
-    .. '"startedAt":"2026-01-01T00:00:00Z","completedAt":"2026-01-01T00:00:00Z"}',
-    id, id:sub(1, 1) == "u" and "UNSUBSCRIBED" or "SUBSCRIBED")
+  local body = answers.status_body(id)
   return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body
 end
 
@@ -139,6 +141,17 @@ local function serve(mode, port, seed)
         elseif mode == "faults" then
           if len > 0 then c:receive(len) end
           if not FAULTS[FAULT_NAMES[math.random(#FAULT_NAMES)]](c, first) then break end
+        elseif mode == "idle408" or mode == "idle-dup" then
+          if len > 0 then c:receive(len) end
+          local answer = status_answer(first)
+          if not c:send(answer) then break end
+          socket.sleep(0.05) -- the connection is idle in the client's pool by now
+          if mode == "idle-dup" then
+            if not c:send(answer) then break end
+          else
+            c:send("HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            break
+          end
         elseif mode == "twolengths" then
           if len > 0 then c:receive(len) end
           c:send("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}x")

@@ -41,13 +41,29 @@ local function failure(self, what, err, code)
     message = string.format("%s:%d: %s: %s", self.host, self.port, what, tostring(err)) }
 end
 
--- The next whole reply: value (an error reply is an Error) or nil, Error.
+local function now_ms()
+  ngx.update_time()
+  return ngx.now() * 1000
+end
+
+-- The next whole reply: value (an error reply is an Error) or nil, Error;
+-- within the command timeout in all, as core.redis_connect's (a deadline,
+-- not a per-read timeout: a reply trickling in byte by byte is cut there).
 local function read_reply(self)
+  local deadline = now_ms() + self.timeout_ms
   while true do
     local ok, v, code = self.reader:get()
     if ok then return v end
     if ok == nil then return failure(self, "protocol error", v, code) end
-    local data, err = self.sock:receiveany(RECEIVE_CHUNK)
+    local left = deadline - now_ms()
+    local data, err
+    if left >= 1 then
+      self.sock:settimeouts(self.connect_ms, self.timeout_ms, left)
+      data, err = self.sock:receiveany(RECEIVE_CHUNK)
+    end
+    if not data and (left < 1 or err == "timeout") then
+      err = string.format("no whole reply within %g s", self.timeout_ms / 1000)
+    end
     if not data then return failure(self, "connection lost", err) end
     local fed, ferr, fcode = self.reader:feed(data)
     if not fed then return failure(self, "protocol error", ferr, fcode) end
@@ -139,7 +155,8 @@ function M.connect(url, opts)
   local ct, t = seconds_opt(opts, "connect_timeout", 5), seconds_opt(opts, "timeout", 10)
   local sock = ngx.socket.tcp()
   sock:settimeouts(ct * 1000, t * 1000, t * 1000)
-  local self = setmetatable({ host = u.host, port = u.port, db = u.db, sock = sock, reader = core.redis_reader() }, Conn)
+  local self = setmetatable({ host = u.host, port = u.port, db = u.db, sock = sock, reader = core.redis_reader(),
+    connect_ms = ct * 1000, timeout_ms = t * 1000 }, Conn)
   local okc, err = sock:connect(u.host, u.port, { pool = pool_name(u) })
   if not okc then
     self.sock = nil
