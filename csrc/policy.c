@@ -1,6 +1,6 @@
 /* policy.c: owns a client's call policy and the retry rule both
  * transports follow: which outcomes are retried (429, 423 after at least
- * 2 s, 5xx, network errors and timeouts; never other 4xx, HubSpot's 477
+ * 2 s, 5xx, 408, network errors and timeouts; never other 4xx, HubSpot's 477
  * "migration in progress", TLS failures, too-large answers or the daily
  * limit), the delay before a retry (a valid Retry-After, else exponential
  * backoff with jitter, so a 5xx without Retry-After never retries at once),
@@ -120,7 +120,7 @@ int cp_policy_decide(cp_policy *p, cp_ratelimit *rl, cp_outcome *o, double now, 
       if (*delay_ms < CP_LOCKED_MIN_DELAY_MS) *delay_ms = CP_LOCKED_MIN_DELAY_MS + uniform(p) * 250;
     } else if (o->status == 477) { /* migration in progress: hours; the caller stops (commprefs.ops) */
       return 0;
-    } else if (o->status >= 500) {
+    } else if (o->status >= 500 || o->status == 408) { /* 408: the server (or a proxy) gave up waiting */
       *delay_ms = o->retry_after_ms > 0 ? o->retry_after_ms : cp_policy_backoff_ms(p, o->attempts);
     } else {
       return 0;

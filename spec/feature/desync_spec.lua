@@ -123,7 +123,7 @@ describe("bytes sent to a connection idle in the pool", function()
       local srv = rawserver.start(mode)
       local t = assert((loadstring or load)(code(srv.url, N, "require('socket').sleep(0.15)")))()
       srv:stop()
-      assert.equal(0, t.wrong)
+      assert.same({ wrong = 0, errors = 0 }, t) -- a 408 read off the idle connection is retried
     end)
   end
 
@@ -139,7 +139,7 @@ describe("bytes sent to a connection idle in the pool", function()
         local status, body = nginx.run(inst, code(srv.url, N, BUSY), 60)
         srv:stop()
         assert.equal(200, status, body)
-        assert.equal(0, require("cjson").decode(body).wrong)
+        assert.same({ wrong = 0, errors = 0 }, require("cjson").decode(body))
       end)
     end
   end)
