@@ -313,6 +313,14 @@ describe("worker against a misbehaving Redis", function()
     end)
   end
 
+  -- Sends SIGINT to p: its exit code, output and how long it took to end.
+  local function interrupt(p)
+    local t0 = socket.gettime()
+    os.execute("kill -INT " .. p.pid)
+    local code, out = wait(p, 10)
+    return code, out, socket.gettime() - t0
+  end
+
   it("stops a trickling reply on SIGINT when signals are trapped (the worker's case)", function()
     local fake = fakeredis.start("drip")
     local script = core_script("drip", fake.url, [[
@@ -322,10 +330,7 @@ describe("worker against a misbehaving Redis", function()
     ]])
     local p = spawn(LUA .. " " .. script)
     socket.sleep(1.5)
-    local t0 = socket.gettime()
-    os.execute("kill -INT " .. p.pid)
-    local code, out = wait(p, 10)
-    local took = socket.gettime() - t0
+    local code, out, took = interrupt(p)
     fake.stop()
     os.remove(script)
     assert.equal(0, code)
@@ -346,10 +351,7 @@ describe("worker against a misbehaving Redis", function()
     os.execute("kill -INT " .. p.pid)
     socket.sleep(1)
     local alive = os.execute("kill -0 " .. p.pid .. " 2>/dev/null")
-    local t0 = socket.gettime()
-    os.execute("kill -INT " .. p.pid)
-    local code, out = wait(p, 10)
-    local took = socket.gettime() - t0
+    local code, out, took = interrupt(p)
     fake.stop()
     os.remove(script)
     assert.is_true(alive == true or alive == 0, "the first signal stopped the command")
