@@ -19,8 +19,15 @@ chmod 1777 "$prefix/work"
 port=$(lua5.4 -e 'local s=require"socket".bind("127.0.0.1",0); print((select(2,s:getsockname())))')
 cp "$ca" "$prefix/ca.pem" # workers (nobody, when the master is root) read it: the simulator's prefix is private
 chmod 644 "$prefix/ca.pem"
+# the Lua modules and the core as `make install` would place them, inside the
+# prefix: the workers (nobody, when the master is root) may not enter the
+# checkout (root's home and mktemp -d directories are mode 700)
+mkdir -p "$prefix/share" "$prefix/lib/commprefs"
+cp -R lua/commprefs "$prefix/share/"
+cp build/luajit/commprefs/core.so "$prefix/lib/commprefs/"
+chmod -R a+rX "$prefix/share" "$prefix/lib"
 sed -e "s|listen 127.0.0.1:8080|listen 127.0.0.1:$port|" \
-    -e "s|/usr/local/share/lua/5.1|$PWD/lua|g" -e "s|/usr/local/lib/lua/5.1|$PWD/build/luajit|" \
+    -e "s|/usr/local/share/lua/5.1|$prefix/share|g" -e "s|/usr/local/lib/lua/5.1|$prefix/lib|" \
     -e "s|/etc/ssl/certs/ca-certificates.crt|$prefix/ca.pem|" examples/openresty/nginx.conf > "$prefix/nginx.conf"
 cp examples/openresty/app.lua "$prefix/"
 i=1
@@ -48,3 +55,10 @@ echo "/job -> $state"
 show "/send?to=job1%40example.com"
 echo "nginx's error log, from the example's Lua:"
 grep -E '\[lua\]|\[error\]' "$prefix/logs/error.log" | sed 's/^/  /' | tail -n 5
+case "$state" in
+  *done*) ;;
+  *) echo "openresty-demo: the background job did not finish: $state" >&2; exit 1 ;;
+esac
+if grep -q '\[error\]' "$prefix/logs/error.log"; then
+  echo "openresty-demo: nginx logged errors (above)" >&2; exit 1
+fi
