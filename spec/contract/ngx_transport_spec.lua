@@ -10,15 +10,7 @@ local core = require "commprefs.core"
 local commprefs = require "commprefs"
 
 describe("core.http1_response", function()
-  local function parse(chunks, opts)
-    local p = core.http1_response(opts)
-    local done, err, kind
-    for _, c in ipairs(chunks) do
-      done, err, kind = p:feed(c)
-      if done ~= false then break end
-    end
-    return p, done, err, kind
-  end
+  local parse = require("support.http1").parse
 
   it("reads a Content-Length answer byte by byte, with the headers commprefs keeps", function()
     local raw = "HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json;charset=utf-8\r\n"

@@ -19,19 +19,10 @@ local cjson = require "cjson"
 local CLI_BUILD = (os.getenv("COMMPREFS_BUILD") or ("build/" .. sim.vm)):gsub("luajit", "lua5.4")
 
 local R, conn
-local seq = 0
 
-local function cmd(argv)
-  local reply, err = conn:command(argv)
-  assert(reply ~= nil, err and tostring(err))
-  return reply
-end
+local function cmd(argv) return redis.must(conn, argv) end
 
-local function keys()
-  seq = seq + 1
-  local p = string.format("d%d-%d:", seq, math.random(1e6))
-  return { stream = p .. "in", results = p .. "out", dead = p .. "dead", group = "g" }
-end
+local function keys() return redis.fresh_keys("d") end
 
 local function add(stream, list, maxlen)
   local out = {}

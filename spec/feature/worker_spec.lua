@@ -17,22 +17,12 @@ local CLI_BUILD = (os.getenv("COMMPREFS_BUILD") or ("build/" .. sim.vm)):gsub("l
 
 local R -- the redis-server of this file
 local conn
-local seq = 0
 
 local function client(opts) return sim.client(opts) end
 
-local function cmd(argv)
-  local reply, err = conn:command(argv)
-  assert(reply ~= nil, err and tostring(err))
-  return reply
-end
+local function cmd(argv) return redis.must(conn, argv) end
 
--- Fresh key names for one test.
-local function keys()
-  seq = seq + 1
-  local p = string.format("t%d-%d:", seq, math.random(1e6))
-  return { stream = p .. "in", results = p .. "out", group = "g" }
-end
+local function keys() return redis.fresh_keys("t") end
 
 -- XADDs entries (tables of fields, or addresses) to stream; returns their ids in order.
 local function add(stream, entries)

@@ -145,4 +145,20 @@ function M.entries(conn, key)
   end
 end
 
+-- A command on conn that must succeed: its reply (the specs' Redis setup steps).
+function M.must(conn, argv)
+  local reply, err = conn:command(argv)
+  assert(reply ~= nil, err and tostring(err))
+  return reply
+end
+
+-- Fresh key names for one test (tag: one letter per spec file): stream,
+-- results, dead letters and group.
+local key_seq = 0
+function M.fresh_keys(tag)
+  key_seq = key_seq + 1
+  local p = string.format("%s%d-%d:", tag, key_seq, math.random(1e6))
+  return { stream = p .. "in", results = p .. "out", dead = p .. "dead", group = "g" }
+end
+
 return M

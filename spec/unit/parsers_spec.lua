@@ -8,15 +8,7 @@
 local core = require "commprefs.core"
 
 -- Feeds chunks (or raw, byte by byte when bytewise) until done/error.
-local function parse(chunks)
-  local p = core.http1_response()
-  local done, err, kind
-  for _, c in ipairs(chunks) do
-    done, err, kind = p:feed(c)
-    if done ~= false then break end
-  end
-  return p, done, err, kind
-end
+local parse = require("support.http1").parse
 
 local function bytes(raw)
   local t = {}
