@@ -38,5 +38,14 @@
 #define CP_MAX_TOKEN_BYTES 4096      /* the longest token (bytes) */
 #define CP_LOCKED_MIN_DELAY_MS 2000.0 /* a 423 (HubSpot: locks last 2 s) waits at least this long */
 #define CP_DEFAULT_INTERVAL_MS 10000 /* HubSpot's usual window, until one is learned */
+/* The start of a job, before any answer (governor.c, cp_gov_next): the first
+ * request goes alone; when no answer has come CP_PROBE_MS after it started
+ * (a long round trip), one more starts every CP_PROVISIONAL_SPACING_MS, at
+ * most CP_PROVISIONAL_MAX before the first answer: a fifth of HubSpot's
+ * smallest window (100 per 10 s), never more than 4 within 10 ms. Without it
+ * a 1 s round trip would cost a job a whole second idle. */
+#define CP_PROBE_MS 250.0
+#define CP_PROVISIONAL_SPACING_MS 40.0
+#define CP_PROVISIONAL_MAX 20
 
 #endif

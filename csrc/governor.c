@@ -75,6 +75,30 @@ double cp_gov_next(cp_governor *g, double now, double deadline, const char **sto
   return w;
 }
 
+/* Before any attempt has ended and with no window known (learned or set by
+ * hand), no max_concurrency and no shared budget (whose participants may
+ * know the window already): the start rule of cp_limits.h (CP_PROBE_MS). */
+static int at_start(const cp_governor *g) {
+  return g->finished == 0 && g->rl.max <= 0 && g->max_concurrency == 0 && !g->backed && !g->backing.acquire;
+}
+
+/* When the start rule lets the next attempt start (0: no rule applies). */
+static double start_due(const cp_governor *g) {
+  double due;
+  if (!at_start(g) || g->early_starts == 0) return 0;
+  due = g->first_start_ms + CP_PROBE_MS;
+  if (g->last_start_ms + CP_PROVISIONAL_SPACING_MS > due) due = g->last_start_ms + CP_PROVISIONAL_SPACING_MS;
+  return due;
+}
+
+/* ms until the start rule lets one more attempt start; -1 when it holds
+ * none back (the transports wake for it: the target grows then). */
+double cp_gov_start_wake(const cp_governor *g, double now) {
+  double due = start_due(g);
+  if (due <= 0 || g->early_starts >= CP_PROVISIONAL_MAX) return -1;
+  return due > now ? due - now : 0;
+}
+
 /* cp_gov_next without a deadline: the daily rules, the window, the C backing. */
 static double next_window(cp_governor *g, double now, const char **stop, const char **why) {
   double w;
@@ -85,6 +109,10 @@ static double next_window(cp_governor *g, double now, const char **stop, const c
   }
   if (!cp_rl_daily_room(&g->rl)) return DAILY_POLL_MS; /* what is left of the day is on its way */
   w = cp_rl_wait(&g->rl, now);
+  if (at_start(g) && g->early_starts > 0) {
+    double s = g->early_starts >= CP_PROVISIONAL_MAX ? CP_PROBE_MS : start_due(g) - now; /* the rest: after an answer */
+    if (s > w) w = s;
+  }
   if (w > 0 || !g->backing.acquire) return w;
   w = g->backing.acquire(g->backing.ud, why);
   if (w < 0) {
@@ -94,7 +122,15 @@ static double next_window(cp_governor *g, double now, const char **stop, const c
   return w;
 }
 
-void cp_gov_begin(cp_governor *g) { cp_rl_start(&g->rl, cp_now_ms()); }
+void cp_gov_begin(cp_governor *g) {
+  double now = cp_now_ms();
+  if (at_start(g)) {
+    if (g->early_starts == 0) g->first_start_ms = now;
+    g->early_starts++;
+    g->last_start_ms = now;
+  }
+  cp_rl_start(&g->rl, now);
+}
 
 void cp_gov_on_wire(cp_governor *g, double now) {
   cp_rl_sent(&g->rl, now);
@@ -116,6 +152,7 @@ void cp_gov_resent(cp_governor *g, double now) {
 }
 
 void cp_gov_abandon(cp_governor *g, int on_wire) {
+  g->finished++;
   if (on_wire) cp_rl_answered(&g->rl);
   else cp_rl_unsent(&g->rl);
 }
@@ -159,6 +196,7 @@ void cp_gov_finish(cp_governor *g, cp_policy *p, cp_outcome *o, int on_wire, dou
   memset(d, 0, sizeof(*d));
   d->hold_ms = -1;
   if (on_wire) cp_rl_answered(&g->rl);
+  g->finished++;
   if (o->status > 0) {
     if (on_wire) observe_latency(g, latency_ms);
     if (learn_window(g, o)) {
@@ -201,12 +239,19 @@ void cp_gov_push_deadline_result(lua_State *L, int attempts, const char *last) {
 }
 
 /* One attempt until a 2xx answer has been seen (HubSpot's headers give the
- * window; a server that sends none has no window to learn); then the learned
- * rate times the observed latency, with headroom; max_concurrency caps it. */
+ * window; a server that sends none has no window to learn), except at the
+ * start of a job whose first answer is slow to come (the start rule,
+ * cp_gov_next paces it); then the learned rate times the observed latency,
+ * with headroom; max_concurrency caps it. */
 int cp_gov_target(const cp_governor *g, int cap) {
   double need;
   if (g->max_concurrency && g->max_concurrency < cap) cap = g->max_concurrency;
   if (g->rl.max <= 0) {
+    if (at_start(g) && g->early_starts > 0 && cp_now_ms() >= g->first_start_ms + CP_PROBE_MS) {
+      int n = g->early_starts + 1; /* one more than started: nothing is pulled far ahead of its turn */
+      if (n > CP_PROVISIONAL_MAX) n = CP_PROVISIONAL_MAX;
+      return cap < n ? cap : n;
+    }
     if (g->answers == 0) return 1;
     if (g->max_concurrency) return cap;
     return cap < CP_UNKNOWN_WINDOW_INFLIGHT ? cap : CP_UNKNOWN_WINDOW_INFLIGHT;
@@ -403,6 +448,20 @@ static int gov_deadline_result(lua_State *L) {
   return 1;
 }
 
+/* g:start_wake() -> ms until the start rule lets one more attempt start, or nil */
+static int gov_start_wake(lua_State *L) {
+  double w = cp_gov_start_wake(cp_check_governor(L, 1), cp_now_ms());
+  if (w < 0) return 0;
+  lua_pushnumber(L, w);
+  return 1;
+}
+
+/* g:backed(): a shared budget (a Lua backing) paces this governor too: no start rule */
+static int gov_backed(lua_State *L) {
+  cp_check_governor(L, 1)->backed = 1;
+  return 0;
+}
+
 static int gov_target(lua_State *L) {
   lua_pushinteger(L, cp_gov_target(cp_check_governor(L, 1), CP_ADAPTIVE_SLOTS));
   return 1;
@@ -497,7 +556,7 @@ void cp_register_governor(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"new_call", gov_new_call}, {"next", gov_next}, {"begin", gov_begin}, {"on_wire", gov_on_wire}, {"resent", gov_resent}, {"paced", gov_paced},
     {"unsent", gov_unsent}, {"abandon", gov_abandon}, {"finish", gov_finish}, {"target", gov_target},
-    {"manual", gov_manual}, {"settings", gov_settings}, {"stats", gov_stats}, {"close", gov_gc},
+    {"manual", gov_manual}, {"settings", gov_settings}, {"start_wake", gov_start_wake}, {"backed", gov_backed}, {"stats", gov_stats}, {"close", gov_gc},
     {"clock", gov_clock}, {"deadline", gov_deadline}, {"attempt_timeout", gov_attempt_timeout},
     {"deadline_result", gov_deadline_result},
     {NULL, NULL}};

@@ -66,6 +66,10 @@ typedef struct {
   int max_concurrency;    /* 0: adaptive */
   double latency_ms;      /* moving average of answered attempts; 0 = none seen */
   lua_Integer answers, sent, retries, throttled;
+  lua_Integer finished;   /* attempts ended, whatever the outcome (0: the job's start, see cp_gov_next) */
+  int early_starts;       /* attempts started before any ended */
+  int backed;             /* a Lua shared budget paces it too (g:backed()) */
+  double first_start_ms, last_start_ms; /* of those */
   cp_metrics m;
   int closed;
   double deadline_ms;     /* the config's `deadline`, for g:deadline() without seconds; 0 = none */
@@ -105,6 +109,9 @@ void cp_gov_finish(cp_governor *g, cp_policy *p, cp_outcome *o, int on_wire, dou
 void cp_gov_push_deadline_result(lua_State *L, int attempts, const char *last);
 /* How many attempts should be in flight now (cap: the most the transport can run). */
 int cp_gov_target(const cp_governor *g, int cap);
+/* ms until the start rule (cp_limits.h, CP_PROBE_MS) lets one more attempt
+ * start, when it holds one back; else -1. */
+double cp_gov_start_wake(const cp_governor *g, double now);
 /* The window set by hand, for a shared backing at its start (0 when none). */
 int cp_gov_manual(const cp_governor *g, long *max, long *interval_ms);
 

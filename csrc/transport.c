@@ -181,7 +181,6 @@ static CURL *new_easy(cp_transport *t, cp_slot *s) {
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)p->max_response);
   curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
-  curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
   /* No Accept-Encoding: HubSpot's answers are small and rate-limited traffic is
    * never bandwidth-bound, while decompression costs CPU on every answer (6%). */
   curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L); /* paths are already encoded exactly */
@@ -379,6 +378,10 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s, long timeou
   /* libcurl copies the URL and (COPYPOSTFIELDS) the body: nothing it keeps
    * points into a Lua string, which the source or on_done may let go */
   curl_easy_setopt(s->easy, CURLOPT_URL, url);
+  /* Wait for a connection that may multiplex (HTTP/2, only over TLS) rather
+   * than open another; over plain HTTP/1.1 that wait would hold every request
+   * until the first answer (the start rule of governor.c needs them to go). */
+  curl_easy_setopt(s->easy, CURLOPT_PIPEWAIT, strncmp(url, "https:", 6) == 0 ? 1L : 0L);
   s->post = method && strcmp(method, "POST") == 0;
   if (!(headers = slot_headers(t, s, s->post))) luaL_error(L, "perform: out of memory");
   curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, headers);
@@ -626,13 +629,14 @@ static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, doubl
 /* Starts what may start now; returns ms until something else may start. */
 static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
   double wake = 1000, now = cp_now_ms();
-  int i, target = cp_gov_target(t->gov, t->nslots);
+  int i;
   for (i = 0; i < t->nslots && !src->stop; i++) {
     cp_slot *s = &t->slots[i];
     double w;
     long timeout_ms, connect_ms = 0;
     if (s->state == SLOT_FREE) {
-      if (src->exhausted || t->in_use >= target) {
+      /* asked per slot: a start may change it (the start rule, governor.c) */
+      if (src->exhausted || t->in_use >= cp_gov_target(t->gov, t->nslots)) {
         if (i >= t->high) break; /* the rest are free too */
         continue;
       }
@@ -651,6 +655,10 @@ static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
     if (t->token_due_ms > 0 && now >= t->token_due_ms) renew_token(L, t);
     timeout_ms = cp_policy_attempt_timeout(&t->policy, now, src->deadline, &connect_ms);
     start_attempt(L, t, s, timeout_ms > 0 ? timeout_ms : 1, connect_ms > 0 ? connect_ms : 1);
+  }
+  if (!src->exhausted && !src->stop) { /* the start rule may let one more start then */
+    double w = cp_gov_start_wake(t->gov, now);
+    if (w >= 0 && w < wake) wake = w;
   }
   if (src->stop) stop_slots(L, t, src, 0);
   return wake;

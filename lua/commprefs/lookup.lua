@@ -358,10 +358,14 @@ local function hopeful_ids(g, cutoff, seen)
   return ids, latest
 end
 
--- Sleeps until the pacer would let a request go (never takes the slot).
+-- Sleeps until the pacer would let a request go. Where the workers share a
+-- line (a lua_shared_dict) the sender takes its place in it first, so its
+-- batch keeps gathering callers until its turn and no worker's turn is
+-- taken by another that woke first.
 local function wait_for_pacer(client)
   local p = client:_pacer()
   if not p then return end
+  p:reserve() -- a failure shows when the batch starts
   local ms = p:wait()
   while ms and ms > 0 do
     nap(math.min(ms, 1000))
@@ -429,15 +433,19 @@ end
 -- the oldest group's window has passed (or it is full) and the pacer would
 -- let it go; nil once no caller has come for IDLE seconds.
 local function next_batch(L)
+  local reserved -- the client whose pacer this sender holds a place in line of
   while true do
     local g = L.order[1]
     if not g then
+      local p = reserved and reserved:_pacer()
+      if p then p:release(); reserved = nil end -- nobody to send for: the place goes to others
       L.idle_waiting = true
       L.arrival:wait(IDLE)
       L.idle_waiting = false
       if not L.order[1] then return nil end
     else
       wait_until_due(L, g)
+      reserved = g.client
       wait_for_pacer(g.client)
       local b = L.order[1] and take_batch(L)
       if b then return b end

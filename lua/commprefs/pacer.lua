@@ -20,6 +20,8 @@
 --   p:finish(result, on_wire, latency_ms, deadline, policy) -> retry, delay_ms, deadline_refused_retry
 --                (policy: the calling client's commprefs.core.policy; nil: the governor's own)
 --   p:cover(settings)  a client with these settings (a policy's) joined: the backing allows for them
+--   p:reserve() -> true | nil, why   takes this thread's place in a shared line now (wait and start use it)
+--   p:release()  gives a reserved place up
 local M = {}
 
 local Pacer = {}
@@ -59,6 +61,20 @@ function Pacer:unsent()
   if self.shared then self.shared:unsent() end
 end
 
+-- A place in the shared line taken before the request exists (a coalesced
+-- batch read gathers callers until its turn): backings that keep a line
+-- (the lua_shared_dict) reserve it, others need none. release() gives it up.
+function Pacer:reserve()
+  local shared = self.shared
+  if shared and shared.reserve then return shared:reserve() end
+  return true
+end
+
+function Pacer:release()
+  local shared = self.shared
+  if shared and shared.release then shared:release() end
+end
+
 function Pacer:abandon(on_wire)
   self.gov:abandon(on_wire)
   if self.shared and not on_wire then self.shared:unsent() end
@@ -94,6 +110,7 @@ function M.new(gov, opts)
     shared, backing = require("commprefs.ngx.backing_dict").new(opts.shared_dict, rl.key, max, interval,
       gov:settings()), "shared_dict"
   end
+  if shared then gov:backed() end -- its participants may know the window: no start rule
   return setmetatable({ gov = gov, shared = shared, backing = backing,
     manual_max = shared and max, manual_interval = interval }, Pacer)
 end

@@ -73,6 +73,27 @@ describe("no tuning needed (issue 9)", function()
     c:close()
   end)
 
+  it("a slow first answer: after 250 ms one more every 40 ms, at most 20 before any answer", function()
+    -- a 1 s round trip would otherwise leave the job idle for a second (issue 19)
+    sim.reset { rate = "20/1000", latency = 1000, jitter = 0 }
+    local c = commprefs.new { token = "sim-token", base_url = sim.url }
+    local s = c:bulk_unsubscribe_all(ids(4000))
+    c:close()
+    assert.equal(4000, s.done)
+    local log = sim.log()
+    assert.equal(40, #log)
+    assert.equal(0, sim.admin("GET", "log").throttled)
+    local t1, early = log[1].time, { log[1].time }
+    for i = 2, #log do
+      if log[i].time < t1 + 0.95 then early[#early + 1] = log[i].time end -- before the first answer
+    end
+    assert.is_true(#early >= 12 and #early <= 20, #early .. " sent before the first answer")
+    assert.is_true(early[2] - t1 >= 0.2, string.format("the second %.3f s after the first", early[2] - t1))
+    for i = 3, #early do
+      assert.is_true(early[i] - early[i - 1] >= 0.02, string.format("%.3f s apart", early[i] - early[i - 1]))
+    end
+  end)
+
   it("a number caps it", function()
     sim.reset { rate = "20/1000", latency = 300 }
     local c = commprefs.new { token = "sim-token", base_url = sim.url, max_concurrency = 2 }

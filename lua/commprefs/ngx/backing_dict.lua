@@ -2,7 +2,7 @@
 -- (commprefs.pacer): every worker of an nginx paces through ONE rolling
 -- window kept in the dict, with atomic dict operations only. Every attempt
 -- takes a ticket n = incr(seq); ticket n may go once ticket n - max was sent
--- at least interval + margin ago (or never was: an unsent ticket is deleted,
+-- at least interval + half the margin ago (or never was: an unsent ticket is deleted,
 -- an expired one is gone). Each ticket key is written by its one owner
 -- (pending mark at start, send time at sent), so there is no
 -- read-modify-write; a ticket waits for a still-pending n - max, so any
@@ -81,14 +81,13 @@ local PENDING_POLL_MS = 10 -- the ticket before is not on the wire yet: ask agai
 -- how late n - 1 went after n - 2's schedule (up to one spacing): the
 -- schedule catches up a late send as ratelimit.c's does, instead of every
 -- late send pushing all later ones back.
-function Dict:spacing_wait(n, now, max, window)
+function Dict:spacing_wait(n, now, spacing, bound)
   if n <= BURST then return 0 end
   local dict, prefix = self.dict, self.ticket_prefix
   local first = dict:get(prefix .. (n - BURST))
-  if not first or (first >= 0 and first <= now - window) then return 0 end -- a window's first few
+  if not first or (first >= 0 and first <= now - bound) then return 0 end -- a window's first few
   local prev = self:sent_at(n - 1)
   if not prev then return 0 end -- never sent: its turn is free
-  local spacing = window / max
   if prev < 0 then return math.min(spacing, PENDING_POLL_MS) end
   local due = prev + spacing
   local before = self:sent_at(n - 2)
@@ -126,33 +125,53 @@ function Dict:wait_for(n, now)
   if hold and hold > 0 then wait = hold * 1000 end
   local max, interval = self:limit()
   if max then
-    local window = interval + margin_ms(interval)
+    -- ratelimit.c's two rules: spaced by (interval + margin) / max, at most
+    -- max in any interval + half the margin (the hard bound)
+    local margin = margin_ms(interval)
+    local bound = interval + margin / 2
     if n > max then
       local sent = self:sent_at(n - max)
       if sent and sent < 0 then
         wait = math.max(wait, 1) -- that attempt is not on the wire yet: it lands first
       elseif sent then
-        wait = math.max(wait, sent + window - now)
+        wait = math.max(wait, sent + bound - now)
       end
     end
-    wait = math.max(wait, self:spacing_wait(n, now, max, window))
+    wait = math.max(wait, self:spacing_wait(n, now, (interval + margin) / max, bound))
   end
   return wait > 0 and wait or 0
 end
 
+-- ms until the running thread's ticket may go: the one it reserved, else the next one.
 function Dict:wait()
-  return self:wait_for((self.dict:get(self.seq_key) or 0) + 1, now_ms())
+  local n = self.owned[coroutine.running() or self]
+  return self:wait_for(n or (self.dict:get(self.seq_key) or 0) + 1, now_ms())
 end
 
-function Dict:start()
+-- Takes the running thread's place in line now (a ticket), without waiting
+-- for its turn: a coalesced batch read keeps gathering callers until then
+-- (commprefs.lookup), and the workers of an nginx take their turns in the
+-- order they asked. start() then waits for this ticket; release() gives it up.
+function Dict:reserve()
+  local co = coroutine.running()
+  if self.owned[co or self] then return true end
   local n, err = self.dict:incr(self.seq_key, 1, 0)
   if not n then return nil, "lua_shared_dict '" .. self.name .. "': " .. tostring(err) end
-  local key = self.ticket_prefix .. n
-  self.dict:set(key, -1, self.pending_ttl)
-  local co = coroutine.running()
+  self.dict:set(self.ticket_prefix .. n, -1, self.pending_ttl)
   self.owned[co or self] = n
   self.mine[n], self.holder[n] = true, co or false -- false: no coroutine to watch
   self.queue[#self.queue + 1] = n
+  return true
+end
+
+function Dict:release()
+  if self.owned[coroutine.running() or self] then self:unsent() end
+end
+
+function Dict:start()
+  local ok, err = self:reserve()
+  if not ok then return nil, err end
+  local n = self.owned[coroutine.running() or self]
   while true do
     local w = self:wait_for(n, now_ms())
     if w <= 0 then return true end
