@@ -41,4 +41,27 @@ static inline void cp_register_class(lua_State *L, const char *name, const luaL_
   lua_pop(L, 1);
 }
 
+/* Keeps metatable `name` in the registry under the light userdata key too,
+ * for cp_checkudata (a lookup by address instead of by name: the hot
+ * methods check their self on every call). */
+static inline void cp_register_key(lua_State *L, const char *name, const void *key) {
+  lua_pushlightuserdata(L, (void *)key);
+  luaL_getmetatable(L, name);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* luaL_checkudata(L, idx, name) for a class registered with cp_register_key:
+ * the same answer, and the same error for anything else. */
+static inline void *cp_checkudata(lua_State *L, int idx, const void *key, const char *name) {
+  if (lua_type(L, idx) == LUA_TUSERDATA && lua_getmetatable(L, idx)) {
+    int same;
+    lua_pushlightuserdata(L, (void *)key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    same = lua_rawequal(L, -1, -2) && !lua_isnil(L, -1);
+    lua_pop(L, 2);
+    if (same) return lua_touserdata(L, idx);
+  }
+  return luaL_checkudata(L, idx, name);
+}
+
 #endif

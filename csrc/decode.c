@@ -89,8 +89,9 @@ static const field ERROR_BODY[] = {
   {NULL, 0, NULL}};
 
 static const field *find_field(const field *fields, const char *k, size_t n) {
+  if (n == 0) return NULL; /* no field is named "" */
   for (; fields->key; fields++)
-    if (strlen(fields->key) == n && memcmp(fields->key, k, n) == 0) return fields;
+    if (fields->key[0] == k[0] && strlen(fields->key) == n && memcmp(fields->key, k, n) == 0) return fields;
   return NULL;
 }
 
@@ -253,7 +254,9 @@ static int check_fields(lua_State *L, const checker *c, int t, const field *fiel
       r = check_value(L, c, v, f->type, f->sub, &here, depth);
     } else if (lua_type(L, v) == LUA_TTABLE) r = drop_nulls(L, v, depth + 1);
     if (r == FAILED) return FAILED;
-    if (r == DROP || f) { /* store the dropped (nil) or normalized value */
+    /* store the dropped (nil) or normalized value: only an integer is replaced
+     * (Lua 5.4: it became a Lua integer); tables are checked in place */
+    if (r == DROP || (f && f->type == T_INTEGER && LUA_VERSION_NUM >= 503)) {
       lua_pushvalue(L, -2);
       if (r == DROP) lua_pushnil(L); else lua_pushvalue(L, v);
       lua_rawset(L, t); /* replacing or clearing an existing key is safe in lua_next */

@@ -271,8 +271,10 @@ int cp_gov_manual(const cp_governor *g, long *max, long *interval_ms) {
 
 /* ------------------------------------------------------------ Lua */
 
+static const char GOV_KEY = 0; /* the registry key of the metatable (cp_register_key) */
+
 cp_governor *cp_check_governor(lua_State *L, int idx) {
-  cp_governor *g = luaL_checkudata(L, idx, GOV_MT);
+  cp_governor *g = cp_checkudata(L, idx, &GOV_KEY, GOV_MT);
   if (g->closed) luaL_error(L, "commprefs: the client is closed");
   return g;
 }
@@ -343,6 +345,52 @@ static int gov_next(lua_State *L) {
 }
 
 static int gov_begin(lua_State *L) { cp_gov_begin(cp_check_governor(L, 1)); return 0; }
+
+/* g:try_start([deadline[, policy[, new_call]]]): g:next, g:begin and
+ * g:attempt_timeout in one call, for a pacer without a shared backing (the
+ * cosocket GET path); new_call: g:new_call first. Returns
+ *   timeout_ms, connect_timeout_ms    the attempt has begun (as g:begin)
+ *   nil, nil, ms                      wait ms first (nothing begun)
+ *   nil, nil, nil, stop[, why]        g:next's stop, or "deadline" when no time is left
+ *                                     for an attempt (begun, then unsent, as the
+ *                                     separate calls would have it) */
+static int gov_try_start(lua_State *L) {
+  cp_governor *g = cp_check_governor(L, 1);
+  double deadline = luaL_optnumber(L, 2, 0);
+  cp_policy *p = cp_opt_policy(L, 3, &g->policy);
+  const char *stop, *why;
+  long connect = 0, total;
+  double w;
+  if (lua_toboolean(L, 4)) cp_gov_new_call(g);
+  w = cp_gov_next(g, cp_now_ms(), deadline, &stop, &why);
+  lua_pushnil(L);
+  lua_pushnil(L);
+  if (stop) {
+    lua_pushnil(L);
+    lua_pushstring(L, stop);
+    if (why) lua_pushstring(L, why);
+    else lua_pushnil(L);
+    return 5;
+  }
+  if (w > 0) {
+    lua_pushnumber(L, w);
+    return 3;
+  }
+  lua_pop(L, 2);
+  cp_gov_begin(g);
+  total = cp_policy_attempt_timeout(p, cp_now_ms(), deadline, &connect);
+  if (total <= 0) {
+    cp_gov_unsent(g);
+    lua_pushnil(L);
+    lua_pushnil(L);
+    lua_pushnil(L);
+    lua_pushliteral(L, "deadline");
+    return 4;
+  }
+  lua_pushinteger(L, total);
+  lua_pushinteger(L, connect);
+  return 2;
+}
 static int gov_on_wire(lua_State *L) { cp_gov_on_wire(cp_check_governor(L, 1), cp_now_ms()); return 0; }
 static int gov_resent(lua_State *L) { cp_gov_resent(cp_check_governor(L, 1), cp_now_ms()); return 0; }
 static int gov_paced(lua_State *L) { cp_gov_paced(cp_check_governor(L, 1), luaL_checknumber(L, 2)); return 0; }
@@ -352,9 +400,17 @@ static int gov_abandon(lua_State *L) {
   return 0;
 }
 
-static long field_long(lua_State *L, int idx, const char *k) {
+/* The result fields g:finish reads, interned once: its upvalues (cp_register_governor). */
+static const char *const FINISH_KEYS[] = {"status", "kind", "attempts", "retry_after", "rate_max",
+                                          "rate_interval_ms", "daily_remaining"};
+enum { K_STATUS = 1, K_KIND, K_ATTEMPTS, K_RETRY_AFTER, K_RATE_MAX, K_RATE_INTERVAL, K_DAILY_REMAINING, K_N = K_DAILY_REMAINING };
+
+/* Field k (an upvalue index of FINISH_KEYS) of the result table at idx (a
+ * plain table made by a transport: read raw). */
+static long field_long(lua_State *L, int idx, int k) {
   long v = -1;
-  lua_getfield(L, idx, k);
+  lua_pushvalue(L, lua_upvalueindex(k));
+  lua_rawget(L, idx);
   if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) >= 0 && lua_tonumber(L, -1) < 1e15)
     v = (long)lua_tonumber(L, -1);
   lua_pop(L, 1);
@@ -364,19 +420,20 @@ static long field_long(lua_State *L, int idx, const char *k) {
 /* The outcome of a result table ({status= | kind=, attempts=, retry_after=, rate headers}). */
 static void read_outcome(lua_State *L, int idx, cp_outcome *o) {
   memset(o, 0, sizeof(*o));
-  o->status = field_long(L, idx, "status");
+  o->status = field_long(L, idx, K_STATUS);
   if (o->status < 0) o->status = 0;
-  lua_getfield(L, idx, "kind");
+  lua_pushvalue(L, lua_upvalueindex(K_KIND));
+  lua_rawget(L, idx);
   o->kind = lua_tostring(L, -1); /* kept alive by the result table */
   lua_pop(L, 1);
   if (o->status == 0 && !o->kind) luaL_argerror(L, idx, "a result with status or kind expected");
-  o->attempts = (int)field_long(L, idx, "attempts");
+  o->attempts = (int)field_long(L, idx, K_ATTEMPTS);
   if (o->attempts < 1) o->attempts = 1;
-  o->retry_after_ms = field_long(L, idx, "retry_after");
+  o->retry_after_ms = field_long(L, idx, K_RETRY_AFTER);
   if (o->retry_after_ms >= 0) o->retry_after_ms *= 1000.0;
-  o->rate_max = field_long(L, idx, "rate_max");
-  o->rate_interval_ms = field_long(L, idx, "rate_interval_ms");
-  o->daily_remaining = field_long(L, idx, "daily_remaining");
+  o->rate_max = field_long(L, idx, K_RATE_MAX);
+  o->rate_interval_ms = field_long(L, idx, K_RATE_INTERVAL);
+  o->daily_remaining = field_long(L, idx, K_DAILY_REMAINING);
 }
 
 /* g:finish(result[, on_wire = true[, latency_ms[, deadline[, policy]]]]) -> retry, delay_ms,
@@ -547,7 +604,7 @@ static int gov_gc(lua_State *L) {
 }
 
 static int gov_tostring(lua_State *L) {
-  cp_governor *g = luaL_checkudata(L, 1, GOV_MT);
+  cp_governor *g = cp_checkudata(L, 1, &GOV_KEY, GOV_MT);
   lua_pushfstring(L, GOV_MT " (%s%p)", g->closed ? "closed, " : "", (void *)g);
   return 1;
 }
@@ -555,12 +612,22 @@ static int gov_tostring(lua_State *L) {
 void cp_register_governor(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"new_call", gov_new_call}, {"next", gov_next}, {"begin", gov_begin}, {"on_wire", gov_on_wire}, {"resent", gov_resent}, {"paced", gov_paced},
-    {"unsent", gov_unsent}, {"abandon", gov_abandon}, {"finish", gov_finish}, {"target", gov_target},
-    {"manual", gov_manual}, {"settings", gov_settings}, {"start_wake", gov_start_wake}, {"backed", gov_backed}, {"stats", gov_stats}, {"close", gov_gc},
+    {"unsent", gov_unsent}, {"abandon", gov_abandon}, {"target", gov_target},
+    {"manual", gov_manual}, {"settings", gov_settings}, {"start_wake", gov_start_wake}, {"backed", gov_backed},
+    {"stats", gov_stats}, {"close", gov_gc},
     {"clock", gov_clock}, {"deadline", gov_deadline}, {"attempt_timeout", gov_attempt_timeout},
-    {"deadline_result", gov_deadline_result},
+    {"deadline_result", gov_deadline_result}, {"try_start", gov_try_start},
     {NULL, NULL}};
+  int i;
   cp_register_class(L, GOV_MT, methods, gov_gc, gov_tostring);
+  cp_register_key(L, GOV_MT, &GOV_KEY);
+  /* finish: with its result keys as upvalues (field_long) */
+  luaL_getmetatable(L, GOV_MT);
+  lua_getfield(L, -1, "__index");
+  for (i = 0; i < K_N; i++) lua_pushstring(L, FINISH_KEYS[i]);
+  lua_pushcclosure(L, gov_finish, K_N);
+  lua_setfield(L, -2, "finish");
+  lua_pop(L, 2);
   lua_pushcfunction(L, core_governor);
   lua_setfield(L, -2, "governor");
 }

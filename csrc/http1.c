@@ -32,11 +32,14 @@
 #include "headers.h"
 
 #define HTTP1_MT "commprefs.core.http1"
+static const char HTTP1_KEY = 0; /* the registry key of the metatable (cp_register_key) */
+#define check_parser(L, i) ((cp_http1 *)cp_checkudata(L, (i), &HTTP1_KEY, HTTP1_MT))
 #define MAX_VALUE 4096 /* longer values of kept headers are cut: none is legitimately that long */
 
 static const char *const KEPT[H1_NHEADERS] = {
   "content-type", "retry-after", "x-hubspot-ratelimit-max",
   "x-hubspot-ratelimit-interval-milliseconds", "x-hubspot-ratelimit-daily-remaining", "location"};
+static const size_t KEPT_LEN[H1_NHEADERS] = {12, 11, 23, 41, 35, 8}; /* strlen(KEPT[i]) */
 
 static int fail_with(cp_http1 *r, const char *kind, const char *msg) {
   r->failed = 1;
@@ -91,16 +94,21 @@ static int on_header_value(http_parser *p, const char *at, size_t len) {
     r->capturing = -1;
     if (r->field_len < sizeof(r->field)) {
       r->field[r->field_len] = '\0';
-      for (i = 0; i < H1_NHEADERS; i++)
-        if (strcasecmp(r->field, KEPT[i]) == 0) r->capturing = i;
+      for (i = 0; i < H1_NHEADERS; i++) /* the length first: most headers are none we keep */
+        if (r->field_len == KEPT_LEN[i] && strcasecmp(r->field, KEPT[i]) == 0) r->capturing = i;
     }
-    if (r->capturing >= 0) r->value_len[r->capturing] = 0; /* a repeated header: the last one counts */
+    if (r->capturing >= 0) { /* a repeated header: the last one counts */
+      int w = r->capturing;
+      if (!r->value[w] && !(r->value[w] = malloc(MAX_VALUE + 1)))
+        return fail_with(r, "network", "out of memory reading the response headers");
+      r->value_len[w] = 0;
+      r->value[w][0] = '\0';
+      r->have[w] = 1;
+    }
   }
   if (r->capturing >= 0) {
     int w = r->capturing;
     size_t n = r->value_len[w] + len > MAX_VALUE ? MAX_VALUE - r->value_len[w] : len;
-    if (!r->value[w] && !(r->value[w] = malloc(MAX_VALUE + 1)))
-      return fail_with(r, "network", "out of memory reading the response headers");
     memcpy(r->value[w] + r->value_len[w], at, n);
     r->value_len[w] += n;
   }
@@ -141,7 +149,7 @@ static int on_message_complete(http_parser *p) {
   cp_http1 *r = p->data;
   int i;
   if (r->status == 0) { /* the end of a 1xx: forget its headers */
-    for (i = 0; i < H1_NHEADERS; i++) r->value_len[i] = 0;
+    for (i = 0; i < H1_NHEADERS; i++) r->value_len[i] = 0, r->have[i] = 0;
     return 0;
   }
   r->done = 1;
@@ -238,7 +246,7 @@ int cp_http1_keepalive(const cp_http1 *r) {
 }
 
 long cp_http1_header_long(const cp_http1 *r, int which) {
-  return r->value[which] ? cp_parse_header_count(r->value[which]) : -1;
+  return r->have[which] ? cp_parse_header_count(r->value[which]) : -1;
 }
 
 void cp_http1_free(cp_http1 *r) {
@@ -250,16 +258,17 @@ void cp_http1_free(cp_http1 *r) {
     free(r->value[i]);
     r->value[i] = NULL;
     r->value_len[i] = 0;
+    r->have[i] = 0;
   }
 }
 
 #define H1_KEEP_BODY_CAP 65536 /* a reset keeps a body buffer up to this size for the next answer */
 
-void cp_http1_reset(cp_http1 *r) {
-  char *body = r->body;
+void cp_http1_reset(cp_http1 *r) { /* the buffers are kept (values absent: have[] = 0) */
+  char *body = r->body, *value[H1_NHEADERS];
   size_t cap = r->body_cap, max = r->max_body;
   int i;
-  for (i = 0; i < H1_NHEADERS; i++) free(r->value[i]);
+  for (i = 0; i < H1_NHEADERS; i++) value[i] = r->value[i];
   if (cap > H1_KEEP_BODY_CAP) {
     free(body);
     body = NULL;
@@ -268,6 +277,7 @@ void cp_http1_reset(cp_http1 *r) {
   cp_http1_init(r, max);
   r->body = body;
   r->body_cap = cap;
+  for (i = 0; i < H1_NHEADERS; i++) r->value[i] = value[i];
 }
 
 /* ------------------------------------------------------------ Lua binding */
@@ -292,7 +302,7 @@ static int l_new(lua_State *L) {
 }
 
 static int l_feed(lua_State *L) {
-  cp_http1 *r = luaL_checkudata(L, 1, HTTP1_MT);
+  cp_http1 *r = check_parser(L, 1);
   size_t len;
   const char *s = luaL_checklstring(L, 2, &len);
   int rc = cp_http1_feed(r, s, len);
@@ -313,13 +323,13 @@ static void set_long(lua_State *L, const char *key, long v) {
 }
 
 static void set_value(lua_State *L, const cp_http1 *r, const char *key, int which) {
-  if (!r->value[which]) return;
+  if (!r->have[which]) return;
   lua_pushlstring(L, r->value[which], r->value_len[which]);
   lua_setfield(L, -2, key);
 }
 
 static int l_result(lua_State *L) {
-  cp_http1 *r = luaL_checkudata(L, 1, HTTP1_MT);
+  cp_http1 *r = check_parser(L, 1);
   if (!r->done) return luaL_error(L, "commprefs: http1 parser:result() before the response is complete");
   lua_createtable(L, 0, 11);
   lua_pushinteger(L, r->status);
@@ -328,7 +338,7 @@ static int l_result(lua_State *L) {
   lua_setfield(L, -2, "body");
   set_value(L, r, "content_type", H1_CONTENT_TYPE);
   set_value(L, r, "location", H1_LOCATION);
-  if (r->value[H1_RETRY_AFTER]) { /* the one Retry-After rule: policy.c */
+  if (r->have[H1_RETRY_AFTER]) { /* the one Retry-After rule: policy.c */
     double ra = cp_parse_retry_after(r->value[H1_RETRY_AFTER]);
     if (ra >= 0) {
       lua_pushinteger(L, (lua_Integer)ra);
@@ -349,7 +359,7 @@ static int l_result(lua_State *L) {
 
 /* parser:reset() -> parser: ready for the next answer (same max_body), as new */
 static int l_reset(lua_State *L) {
-  cp_http1_reset(luaL_checkudata(L, 1, HTTP1_MT));
+  cp_http1_reset(check_parser(L, 1));
   lua_settop(L, 1);
   return 1;
 }
@@ -371,4 +381,5 @@ void cp_register_http1(lua_State *L) {
   lua_pushcfunction(L, l_new);
   lua_setfield(L, -2, "http1_response");
   cp_register_class(L, HTTP1_MT, methods, l_close, l_tostring);
+  cp_register_key(L, HTTP1_MT, &HTTP1_KEY);
 }

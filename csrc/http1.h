@@ -17,8 +17,9 @@ typedef struct {
   size_t max_body;            /* 0: no limit */
   char *body;                 /* owned: the decoded body (chunked already undone) */
   size_t body_len, body_cap;
-  char *value[H1_NHEADERS];   /* owned: the kept headers' values, NUL-terminated */
+  char *value[H1_NHEADERS];   /* owned: the kept headers' values, NUL-terminated (kept by reset) */
   size_t value_len[H1_NHEADERS];
+  int have[H1_NHEADERS];      /* 1: that header came with this response (value[] holds it) */
   char field[48];             /* the header name being read (longer names are none we keep) */
   size_t field_len;
   int capturing;              /* H1_* of the value being read, or -1 */

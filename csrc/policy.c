@@ -132,8 +132,10 @@ int cp_policy_decide(cp_policy *p, cp_ratelimit *rl, cp_outcome *o, double now, 
 
 /* ------------------------------------------------------------ Lua */
 
+static const char POLICY_KEY = 0; /* the registry key of the metatable (cp_register_key) */
+
 cp_policy *cp_check_policy(lua_State *L, int idx) {
-  cp_policy *p = luaL_checkudata(L, idx, POLICY_MT);
+  cp_policy *p = cp_checkudata(L, idx, &POLICY_KEY, POLICY_MT);
   if (!p->user_agent) luaL_error(L, "commprefs: the policy is closed");
   return p;
 }
@@ -188,6 +190,7 @@ static int policy_tostring(lua_State *L) {
 void cp_register_policy(lua_State *L) {
   static const luaL_Reg methods[] = {{"settings", policy_settings}, {"close", policy_gc}, {NULL, NULL}};
   cp_register_class(L, POLICY_MT, methods, policy_gc, policy_tostring);
+  cp_register_key(L, POLICY_MT, &POLICY_KEY);
   lua_pushcfunction(L, core_policy);
   lua_setfield(L, -2, "policy");
 }

@@ -144,6 +144,11 @@ end
 
 -- Adds secret to owner's secrets (owner: the client table; a secret already
 -- remembered for it is not added twice). Empty or non-string: ignored.
+-- The entry of each secret some owner holds, shared by its owners (read
+-- only once made): the quick check looks at a secret once per text however
+-- many clients hold it. Weak values: gone with the last owner's list.
+local prepared = setmetatable({}, { __mode = "v" })
+
 function M.remember_secret(owner, secret)
   if type(secret) ~= "string" or secret == "" then return end
   local list = live[owner]
@@ -154,7 +159,12 @@ function M.remember_secret(owner, secret)
   for _, e in ipairs(list) do
     if e.secret == secret then return end
   end
-  list[#list + 1] = prepare(secret)
+  local e = prepared[secret]
+  if not e then
+    e = prepare(secret)
+    prepared[secret] = e
+  end
+  list[#list + 1] = e
 end
 
 -- Remembers owner's token: owner's secrets become that one alone.
@@ -182,21 +192,32 @@ local function any_piece(s, pieces)
 end
 
 -- The entries whose quick check s passes (s lower-cased as folded), or nil.
+local checked = {} -- the entries one suspects() call has looked at (emptied before it returns)
+
 local function suspects(s)
-  local found, folded
+  local found, folded, n = nil, nil, 0
   for _, list in pairs(live) do
     for _, e in ipairs(list) do
-      local hit = any_piece(s, e.pieces)
-      if not hit then
-        folded = folded or s:lower()
-        hit = any_piece(folded, e.folded_pieces)
+      local seen = false
+      for i = 1, n do
+        if checked[i] == e then seen = true; break end
       end
-      if hit then
-        found = found or {}
-        found[#found + 1] = e
+      if not seen then -- an entry several owners share is looked at once
+        n = n + 1
+        checked[n] = e
+        local hit = any_piece(s, e.pieces)
+        if not hit then
+          folded = folded or s:lower()
+          hit = any_piece(folded, e.folded_pieces)
+        end
+        if hit then
+          found = found or {}
+          found[#found + 1] = e
+        end
       end
     end
   end
+  for i = 1, n do checked[i] = nil end
   return found, folded
 end
 

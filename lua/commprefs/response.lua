@@ -25,8 +25,14 @@ local function snippet(body)
   return #body > 120 and s .. "..." or s
 end
 
+-- The last content type judged (servers send the same one again and again).
+local last_ctype, last_json = nil, true
 local function is_json(ctype)
-  return ctype == nil or ctype:lower():find("json", 1, true) ~= nil
+  if ctype == nil then return true end
+  if ctype == last_ctype then return last_json end
+  local yes = ctype:lower():find("json", 1, true) ~= nil
+  last_ctype, last_json = ctype, yes
+  return yes
 end
 
 local function error_base(req, res)

@@ -45,9 +45,29 @@ local tcp = ngx_.socket and ngx_.socket.tcp
 local http1_response = core.http1_response
 local min, type, tostring, format = math.min, type, tostring, string.format
 
-local function now_ms()
-  ngx_update_time()
-  return ngx_now() * 1000
+-- Milliseconds on the governor's clock (CLOCK_MONOTONIC, as cp_now_ms in
+-- csrc/util.c): read through the FFI, so that the GET path's traces do not
+-- stop at a C function (nginx's ngx.update_time also formats its cached
+-- time strings). Without the FFI: nginx's clock, freshly read.
+local now_ms
+do
+  local ok, ffi = pcall(require, "ffi")
+  if ok and pcall(ffi.cdef, [[
+    struct commprefs_timespec { long tv_sec; long tv_nsec; };
+    int commprefs_clock_gettime(int clk, struct commprefs_timespec *ts) __asm__("clock_gettime");
+  ]]) then
+    local C, ts = ffi.C, ffi.new("struct commprefs_timespec")
+    local MONOTONIC = 1 -- CLOCK_MONOTONIC on Linux
+    now_ms = function()
+      C.commprefs_clock_gettime(MONOTONIC, ts)
+      return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+    end
+  else
+    now_ms = function()
+      ngx_update_time()
+      return ngx_now() * 1000
+    end
+  end
 end
 
 -- Where "scheme://authority" points: {tls=, host= (no brackets), addr= (what to
@@ -70,9 +90,25 @@ local function parse_origin(origin, verify_tls, generation)
       tls and (verify_tls and "verify" or "noverify") or "", generation) } }
 end
 
+-- The path+query of a request URL past its origin (fragment dropped).
+local function path_of(path)
+  if path == "" or path:byte(1) ~= 47 then path = "/" .. path end -- 47: "/"
+  return path:find("#", 1, true) and path:gsub("#.*$", "") or path
+end
+
 -- The target of a request URL (parsed once per origin and TLS
--- verification) and its path+query.
+-- verification) and its path+query. The last origin is tried first, by a
+-- prefix compare (no pattern: the GET path's trace goes on).
 local function target(t, url, verify_tls)
+  local last = t.last_origin
+  if last and t.last_verify == verify_tls then
+    local n = #last
+    local b = url:byte(n + 1)
+    -- the origin ends where the URL ends or at "/", "?" or "#" (47, 63, 35)
+    if (b == nil or b == 47 or b == 63 or b == 35) and url:sub(1, n) == last then
+      return t.last_tg, path_of(url:sub(n + 1))
+    end
+  end
   local origin, path = url:match("^(https?://[^/?#]*)(.*)$")
   if not origin then return nil end
   local known = t.targets[verify_tls]
@@ -82,8 +118,8 @@ local function target(t, url, verify_tls)
     if known.n < 16 then known[origin], known.n = tg, known.n + 1 end
   end
   if not tg then return nil end
-  if path == "" or path:byte(1) ~= 47 then path = "/" .. path end -- 47: "/"
-  return tg, path:find("#", 1, true) and path:gsub("#.*$", "") or path
+  t.last_origin, t.last_verify, t.last_tg = origin, verify_tls, tg
+  return tg, path_of(path)
 end
 
 -- A reset parser of the profile's own (its max_response_size; made once,
@@ -153,8 +189,9 @@ local function exchange(t, req, pacer, resent, timeout_ms, connect_ms, prof)
   sock:settimeouts(connect_ms, timeout_ms, timeout_ms)
   local ok, err = connect(sock, tg, connect_ms)
   if not ok then return no_answer(err, "connect to " .. host .. ":" .. port, started), false end
-  local reused = sock:getreusedtimes() > 0
-  if tls and not reused then
+  -- whether the connection came from the pool: asked only where it matters
+  -- (a TLS handshake, a failure that may be a stale pooled connection)
+  if tls and sock:getreusedtimes() == 0 then
     -- pcall: lua-resty-core 0.1.25 asserts (instead of returning nil, err) when a
     -- handshake that finished at once then failed verification
     local ok_call, sess, herr = pcall(sock.sslhandshake, sock, nil, host, s.verify_tls)
@@ -171,6 +208,7 @@ local function exchange(t, req, pacer, resent, timeout_ms, connect_ms, prof)
   local bytes, serr = sock:send(t.head(prof.ua, post and "POST" or (req.method or "GET"), path, tg.authority,
     post and (body or "") or nil))
   if not bytes then
+    local reused = sock:getreusedtimes() > 0
     sock:close()
     return no_answer(serr, "sending to " .. host, started), true, reused and serr ~= "timeout"
   end
@@ -188,12 +226,14 @@ local function exchange(t, req, pacer, resent, timeout_ms, connect_ms, prof)
     elseif rerr == "closed" then
       done, perr, kind = parser:feed("")
     else
+      local reused = sock:getreusedtimes() > 0
       sock:close()
       give_parser(prof, parser)
       return no_answer(rerr, format("reading the answer from %s (%d bytes received)", host, got), started),
         true, reused and got == 0 and rerr ~= "timeout"
     end
     if done == nil then
+      local reused = sock:getreusedtimes() > 0
       sock:close()
       give_parser(prof, parser)
       return { kind = kind, message = perr }, true, reused and got == 0 and rerr == "closed"
@@ -220,24 +260,49 @@ end
 -- none): a request not sent by then is not sent. A reused connection the
 -- server had already closed is replaced at once (not an attempt), as
 -- libcurl does. prof: the calling client's (M.profile).
-local function run(t, req, pacer, deadline, prof)
-  local attempts, last = 0, nil
+-- new_call: the call's gov:new_call is still to be made (perform_one).
+-- One attempt of run (attempts and last: those before it): the result and
+-- stop reason when the request is done, else nil, nil, the attempts so far
+-- and the result to retry. A function of its own so that a call that needs
+-- one attempt enters no loop (a root trace cannot record an inner loop).
+local function attempt(t, req, pacer, deadline, prof, new_call, attempts, last)
   local gov = t.gov
-  while true do
-    local wait, stop, why = pacer:wait(deadline)
-    local ready_at = (wait and wait > 0 or pacer.shared) and now_ms() or nil -- for the pacing-wait metric
-    while wait and wait > 0 do
-      nap(wait)
+  do
+    local timeout_ms, connect_ms, wait, stop, why, ready_at
+    if not pacer.shared then -- no backing to ask: the governor's next, begin and attempt_timeout at once
+      timeout_ms, connect_ms, wait, stop, why = gov:try_start(deadline, prof.policy, new_call)
+      new_call = false
+      if wait then -- paced: wait as below
+        ready_at = now_ms() -- for the pacing-wait metric
+        while wait and wait > 0 do
+          nap(wait)
+          wait, stop, why = pacer:wait(deadline)
+        end
+        if not stop then
+          local started, err = pacer:start()
+          if not started then stop, why = "budget", err end
+        end
+        if not stop then
+          timeout_ms, connect_ms = gov:attempt_timeout(deadline, prof.policy)
+          if not timeout_ms then pacer:unsent(); stop = "deadline" end -- started, never sent
+        end
+      end
+    else
+      if new_call then gov:new_call(); new_call = false end
       wait, stop, why = pacer:wait(deadline)
-    end
-    if not stop then
-      local started, err = pacer:start()
-      if not started then stop, why = "budget", err end
-    end
-    local timeout_ms, connect_ms
-    if not stop then
-      timeout_ms, connect_ms = gov:attempt_timeout(deadline, prof.policy)
-      if not timeout_ms then pacer:unsent(); stop = "deadline" end -- started, never sent
+      ready_at = now_ms() -- for the pacing-wait metric
+      while wait and wait > 0 do
+        nap(wait)
+        wait, stop, why = pacer:wait(deadline)
+      end
+      if not stop then
+        local started, err = pacer:start()
+        if not started then stop, why = "budget", err end
+      end
+      if not stop then
+        timeout_ms, connect_ms = gov:attempt_timeout(deadline, prof.policy)
+        if not timeout_ms then pacer:unsent(); stop = "deadline" end -- started, never sent
+      end
     end
     if stop then
       if stop == "deadline" then return gov:deadline_result(attempts, last_outcome(last)), stop end
@@ -269,9 +334,17 @@ local function run(t, req, pacer, deadline, prof)
     local retry, delay_ms, refused = pacer:finish(res, was_sent, now_ms() - t0, deadline, prof.policy)
     if refused then return gov:deadline_result(attempts, last_outcome(res)), "deadline" end
     if not retry then return res end
-    last = res
     if delay_ms and delay_ms > 0 then nap(delay_ms) end
+    return nil, nil, attempts, res
   end
+end
+
+local function run(t, req, pacer, deadline, prof, new_call)
+  local res, stop, attempts, last = attempt(t, req, pacer, deadline, prof, new_call, 0, nil)
+  while res == nil do
+    res, stop, attempts, last = attempt(t, req, pacer, deadline, prof, false, attempts, last)
+  end
+  return res, stop
 end
 
 -- The one request of a single call, checked as pull() checks each request.
@@ -285,8 +358,7 @@ end
 local function perform_one(t, req, deadline, prof)
   check_request(req, 1)
   M.check_phase(ngx.get_phase())
-  t.gov:new_call()
-  return (run(t, req, t.pacer, deadline, prof or t.default))
+  return (run(t, req, t.pacer, deadline, prof or t.default, true))
 end
 
 ------------------------------------------------------------------ perform
@@ -406,6 +478,7 @@ end
 local function drop_connections(t)
   t.generation = t.generation + 1
   t.targets = no_targets()
+  t.last_origin, t.last_verify, t.last_tg = nil, nil, nil
   return true
 end
 
@@ -436,12 +509,21 @@ function M.new(gov, pacer, credentials, form)
     end
     return auth_line
   end
+  -- The head of a request without a body is one string: what follows its
+  -- path is the same for every request of one authority, User-Agent and
+  -- token, made once (a table would be measured and copied by nginx).
+  local tail_authority, tail_ua, tail_auth, tail = nil, nil, nil, nil
   t.head = function(ua, method, path, authority, body)
     if body then
       return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", ua, auth(), accept,
         ctype, #body, "\r\n\r\n", body }
     end
-    return { method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n", ua, auth(), accept, "\r\n" }
+    local a = auth()
+    if authority ~= tail_authority or ua ~= tail_ua or a ~= tail_auth then
+      tail_authority, tail_ua, tail_auth = authority, ua, a
+      tail = " HTTP/1.1\r\nHost: " .. authority .. "\r\n" .. ua .. a .. accept .. "\r\n"
+    end
+    return method .. " " .. path .. tail
   end
   return setmetatable(t, {
     __index = { perform = perform, perform_one = perform_one, drop_connections = drop_connections },
