@@ -34,3 +34,46 @@ describe("a shared_dict ticket whose attempt was killed", function()
     assert.is_true(t.seconds < 1, tostring(t.seconds))
   end)
 end)
+
+-- A coalesced batch read takes its place in the dict's line before its turn
+-- (Pacer:reserve, commprefs.lookup) and keeps gathering callers until then:
+-- a later asker goes after it, and the place is given up when nobody is left.
+describe("a reserved shared_dict place", function()
+  it("keeps its turn against a later asker, and release() gives it up", function()
+    local inst = nginx.start { conf = "lua_shared_dict pace 1m;" }
+    local status, body = nginx.run(inst, [[
+      local core, pacer = require "commprefs.core", require "commprefs.pacer"
+      local function participant()
+        return pacer.new(core.governor { rate_max = 10, rate_interval = 1 }, { shared_dict = "pace",
+          rate_limit = { key = "line" } })
+      end
+      local a, b = participant(), participant()
+      for _ = 1, 4 do assert(b:start()); b:sent() end -- the window's burst: the rest are spaced
+      local order = {}
+      local holder = ngx.thread.spawn(function()
+        assert(a:reserve())          -- its place, taken now
+        ngx.sleep(0.05)              -- gathering callers meanwhile
+        assert(a:start()); order[#order + 1] = "a"; a:sent()
+      end)
+      ngx.sleep(0.01)
+      local later = ngx.thread.spawn(function()
+        assert(b:start()); order[#order + 1] = "b"; b:sent()
+      end)
+      ngx.thread.wait(holder); ngx.thread.wait(later)
+      -- a place reserved and released holds nobody up
+      local c = participant()
+      local gone = ngx.thread.spawn(function() assert(c:reserve()); c:release() end)
+      ngx.thread.wait(gone)
+      ngx.update_time()
+      local t0 = ngx.now()
+      assert(b:start()); b:sent()
+      ngx.update_time()
+      return { order = table.concat(order, ","), after_release = ngx.now() - t0 }
+    ]])
+    inst:stop()
+    assert.equal(200, status, body)
+    local t = require("cjson").decode(body)
+    assert.equal("a,b", t.order) -- without the reservation b (asking while a gathers) went first
+    assert.is_true(t.after_release < 0.25, tostring(t.after_release)) -- one spacing (~102 ms), not a stall
+  end)
+end)
