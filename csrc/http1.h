@@ -26,6 +26,7 @@ typedef struct {
   int last_was_value;
   int status;                 /* 0 until the final (non-1xx) headers are in */
   int done, failed;
+  int fed;                    /* 1 once anything was fed (cp_http1_feed) */
   size_t extra;               /* bytes received after the end of the response (fed with it or later) */
   int magic;                  /* how much of "HTTP/" the current status line has matched: 0 none yet, 5 all */
   int begun;                  /* set by on_message_begin: the parser paused right after a status line's 'H' */

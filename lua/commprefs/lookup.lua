@@ -617,11 +617,11 @@ function M.is_unsubscribed_from_all(client, id, opts)
     L.coalesced = L.coalesced + 1
     return coalesced(L, client, id, bu, seconds or client._timeout)
   end
-  local started = now()
+  local started = L.store_list[1] and now() -- the clock read only when an answer is to be remembered
   local env, err = client:_get_unsubscribe_all(id, opts, seconds)
   if not env then return nil, err end
   local answer = answer_of(env.results)
-  if L.store_list[1] then remember_all(L, id, bu, answer, started) end
+  if L.store_list[1] then remember_all(L, id, bu, answer, started or now()) end
   return answer
 end
 

@@ -18,6 +18,13 @@
 -- no piece is returned as it is, unchanged and not copied.
 local M = {}
 
+-- core.any_folded: the quick check's case-blind find in C (nil without the core: s:lower())
+local any_folded
+do
+  local ok, core = pcall(require, "commprefs.core")
+  any_folded = ok and type(core) == "table" and core.any_folded or nil
+end
+
 local live = setmetatable({}, { __mode = "k" }) -- owner -> array of entries (see prepare)
 local MARK = "<redacted>"
 M.MARK = MARK
@@ -207,8 +214,12 @@ local function suspects(s)
         checked[n] = e
         local hit = any_piece(s, e.pieces)
         if not hit then
-          folded = folded or s:lower()
-          hit = any_piece(folded, e.folded_pieces)
+          if any_folded then -- without making s:lower() (a copy of every answer body)
+            hit = any_folded(s, e.folded_pieces)
+          else
+            folded = folded or s:lower()
+            hit = any_piece(folded, e.folded_pieces)
+          end
         end
         if hit then
           found = found or {}

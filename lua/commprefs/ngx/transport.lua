@@ -135,9 +135,10 @@ local function take_parser(prof)
   return http1_response { max_body = prof.settings.max_response_size }
 end
 
-local function give_parser(prof, p)
+-- fresh: p is reset already (take completed an answer).
+local function give_parser(prof, p, fresh)
   if prof.nparsers < PARSERS_KEPT then
-    p:reset()
+    if not fresh then p:reset() end
     prof.nparsers = prof.nparsers + 1
     prof.parsers[prof.nparsers] = p
   else
@@ -214,17 +215,18 @@ local function exchange(t, req, pacer, resent, timeout_ms, connect_ms, prof)
   end
   local parser = take_parser(prof)
   local got = 0
+  local res, keep, kind
   while true do
     local left = deadline - now_ms()
     if left < 1 then left = 1 end
-    sock:settimeout(left)
+    -- the read timeout set above stands while less than a millisecond has passed
+    if left < timeout_ms - 1 then sock:settimeout(left) end
     local data, rerr = sock:receiveany(READ_CHUNK)
-    local done, perr, kind
     if data then
       got = got + #data
-      done, perr, kind = parser:feed(data)
+      res, keep, kind = parser:take(data) -- feed, result and reset in one call
     elseif rerr == "closed" then
-      done, perr, kind = parser:feed("")
+      res, keep, kind = parser:take("")
     else
       local reused = sock:getreusedtimes() > 0
       sock:close()
@@ -232,19 +234,18 @@ local function exchange(t, req, pacer, resent, timeout_ms, connect_ms, prof)
       return no_answer(rerr, format("reading the answer from %s (%d bytes received)", host, got), started),
         true, reused and got == 0 and rerr ~= "timeout"
     end
-    if done == nil then
+    if res == nil then
       local reused = sock:getreusedtimes() > 0
       sock:close()
       give_parser(prof, parser)
-      return { kind = kind, message = perr }, true, reused and got == 0 and rerr == "closed"
+      return { kind = kind, message = keep }, true, reused and got == 0 and rerr == "closed"
     end
-    if done then break end
+    if res then break end
   end
-  local res = parser:result()
-  give_parser(prof, parser)
-  if res.keepalive then sock:setkeepalive() else sock:close() end
-  res.keepalive, res.extra = nil, nil -- extra: bytes after the answer (never reused: keepalive is false)
-  if res.status < 300 or res.status > 399 then res.location = nil end -- C2: location= only on a redirect
+  give_parser(prof, parser, true)
+  -- keep: false too when bytes came after the answer (never reused); the
+  -- result has location= only on a redirect (C2)
+  if keep then sock:setkeepalive() else sock:close() end
   return res, true
 end
 
