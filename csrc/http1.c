@@ -358,119 +358,6 @@ static int l_result(lua_State *L) {
   return 1;
 }
 
-/* ------------------------------------------------------------ the fast path of take()
- *
- * Most answers are one simple message that arrives whole in the first read:
- * "HTTP/1.1 ddd reason", plain header lines, one Content-Length, the body.
- * fast() reads exactly such an answer, fed as the first bytes of a fresh
- * parser, and gives up (0, nothing kept) on anything else, which then goes
- * through http-parser as before: it accepts only what http-parser accepts,
- * and reads it the same way. Given up on: another version than 1.1, a 1xx,
- * 204 or 304, a byte outside printable ASCII and tab in the status line or a
- * header, a bare CR or LF, a folded line, a name not an RFC 9110 token, no or
- * a second Content-Length, one not plain digits, Transfer-Encoding, Upgrade,
- * Proxy-Connection, a Connection other than "close" or "keep-alive", a body
- * larger than max_body or not all here. */
-
-typedef struct {
-  size_t body_at, body_len, extra;
-  int keepalive;
-} cp_fast;
-
-static int tchar(unsigned char c) {
-  return (c >= 'a' && c <= 'z') || c == '-' || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-         (c != 0 && strchr("!#$%&'*+.^_`|~", c) != NULL);
-}
-
-static int vchar(unsigned char c) { return (c >= 0x20 && c < 0x7f) || c == '\t'; }
-
-#define FAST_MAX_HEAD (64 * 1024) /* below http-parser's HTTP_MAX_HEADER_SIZE */
-
-static int fast(cp_http1 *r, const char *d, size_t len, cp_fast *f) {
-  const unsigned char *p = (const unsigned char *)d, *end = p + len;
-  int status, close = 0, have_cl = 0, i;
-  unsigned long long cl = 0;
-  if (len < 19 || memcmp(p, "HTTP/1.1 ", 9) != 0) return 0;
-  p += 9;
-  if (!isdigit(p[0]) || !isdigit(p[1]) || !isdigit(p[2]) || p[3] != ' ') return 0;
-  status = (p[0] - '0') * 100 + (p[1] - '0') * 10 + (p[2] - '0');
-  if (status < 200 || status == 204 || status == 304) return 0;
-  p += 4;
-  while (p < end && *p != '\r') {
-    if (!vchar(*p)) return 0;
-    p++;
-  }
-  if (end - p < 2 || p[1] != '\n') return 0;
-  p += 2;
-  for (;;) {
-    const unsigned char *name = p, *v, *ve;
-    size_t nlen, vlen;
-    if (p >= end || p - (const unsigned char *)d > FAST_MAX_HEAD) goto no;
-    if (*p == '\r') {
-      if (end - p < 2 || p[1] != '\n') goto no;
-      p += 2;
-      break;
-    }
-    while (p < end && tchar(*p)) p++;
-    nlen = (size_t)(p - name);
-    if (nlen == 0 || p >= end || *p != ':') goto no;
-    p++;
-    while (p < end && (*p == ' ' || *p == '\t')) p++;
-    v = p;
-    while (p < end && *p != '\r') {
-      if (!vchar(*p)) goto no;
-      p++;
-    }
-    if (end - p < 2 || p[1] != '\n') goto no;
-    ve = p;
-    p += 2;
-    if (nlen == 14 && strncasecmp((const char *)name, "content-length", 14) == 0) {
-      const unsigned char *q = v;
-      if (have_cl) goto no;
-      have_cl = 1;
-      while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
-      if (ve == v || ve - v > 15) goto no;
-      for (; q < ve; q++) {
-        if (!isdigit(*q)) goto no;
-        cl = cl * 10 + (unsigned)(*q - '0');
-      }
-      continue;
-    }
-    if ((nlen == 17 && strncasecmp((const char *)name, "transfer-encoding", 17) == 0) ||
-        (nlen == 7 && strncasecmp((const char *)name, "upgrade", 7) == 0) ||
-        (nlen == 16 && strncasecmp((const char *)name, "proxy-connection", 16) == 0))
-      goto no;
-    if (nlen == 10 && strncasecmp((const char *)name, "connection", 10) == 0) {
-      while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
-      if (ve - v == 5 && strncasecmp((const char *)v, "close", 5) == 0) close = 1;
-      else if (!(ve - v == 10 && strncasecmp((const char *)v, "keep-alive", 10) == 0)) goto no;
-      continue;
-    }
-    for (i = 0; i < H1_NHEADERS; i++) {
-      if (nlen != KEPT_LEN[i] || strncasecmp((const char *)name, KEPT[i], nlen) != 0) continue;
-      /* as on_header_value and end_value: the first MAX_VALUE bytes, trailing blanks trimmed */
-      vlen = (size_t)(ve - v) > MAX_VALUE ? MAX_VALUE : (size_t)(ve - v);
-      if (!r->value[i] && !(r->value[i] = malloc(MAX_VALUE + 1))) goto no;
-      while (vlen > 0 && (v[vlen - 1] == ' ' || v[vlen - 1] == '\t')) vlen--;
-      memcpy(r->value[i], v, vlen);
-      r->value[i][vlen] = '\0';
-      r->value_len[i] = vlen;
-      r->have[i] = 1;
-      break;
-    }
-  }
-  if (!have_cl || (r->max_body && cl > r->max_body)) goto no;
-  f->body_at = (size_t)(p - (const unsigned char *)d);
-  if (len - f->body_at < cl) goto no;
-  f->body_len = (size_t)cl;
-  f->extra = len - f->body_at - f->body_len;
-  f->keepalive = !close && f->extra == 0;
-  r->status = status;
-  return 1;
-no:
-  for (i = 0; i < H1_NHEADERS; i++) r->have[i] = 0, r->value_len[i] = 0;
-  return 0;
-}
 
 /* The result table of take(): status, body and the header fields present,
  * location only on a redirect (the transport's C2 contract). */
@@ -505,16 +392,7 @@ static int l_take(lua_State *L) {
   cp_http1 *r = check_parser(L, 1);
   size_t len;
   const char *s = luaL_checklstring(L, 2, &len);
-  cp_fast f;
-  int rc, i;
-  if (!r->fed && len > 0 && fast(r, s, len, &f)) {
-    push_taken(L, r, s + f.body_at, f.body_len);
-    lua_pushboolean(L, f.keepalive);
-    for (i = 0; i < H1_NHEADERS; i++) r->have[i] = 0, r->value_len[i] = 0; /* fresh again: nothing fed */
-    r->status = 0;
-    return 2;
-  }
-  rc = cp_http1_feed(r, s, len);
+  int rc = cp_http1_feed(r, s, len);
   if (rc == H1_ERROR) {
     lua_pushnil(L);
     lua_pushstring(L, r->error);
