@@ -35,7 +35,9 @@ end
 -- is valid UTF-8 with no invisible or control character in it (commprefs.ids;
 -- a plain space is HubSpot's to judge): such an id names another address
 -- than the one meant.
+local find, PLAIN = string.find, ids.PLAIN
 function M.id(name, v)
+  if type(v) == "string" and #v <= M.MAX_ID and find(v, PLAIN) then return nil end -- the common id, at once
   local why = M.text(name, v, false, M.MAX_ID)
   if why then return why end
   if not ids.valid_utf8(v) then return string.format("bad argument '%s' (not valid UTF-8)", name) end

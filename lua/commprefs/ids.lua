@@ -100,6 +100,10 @@ local function refused_char(id, allow_space)
 end
 
 M.ADDRESS = "^[^@]+@[^@]+%.[^@.]+$"
+-- The common id, checked in one anchored match: printable ASCII (U+0020 to
+-- U+007E) and nothing else, so valid UTF-8 with no refused character in it
+-- but perhaps a plain space (which refused_char(id, true) allows).
+M.PLAIN = "^[\32-\126]+$"
 M.EMPTY = "empty" -- the why of an address that is nothing but white space
 
 -- An address as the command line (a line, an argument) and the worker (an
