@@ -35,11 +35,11 @@ end
 -- is valid UTF-8 with no invisible or control character in it (commprefs.ids;
 -- a plain space is HubSpot's to judge): such an id names another address
 -- than the one meant.
-local find = string.find
+local find, PLAIN = string.find, ids.PLAIN
 function M.id(name, v)
-  -- printable ASCII only (the usual e-mail address): a text with no control
-  -- byte, valid UTF-8 and no refused character, in one find
-  if type(v) == "string" and v ~= "" and #v <= M.MAX_ID and not find(v, "[^\32-\126]") then return nil end
+  -- printable ASCII only (the usual e-mail address; commprefs.ids.PLAIN): no
+  -- control byte, valid UTF-8 and no refused character, in one find
+  if type(v) == "string" and #v <= M.MAX_ID and find(v, PLAIN) then return nil end
   local why = M.text(name, v, false, M.MAX_ID)
   if why then return why end
   if not ids.valid_utf8(v) then return string.format("bad argument '%s' (not valid UTF-8)", name) end

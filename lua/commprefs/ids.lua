@@ -100,6 +100,16 @@ local function refused_char(id, allow_space)
 end
 
 M.ADDRESS = "^[^@]+@[^@]+%.[^@.]+$"
+-- The common id, checked in one anchored match: printable ASCII (U+0020 to
+-- U+007E) and nothing else, so valid UTF-8 with no refused character in it
+-- but perhaps a plain space (which refused_char(id, true) allows).
+M.PLAIN = "^[\32-\126]+$"
+-- The fast path of M.address for a line of a file, at position init of its
+-- buffer: an address of printable ASCII without "@" but the one, a dot in its
+-- domain (so M.ADDRESS holds), between optional spaces/tabs (trimmed),
+-- ending in "\n" or "\r\n"; the capture is the id M.address gives for that
+-- line. A line it does not match takes M.address (the full rule).
+M.PLAIN_LINE = "^[ \t]*([\33-\63\65-\126]+@[\33-\63\65-\126]+%.[\33-\45\47-\63\65-\126]+)[ \t]*\r?\n"
 M.EMPTY = "empty" -- the why of an address that is nothing but white space
 
 -- An address as the command line (a line, an argument) and the worker (an
