@@ -25,6 +25,8 @@
 --      (rate_limit.redis): ratio to the bound and 429s (goal with it: >= 0.85, 0 429s).
 --  11. commprefs worker draining a Redis Stream, one and two workers on one budget, limit
 --      20 per 1,000 ms, 150 ms latency: entries/s as a ratio to the bound (goal >= 0.9).
+--  12. The command line on 1,000,000 ids from a file against the library's streaming
+--      job on the same ids: CPU (goal <= 1.3x).
 -- Environment: BENCH_GETS, BENCH_BULK_IDS, BENCH_RATE (e.g. 100/1000),
 -- BENCH_SEQ_IDS, BENCH_RSS_SMALL, BENCH_RSS_LARGE, BENCH_WORKER_ENTRIES override the sizes.
 package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path
@@ -716,6 +718,30 @@ if part(11) then
   end
   conn:close()
   redis.stop(r)
+end
+
+------------------------------------------------------------ 12. the command line
+-- issue 19: `commprefs unsubscribe-all --file` on BENCH_CLI_IDS (1,000,000) ids
+-- against the library's streaming job on the same file, journal on in both,
+-- rate off, latency 0 (bench/cli_job.lua; rounds in turn): CPU (goal <= 1.3x).
+if part(12) then
+  local N, rounds = num("BENCH_CLI_IDS", 1000000), num("BENCH_ROUNDS", 3)
+  local p = io.popen(string.format("lua5.4 bench/cli_job.lua %s %d %d journal 2>&1", sim.url, N, rounds))
+  local out = p:read("*a")
+  p:close()
+  local lib, cli, ratio = out:match("lib_cpu=([%d.]+) cli_cpu=([%d.]+) ratio=([%d.]+)")
+  print(string.format("\n12. the command line, %d ids from a file, journal on, against the library's streaming job"
+    .. " (%d rounds in turn, medians)", N, rounds))
+  if not ratio then
+    print("   not measured:\n" .. out)
+    verdict("command line CPU vs the library's job", false, "not measured")
+  else
+    lib, cli, ratio = tonumber(lib), tonumber(cli), tonumber(ratio)
+    print(string.format("   library job CPU %.1f s, command line CPU %.1f s: ratio %.2f (goal <= 1.3)", lib, cli, ratio))
+    FIGURES[#FIGURES + 1] = { "12", "command line CPU, 1,000,000 ids", ratio, "library's streaming job, same ids" }
+    verdict("command line CPU vs the library's job", ratio <= 1.3, string.format("%.2fx", ratio))
+  end
+  sim.reset({ rate = "off", latency = 0 })
 end
 
 print("\ngoals:")
