@@ -90,7 +90,7 @@ static const field ERROR_BODY[] = {
 
 static const field *find_field(const field *fields, const char *k, size_t n) {
   for (; fields->key; fields++)
-    if (strlen(fields->key) == n && memcmp(fields->key, k, n) == 0) return fields;
+    if (n > 0 && fields->key[0] == k[0] && strlen(fields->key) == n && memcmp(fields->key, k, n) == 0) return fields;
   return NULL;
 }
 
@@ -253,7 +253,9 @@ static int check_fields(lua_State *L, const checker *c, int t, const field *fiel
       r = check_value(L, c, v, f->type, f->sub, &here, depth);
     } else if (lua_type(L, v) == LUA_TTABLE) r = drop_nulls(L, v, depth + 1);
     if (r == FAILED) return FAILED;
-    if (r == DROP || f) { /* store the dropped (nil) or normalized value */
+    /* store the dropped (nil) or normalized value: only an integer field's
+     * value is replaced (tables are checked in place, the rest kept as is) */
+    if (r == DROP || (f && f->type == T_INTEGER)) {
       lua_pushvalue(L, -2);
       if (r == DROP) lua_pushnil(L); else lua_pushvalue(L, v);
       lua_rawset(L, t); /* replacing or clearing an existing key is safe in lua_next */
@@ -332,6 +334,187 @@ static int normalize(lua_State *L, int t, int depth) {
   return 0;
 }
 
+/* ------------------------------------------------------------------ fast path */
+
+/* The JSON HubSpot sends, read without cjson (its setup per text costs more
+ * than a small answer's parse): objects, arrays, strings without a backslash
+ * or a byte under 0x20, true, false, null, and integers of at most 15 digits
+ * (exact as doubles). It makes the values cjson would: numbers as doubles,
+ * null as the private instance's null (upvalue 2), the last of duplicated
+ * keys. Anything else (an escape, a fraction or exponent, a longer number,
+ * nesting deeper than FAST_DEPTH, any syntax error) gives 0 with the stack
+ * as it was, and cjson reads the text (and words the error). */
+#define FAST_DEPTH 64
+
+typedef struct cursor {
+  const char *p, *end;
+} cursor;
+
+static void skip_ws(cursor *c) {
+  while (c->p < c->end && (*c->p == ' ' || *c->p == '\n' || *c->p == '\r' || *c->p == '\t')) c->p++;
+}
+
+static int fast_value(lua_State *L, cursor *c, int depth);
+
+static int fast_string(lua_State *L, cursor *c) {
+  const char *start = ++c->p; /* past the quote */
+  while (c->p < c->end) {
+    unsigned char ch = (unsigned char)*c->p;
+    if (ch == '"') {
+      lua_pushlstring(L, start, (size_t)(c->p - start));
+      c->p++;
+      return 1;
+    }
+    if (ch == '\\' || ch < 0x20) return 0;
+    c->p++;
+  }
+  return 0;
+}
+
+static int fast_number(lua_State *L, cursor *c) {
+  int neg = 0, digits = 0;
+  double v = 0;
+  if (*c->p == '-') {
+    neg = 1;
+    c->p++;
+  }
+  if (c->p >= c->end || *c->p < '0' || *c->p > '9') return 0;
+  if (*c->p == '0' && c->p + 1 < c->end && c->p[1] >= '0' && c->p[1] <= '9') return 0; /* a leading zero: cjson's to refuse */
+  while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
+    if (++digits > 15) return 0;
+    v = v * 10 + (*c->p - '0');
+    c->p++;
+  }
+  if (c->p < c->end && (*c->p == '.' || *c->p == 'e' || *c->p == 'E')) return 0;
+  lua_pushnumber(L, (lua_Number)(neg ? -v : v));
+  return 1;
+}
+
+static int fast_literal(cursor *c, const char *word, size_t n) {
+  if ((size_t)(c->end - c->p) < n || memcmp(c->p, word, n) != 0) return 0;
+  c->p += n;
+  return 1;
+}
+
+/* The table of the n key/value pairs at the top of the stack (hash part
+ * sized for size keys) replaces them; returns its index. */
+static int pairs_table(lua_State *L, int n, int size) {
+  int base = lua_gettop(L) - 2 * n + 1, i;
+  lua_createtable(L, 0, size);
+  lua_insert(L, base);
+  for (i = 0; i < n; i++) {
+    lua_pushvalue(L, base + 1 + 2 * i);
+    lua_pushvalue(L, base + 2 + 2 * i);
+    lua_rawset(L, base);
+  }
+  lua_settop(L, base);
+  return base;
+}
+
+/* An object: its first FAST_PAIRS pairs wait on the stack, so the table is
+ * made at its size (no rehash as it grows); later ones go straight in. */
+#define FAST_PAIRS 16
+static int fast_object(lua_State *L, cursor *c, int depth) {
+  int n = 0, t = 0;
+  c->p++; /* '{' */
+  luaL_checkstack(L, 2 * FAST_PAIRS + 4, "JSON nested too deeply");
+  skip_ws(c);
+  if (c->p < c->end && *c->p == '}') {
+    c->p++;
+    lua_newtable(L);
+    return 1;
+  }
+  for (;;) {
+    if (c->p >= c->end || *c->p != '"' || !fast_string(L, c)) return 0;
+    skip_ws(c);
+    if (c->p >= c->end || *c->p != ':') return 0;
+    c->p++;
+    skip_ws(c);
+    if (!fast_value(L, c, depth)) return 0;
+    if (t) lua_rawset(L, t);
+    else if (++n == FAST_PAIRS) t = pairs_table(L, n, 2 * FAST_PAIRS);
+    skip_ws(c);
+    if (c->p >= c->end) return 0;
+    if (*c->p == '}') {
+      c->p++;
+      if (!t) pairs_table(L, n, n);
+      return 1;
+    }
+    if (*c->p != ',') return 0;
+    c->p++;
+    skip_ws(c);
+  }
+}
+
+static int fast_array(lua_State *L, cursor *c, int depth) {
+  int i = 0;
+  c->p++; /* '[' */
+  lua_newtable(L);
+  skip_ws(c);
+  if (c->p < c->end && *c->p == ']') {
+    c->p++;
+    return 1;
+  }
+  for (;;) {
+    if (!fast_value(L, c, depth)) return 0;
+    lua_rawseti(L, -2, ++i);
+    skip_ws(c);
+    if (c->p >= c->end) return 0;
+    if (*c->p == ']') {
+      c->p++;
+      return 1;
+    }
+    if (*c->p != ',') return 0;
+    c->p++;
+    skip_ws(c);
+  }
+}
+
+/* One value at c (no white space before it) pushed; 0: not read here. */
+static int fast_value(lua_State *L, cursor *c, int depth) {
+  if (c->p >= c->end) return 0;
+  switch (*c->p) {
+  case '{':
+  case '[':
+    if (depth >= FAST_DEPTH) return 0;
+    luaL_checkstack(L, 4, "JSON nested too deeply");
+    return *c->p == '{' ? fast_object(L, c, depth + 1) : fast_array(L, c, depth + 1);
+  case '"': return fast_string(L, c);
+  case 't':
+    if (!fast_literal(c, "true", 4)) return 0;
+    lua_pushboolean(L, 1);
+    return 1;
+  case 'f':
+    if (!fast_literal(c, "false", 5)) return 0;
+    lua_pushboolean(L, 0);
+    return 1;
+  case 'n':
+    if (!fast_literal(c, "null", 4)) return 0;
+    lua_pushvalue(L, lua_upvalueindex(2));
+    return 1;
+  default:
+    if (*c->p == '-' || (*c->p >= '0' && *c->p <= '9')) return fast_number(L, c);
+    return 0;
+  }
+}
+
+/* The text at index 1 read into one value at the top: 1; 0: nothing pushed. */
+static int fast_decode(lua_State *L) {
+  size_t len;
+  const char *s = lua_tolstring(L, 1, &len);
+  cursor c;
+  int top = lua_gettop(L);
+  c.p = s;
+  c.end = s + len;
+  skip_ws(&c);
+  if (fast_value(L, &c, 0)) {
+    skip_ws(&c);
+    if (c.p == c.end) return 1;
+  }
+  lua_settop(L, top);
+  return 0;
+}
+
 /* ------------------------------------------------------------------ entry */
 
 static int decode_failed(lua_State *L) { /* message on top */
@@ -348,9 +531,11 @@ int cp_decode(lua_State *L) {
   luaL_checkstring(L, 1);
   mode = luaL_checkoption(L, 2, "any", modes);
   lua_settop(L, 1);
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_pushvalue(L, 1);
-  if (lua_pcall(L, 1, 1, 0) != 0) return decode_failed(L); /* cjson's message names the position */
+  if (!fast_decode(L)) {
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_pushvalue(L, 1);
+    if (lua_pcall(L, 1, 1, 0) != 0) return decode_failed(L); /* cjson's message names the position */
+  }
   v = lua_gettop(L);
   if (mode == 0) {
     if (is_null(L, v)) { lua_pop(L, 1); lua_pushnil(L); return 1; }

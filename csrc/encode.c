@@ -3,6 +3,7 @@
  * unreserved characters is escaped, including '+', '/', '%' and non-ASCII
  * bytes; a segment that is exactly "." or ".." is escaped whole). Bodies are JSON from a private lua-cjson instance (upvalue 1, its
  * encode function), so a user's cjson settings never change what is sent. */
+#include <ctype.h>
 #include <string.h>
 #include "codec.h"
 
@@ -29,6 +30,95 @@ int cp_escape(lua_State *L) {
     }
   }
   luaL_pushresult(&b);
+  return 1;
+}
+
+/* core.escape_id(v, max) -> the escaped segment of an id that needs no
+ * further check: a string of 1..max bytes, each printable ASCII (0x20..0x7E),
+ * is valid UTF-8 without control or invisible characters, so
+ * commprefs.check.id passes it; else nil, and the caller checks v the long
+ * way (which raises) and escapes it with core.escape. The GET path's id
+ * check and escape in one call, same bytes as core.escape. */
+int cp_escape_id(lua_State *L) {
+  static const char hex[] = "0123456789ABCDEF";
+  size_t len, i, out = 0;
+  const unsigned char *s;
+  lua_Integer max = luaL_checkinteger(L, 2);
+  char buf[768], *d = buf;
+  int dots;
+  if (lua_type(L, 1) != LUA_TSTRING) return 0;
+  s = (const unsigned char *)lua_tolstring(L, 1, &len);
+  if (len == 0 || (lua_Integer)len > max || len > sizeof(buf) / 3) return 0;
+  for (i = 0; i < len; i++) {
+    if (s[i] < 0x20 || s[i] > 0x7e) return 0;
+    out += unreserved(s[i]) ? 1 : 3;
+  }
+  dots = (len == 1 || len == 2) && s[0] == '.' && s[len - 1] == '.'; /* dot-segments: escaped whole */
+  if (out == len && !dots) { /* nothing to escape: the string itself */
+    lua_settop(L, 1);
+    return 1;
+  }
+  for (i = 0; i < len; i++) {
+    if (unreserved(s[i]) && !dots) *d++ = (char)s[i];
+    else {
+      *d++ = '%';
+      *d++ = hex[s[i] >> 4];
+      *d++ = hex[s[i] & 15];
+    }
+  }
+  lua_pushlstring(L, buf, (size_t)(d - buf));
+  return 1;
+}
+
+/* Whether p (n bytes) occurs in s (len bytes). */
+static int occurs(const unsigned char *s, size_t len, const unsigned char *p, size_t n) {
+  const unsigned char *at = s, *end;
+  if (n == 0) return 1;
+  if (n > len) return 0;
+  end = s + (len - n) + 1; /* one past the last possible start */
+  while (at < end && (at = memchr(at, p[0], (size_t)(end - at))) != NULL) {
+    if (memcmp(at + 1, p + 1, n - 1) == 0) return 1;
+    at++;
+  }
+  return 0;
+}
+
+/* Whether any string of the array at index a occurs in s. */
+static int any_occurs(lua_State *L, int a, const unsigned char *s, size_t len) {
+  int i, n = (int)lua_rawlen(L, a), hit = 0;
+  for (i = 1; i <= n && !hit; i++) {
+    lua_rawgeti(L, a, i);
+    if (lua_type(L, -1) == LUA_TSTRING) {
+      size_t plen;
+      const unsigned char *p = (const unsigned char *)lua_tolstring(L, -1, &plen);
+      hit = occurs(s, len, p, plen);
+    }
+    lua_pop(L, 1);
+  }
+  return hit;
+}
+
+/* core.has_piece(s, exact, folded) -> whether s holds any string of the
+ * array `exact`, or s:lower() any of the array `folded` (commprefs.redact's
+ * quick check). s is lower-cased byte by byte with tolower, as string.lower
+ * does, into a buffer that is not a Lua string (on the C stack when small). */
+int cp_has_piece(lua_State *L) {
+  size_t len, i;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
+  unsigned char small[2048], *low;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  if (any_occurs(L, 2, s, len)) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (lua_rawlen(L, 3) == 0) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  low = len <= sizeof(small) ? small : lua_newuserdata(L, len); /* on the stack until we return */
+  for (i = 0; i < len; i++) low[i] = (unsigned char)tolower(s[i]);
+  lua_pushboolean(L, any_occurs(L, 3, low, len));
   return 1;
 }
 

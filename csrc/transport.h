@@ -54,6 +54,7 @@ typedef struct cp_transport {
   int closed, active;              /* active: inside perform() */
   int handle_signals;              /* perform stops on SIGINT/SIGTERM */
   int proxy_env;                   /* the user configured a proxy in the environment */
+  int single;                      /* inside perform_one: one request, its result returned as is */
 } cp_transport;
 
 /* Opens t over governor g (the caller keeps it alive and sets gov_ref) with
@@ -68,8 +69,9 @@ void cp_transport_close(cp_transport *t);
 int cp_transport_set_token(cp_transport *t, const char *token, double due_in_ms);
 /* Drops every pooled connection: 0, or -1 (inside perform, or out of memory). */
 int cp_transport_drop_connections(cp_transport *t);
-/* client:perform(source, on_done): see transport.c. */
-int cp_transport_perform(lua_State *L, cp_transport *t);
+/* client:perform(source, on_done[, deadline]), or with single,
+ * client:perform_one(request[, deadline]): see transport.c. */
+int cp_transport_perform(lua_State *L, cp_transport *t, int single);
 #include "signals.h"
 
 #endif

@@ -138,8 +138,10 @@ end
 -- subscriberIdString), or nil: such an answer belongs to another request
 -- (a desynchronised connection) and must never be taken as id's.
 function M.names_other(env, id)
+  local results = env.results
+  if results == nil or results[1] == nil then return nil end
   local k = lower(id)
-  for _, r in ipairs(env.results or {}) do
+  for _, r in ipairs(results) do
     local named = type(r) == "table" and r.subscriberIdString
     if type(named) == "string" and lower(named) ~= k then return named end
   end

@@ -16,6 +16,8 @@
 -- Every form is computed once, when a secret is remembered. A text first
 -- meets a quick check (plain finds of a few 6-byte pieces): a text holding
 -- no piece is returned as it is, unchanged and not copied.
+local core = require "commprefs.core"
+
 local M = {}
 
 local live = setmetatable({}, { __mode = "k" }) -- owner -> array of entries (see prepare)
@@ -174,30 +176,21 @@ end
 
 ------------------------------------------------------------------ matching
 
-local function any_piece(s, pieces)
-  for i = 1, #pieces do
-    if s:find(pieces[i], 1, true) then return true end
-  end
-  return false
-end
-
--- The entries whose quick check s passes (s lower-cased as folded), or nil.
+-- The entries whose quick check s passes, or nil. core.has_piece: the
+-- plain finds of the pieces in s and of the folded pieces in s:lower(), in
+-- C, with no lower-cased copy of s (the check every answer body meets).
+local has_piece = core.has_piece
 local function suspects(s)
-  local found, folded
+  local found
   for _, list in pairs(live) do
     for _, e in ipairs(list) do
-      local hit = any_piece(s, e.pieces)
-      if not hit then
-        folded = folded or s:lower()
-        hit = any_piece(folded, e.folded_pieces)
-      end
-      if hit then
+      if has_piece(s, e.pieces, e.folded_pieces) then
         found = found or {}
         found[#found + 1] = e
       end
     end
   end
-  return found, folded
+  return found
 end
 
 -- Appends to ranges every {i, j} where text holds form.
@@ -264,16 +257,16 @@ end
 -- True when text s holds a live secret in any of the forms above.
 function M.found(s)
   if type(s) ~= "string" then return false end
-  local entries, folded = suspects(s)
-  return entries ~= nil and #ranges_of(s, folded or s:lower(), entries) > 0
+  local entries = suspects(s)
+  return entries ~= nil and #ranges_of(s, s:lower(), entries) > 0
 end
 
 -- s without any live secret (s itself when there is none).
 function M.text(s)
   if type(s) ~= "string" then return s end
-  local entries, folded = suspects(s)
+  local entries = suspects(s)
   if not entries then return s end
-  local ranges = ranges_of(s, folded or s:lower(), entries)
+  local ranges = ranges_of(s, s:lower(), entries)
   if #ranges == 0 then return s end
   return replace_ranges(s, ranges)
 end

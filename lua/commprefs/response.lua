@@ -25,8 +25,12 @@ local function snippet(body)
   return #body > 120 and s .. "..." or s
 end
 
+-- (the last content type and its answer are kept: a client's answers share one)
+local last_ctype, last_json
 local function is_json(ctype)
-  return ctype == nil or ctype:lower():find("json", 1, true) ~= nil
+  if ctype == nil then return true end
+  if ctype ~= last_ctype then last_ctype, last_json = ctype, ctype:lower():find("json", 1, true) ~= nil end
+  return last_json
 end
 
 local function error_base(req, res)
