@@ -12,6 +12,20 @@ static int unreserved(unsigned char c) {
          c == '-' || c == '.' || c == '_' || c == '~';
 }
 
+/* What escape_id does with each byte: 0 refuse (not printable ASCII: the
+ * long way), 1 keep (unreserved), 3 escape (%XX). */
+static const unsigned char ID_BYTE[256] = {
+  ['\x20'] = 3, ['!'] = 3, ['"'] = 3, ['#'] = 3, ['$'] = 3, ['%'] = 3, ['&'] = 3, ['\''] = 3, ['('] = 3, [')'] = 3,
+  ['*'] = 3, ['+'] = 3, [','] = 3, ['-'] = 1, ['.'] = 1, ['/'] = 3, ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1,
+  ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1, ['8'] = 1, ['9'] = 1, [':'] = 3, [';'] = 3, ['<'] = 3, ['='] = 3,
+  ['>'] = 3, ['?'] = 3, ['@'] = 3, ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1,
+  ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1, ['Q'] = 1,
+  ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1, ['Y'] = 1, ['Z'] = 1, ['['] = 3,
+  ['\\'] = 3, [']'] = 3, ['^'] = 3, ['_'] = 1, ['`'] = 3, ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1,
+  ['f'] = 1, ['g'] = 1, ['h'] = 1, ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1,
+  ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1,
+  ['z'] = 1, ['{'] = 3, ['|'] = 3, ['}'] = 3, ['~'] = 1};
+
 int cp_escape(lua_State *L) {
   static const char hex[] = "0123456789ABCDEF";
   size_t len, i;
@@ -50,8 +64,9 @@ int cp_escape_id(lua_State *L) {
   s = (const unsigned char *)lua_tolstring(L, 1, &len);
   if (len == 0 || (lua_Integer)len > max || len > sizeof(buf) / 3) return 0;
   for (i = 0; i < len; i++) {
-    if (s[i] < 0x20 || s[i] > 0x7e) return 0;
-    out += unreserved(s[i]) ? 1 : 3;
+    unsigned char k = ID_BYTE[s[i]];
+    if (!k) return 0;
+    out += k;
   }
   dots = (len == 1 || len == 2) && s[0] == '.' && s[len - 1] == '.'; /* dot-segments: escaped whole */
   if (out == len && !dots) { /* nothing to escape: the string itself */
@@ -59,7 +74,7 @@ int cp_escape_id(lua_State *L) {
     return 1;
   }
   for (i = 0; i < len; i++) {
-    if (unreserved(s[i]) && !dots) *d++ = (char)s[i];
+    if (ID_BYTE[s[i]] == 1 && !dots) *d++ = (char)s[i];
     else {
       *d++ = '%';
       *d++ = hex[s[i] >> 4];
@@ -117,7 +132,12 @@ int cp_has_piece(lua_State *L) {
     return 1;
   }
   low = len <= sizeof(small) ? small : lua_newuserdata(L, len); /* on the stack until we return */
-  for (i = 0; i < len; i++) low[i] = (unsigned char)tolower(s[i]);
+  /* tolower changes only what isupper holds: of ASCII, A-Z alone (the other
+   * ASCII bytes are digits, punctuation, space or controls in every locale) */
+  for (i = 0; i < len; i++) {
+    unsigned char ch = s[i];
+    low[i] = (ch >= 'A' && ch <= 'Z') || ch >= 0x80 ? (unsigned char)tolower(ch) : ch;
+  }
   lua_pushboolean(L, any_occurs(L, 3, low, len));
   return 1;
 }

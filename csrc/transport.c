@@ -168,6 +168,9 @@ static CURL *new_easy(cp_transport *t, cp_slot *s) {
   CURL *e = curl_easy_init();
   if (!e) return NULL;
   s->owner = t;
+  s->set_hdr = NULL;
+  s->set_post = 0; /* a new handle GETs */
+  s->set_timeout = s->set_connect = -1;
   curl_easy_setopt(e, CURLOPT_PRIVATE, s);
   curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, on_prereq);
   curl_easy_setopt(e, CURLOPT_PREREQDATA, s);
@@ -403,16 +406,21 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s, long timeou
   curl_easy_setopt(s->easy, CURLOPT_URL, url);
   s->post = method && strcmp(method, "POST") == 0;
   if (!(headers = slot_headers(t, s, s->post))) luaL_error(L, "perform: out of memory");
-  curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, headers);
+  /* the options that did not change since the handle's last attempt are not set again */
+  if (headers != s->set_hdr) curl_easy_setopt(s->easy, CURLOPT_HTTPHEADER, headers);
+  s->set_hdr = headers;
   if (s->post) {
     curl_easy_setopt(s->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
     curl_easy_setopt(s->easy, CURLOPT_COPYPOSTFIELDS, body ? body : "");
-  } else {
+  } else if (s->set_post) {
     curl_easy_setopt(s->easy, CURLOPT_HTTPGET, 1L);
   }
+  s->set_post = s->post;
   lua_pop(L, 4);
-  curl_easy_setopt(s->easy, CURLOPT_TIMEOUT_MS, timeout_ms); /* DNS, connect, TLS and the exchange */
-  curl_easy_setopt(s->easy, CURLOPT_CONNECTTIMEOUT_MS, connect_ms);
+  if (timeout_ms != s->set_timeout) curl_easy_setopt(s->easy, CURLOPT_TIMEOUT_MS, timeout_ms); /* DNS, connect, TLS and the exchange */
+  if (connect_ms != s->set_connect) curl_easy_setopt(s->easy, CURLOPT_CONNECTTIMEOUT_MS, connect_ms);
+  s->set_timeout = timeout_ms;
+  s->set_connect = connect_ms;
   s->on_wire = 0;
   cp_gov_paced(t->gov, cp_now_ms() - s->ready_at);
   cp_gov_begin(t->gov);
@@ -686,6 +694,16 @@ static double start_ready(lua_State *L, cp_transport *t, source_state *src) {
   return wake;
 }
 
+/* The slot whose easy handle e is (the slots in use are below t->high). */
+static cp_slot *slot_of(cp_transport *t, CURL *e) {
+  int i;
+  cp_slot *s = NULL;
+  for (i = 0; i < t->high; i++)
+    if (t->slots[i].easy == e) return &t->slots[i];
+  curl_easy_getinfo(e, CURLINFO_PRIVATE, (char **)&s);
+  return s;
+}
+
 static int perform_loop(lua_State *L) {
   cp_transport *t = lua_touserdata(L, ARG_SELF);
   signal_guard *g = lua_touserdata(L, ARG_ON_DONE + 2);
@@ -716,7 +734,7 @@ static int perform_loop(lua_State *L) {
     while ((msg = curl_multi_info_read(t->multi, &left)) != NULL) {
       cp_slot *s;
       if (msg->msg != CURLMSG_DONE) continue;
-      curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&s);
+      s = slot_of(t, msg->easy_handle);
       finish(L, t, s, msg->data.result, src.deadline);
       delivered = 1;
     }

@@ -34,6 +34,10 @@ typedef struct {
   struct curl_slist *hdr[2]; /* this slot's GET / POST header lists (wiped when replaced) */
   unsigned hdr_gen;        /* the token generation they were built from */
   char errbuf[CURL_ERROR_SIZE];
+  /* what the easy handle was last given (a setopt is skipped when unchanged) */
+  const struct curl_slist *set_hdr;
+  int set_post;
+  long set_timeout, set_connect;
 } cp_slot;
 
 typedef struct cp_transport {
