@@ -35,6 +35,10 @@ typedef struct {
   unsigned hdr_gen;        /* the token generation they were built from */
   char errbuf[CURL_ERROR_SIZE];
   /* what the easy handle was last given (a setopt is skipped when unchanged) */
+  CURLU *url;              /* the attempt's URL, parsed here (NULL: given as text) */
+  int url_set;             /* the easy handle has url as its CURLOPT_CURLU */
+  char *origin;            /* "scheme://authority" of the last URL url parsed whole (NULL: none) */
+  size_t origin_len;
   const struct curl_slist *set_hdr;
   int set_post;
   long set_timeout, set_connect;
