@@ -113,31 +113,69 @@ static int any_occurs(lua_State *L, int a, const unsigned char *s, size_t len) {
   return hit;
 }
 
-/* core.has_piece(s, exact, folded) -> whether s holds any string of the
- * array `exact`, or s:lower() any of the array `folded` (commprefs.redact's
- * quick check). s is lower-cased byte by byte with tolower, as string.lower
- * does, into a buffer that is not a Lua string (on the C stack when small). */
+/* tolower changes only what isupper holds: of ASCII, A-Z alone (the other
+ * ASCII bytes are digits, punctuation, space or controls in every locale) */
+static unsigned char fold(unsigned char ch) {
+  return (ch >= 'A' && ch <= 'Z') || ch >= 0x80 ? (unsigned char)tolower(ch) : ch;
+}
+
+/* Whether lower(s) holds p (n > 0 bytes), looking in s for the bytes of
+ * firsts (those whose lower case is p[0]) and folding only what follows. */
+static int occurs_folded(const unsigned char *s, size_t len, const unsigned char *p, size_t n,
+                         const unsigned char *firsts, size_t nf) {
+  size_t f, k;
+  if (n > len) return 0;
+  for (f = 0; f < nf; f++) {
+    const unsigned char *at = s, *end = s + (len - n) + 1;
+    while (at < end && (at = memchr(at, firsts[f], (size_t)(end - at))) != NULL) {
+      for (k = 1; k < n && fold(at[k]) == p[k]; k++) {}
+      if (k == n) return 1;
+      at++;
+    }
+  }
+  return 0;
+}
+
+/* core.has_piece(s, exact, folded[, firsts]) -> whether s holds any string of
+ * the array `exact`, or s:lower() any of the array `folded` (commprefs.redact's
+ * quick check). firsts[i]: the bytes whose lower case is folded[i]'s first
+ * byte (string.lower's): then s is searched for them and only what follows a
+ * match is folded; without firsts s is lower-cased byte by byte with tolower,
+ * as string.lower does, into a buffer that is not a Lua string. */
 int cp_has_piece(lua_State *L) {
   size_t len, i;
   const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
   unsigned char small[2048], *low;
+  int n;
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_checktype(L, 3, LUA_TTABLE);
   if (any_occurs(L, 2, s, len)) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  if (lua_rawlen(L, 3) == 0) {
+  n = (int)lua_rawlen(L, 3);
+  if (n == 0) {
     lua_pushboolean(L, 0);
     return 1;
   }
-  low = len <= sizeof(small) ? small : lua_newuserdata(L, len); /* on the stack until we return */
-  /* tolower changes only what isupper holds: of ASCII, A-Z alone (the other
-   * ASCII bytes are digits, punctuation, space or controls in every locale) */
-  for (i = 0; i < len; i++) {
-    unsigned char ch = s[i];
-    low[i] = (ch >= 'A' && ch <= 'Z') || ch >= 0x80 ? (unsigned char)tolower(ch) : ch;
+  if (lua_istable(L, 4)) {
+    int k, hit = 0;
+    for (k = 1; k <= n && !hit; k++) {
+      size_t plen, nf;
+      const unsigned char *p, *firsts;
+      lua_rawgeti(L, 3, k);
+      lua_rawgeti(L, 4, k);
+      p = lua_type(L, -2) == LUA_TSTRING ? (const unsigned char *)lua_tolstring(L, -2, &plen) : NULL;
+      firsts = lua_type(L, -1) == LUA_TSTRING ? (const unsigned char *)lua_tolstring(L, -1, &nf) : NULL;
+      if (p && plen == 0) hit = 1;
+      else if (p && firsts) hit = occurs_folded(s, len, p, plen, firsts, nf);
+      lua_pop(L, 2);
+    }
+    lua_pushboolean(L, hit);
+    return 1;
   }
+  low = len <= sizeof(small) ? small : lua_newuserdata(L, len); /* on the stack until we return */
+  for (i = 0; i < len; i++) low[i] = fold(s[i]);
   lua_pushboolean(L, any_occurs(L, 3, low, len));
   return 1;
 }

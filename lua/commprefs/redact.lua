@@ -120,9 +120,21 @@ end
 --   exact: case-sensitive forms (base64); folded: lower-cased forms matched
 --   against the lower-cased text (the secret, percent forms); runs: the
 --   secret lower-cased (fragments), or nil when shorter than FRAGMENT;
---   pieces / folded_pieces: the quick check's pieces for either kind.
+--   pieces / folded_pieces: the quick check's pieces for either kind;
+--   folded_firsts[i]: the bytes whose lower case is folded_pieces[i]'s first
+--   (core.has_piece looks for those in the text instead of lower-casing it).
+local function preimages()
+  local pre = {}
+  for b = 0, 255 do
+    local c = string.char(b)
+    local l = c:lower()
+    pre[l] = (pre[l] or "") .. c
+  end
+  return pre
+end
+
 local function prepare(secret)
-  local e = { secret = secret, exact = {}, folded = {}, pieces = {}, folded_pieces = {} }
+  local e = { secret = secret, exact = {}, folded = {}, pieces = {}, folded_pieces = {}, folded_firsts = {} }
   if #secret < MIN_FORM then -- too short for derived forms (they would match ordinary text): exact only
     e.exact[1], e.pieces[1] = secret, secret:sub(1, PIECE)
     return e
@@ -139,6 +151,8 @@ local function prepare(secret)
     -- any FRAGMENT-long run holds one of these aligned pieces
     for i = 1, #lower - PIECE + 1, PIECE do add_piece(e.folded_pieces, fseen, lower:sub(i, i + PIECE - 1)) end
   end
+  local pre = preimages() -- string.lower's, as the forms were made: the locale of now
+  for i, piece in ipairs(e.folded_pieces) do e.folded_firsts[i] = pre[piece:sub(1, 1)] or "" end
   return e
 end
 
@@ -184,7 +198,7 @@ local function suspects(s)
   local found
   for _, list in pairs(live) do
     for _, e in ipairs(list) do
-      if has_piece(s, e.pieces, e.folded_pieces) then
+      if has_piece(s, e.pieces, e.folded_pieces, e.folded_firsts) then
         found = found or {}
         found[#found + 1] = e
       end
