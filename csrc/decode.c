@@ -1,6 +1,8 @@
-/* decode.c: owns response decoding. JSON text is parsed by a private
- * lua-cjson instance (upvalue 1: its decode; upvalue 2: its null), then
- * checked and normalized in place, once, here:
+/* decode.c: owns response decoding. JSON text is parsed here (the fast
+ * path below: the JSON HubSpot sends) or, for anything that reader leaves,
+ * by a private lua-cjson instance (upvalue 1: its decode; upvalue 2: its
+ * null), both making the same values; then checked and normalized in
+ * place, once, here:
  *   core.decode(text)             any JSON (journal lines): null becomes
  *                                 absent, known integer fields become Lua integers;
  *   core.decode(text, "envelope") a 2xx answer: an object whose fields have
@@ -356,19 +358,16 @@ static void skip_ws(cursor *c) {
 
 static int fast_value(lua_State *L, cursor *c, int depth);
 
+/* The bytes that end a string's fast scan: a control byte, '"' (0x22), '\\' (0x5c). */
+static const unsigned char STR_STOP[256] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+
 static int fast_string(lua_State *L, cursor *c) {
-  const char *start = ++c->p; /* past the quote */
-  while (c->p < c->end) {
-    unsigned char ch = (unsigned char)*c->p;
-    if (ch == '"') {
-      lua_pushlstring(L, start, (size_t)(c->p - start));
-      c->p++;
-      return 1;
-    }
-    if (ch == '\\' || ch < 0x20) return 0;
-    c->p++;
-  }
-  return 0;
+  const char *start = ++c->p, *p = start; /* past the quote */
+  while (p < c->end && !STR_STOP[(unsigned char)*p]) p++;
+  if (p >= c->end || *p != '"') return 0; /* an escape or a control byte: cjson's */
+  lua_pushlstring(L, start, (size_t)(p - start));
+  c->p = p + 1;
+  return 1;
 }
 
 static int fast_number(lua_State *L, cursor *c) {
