@@ -53,7 +53,13 @@ static int core_new(lua_State *L) {
 }
 
 static int client_perform(lua_State *L) {
-  return cp_transport_perform(L, check_open(L));
+  return cp_transport_perform(L, check_open(L), 0);
+}
+
+/* client:perform_one(request[, deadline]) -> result, stop reason: perform of
+ * the one request, without the array around it or around the results. */
+static int client_perform_one(lua_State *L) {
+  return cp_transport_perform(L, check_open(L), 1);
 }
 
 /* client:set_token(token[, due_in_s]) -> true: later attempts send it; a
@@ -197,7 +203,7 @@ static int core_now(lua_State *L) {
 }
 
 static const luaL_Reg client_methods[] = {
-  {"perform", client_perform}, {"close", client_close}, {"governor", client_governor},
+  {"perform", client_perform}, {"perform_one", client_perform_one}, {"close", client_close}, {"governor", client_governor},
   {"drop_connections", client_drop_connections}, {"set_token", client_set_token}, {"set_renewer", client_set_renewer}, {NULL, NULL}};
 
 /* A private lua-cjson instance: cjson.new(), strict about numbers. */
@@ -220,7 +226,8 @@ static void push_private_cjson(lua_State *L) {
 
 int luaopen_commprefs_core(lua_State *L) {
   static const luaL_Reg plain[] = {
-    {"new", core_new}, {"now", core_now}, {"escape", cp_escape}, {"has_control", cp_has_control}, {"any_folded", cp_any_folded},
+    {"new", core_new}, {"now", core_now}, {"escape", cp_escape}, {"escape_id", cp_escape_id}, {"has_control", cp_has_control},
+    {"any_folded", cp_any_folded},
     {"sane_window", core_sane_window}, {"window_margin_ms", core_window_margin_ms},
     {"retry_after", core_retry_after}, {"caught_signal", core_caught_signal},
     {"trap_signals", core_trap_signals}, {"error_type", core_error_type}, {NULL, NULL}};

@@ -91,7 +91,7 @@ static const field ERROR_BODY[] = {
 static const field *find_field(const field *fields, const char *k, size_t n) {
   if (n == 0) return NULL; /* no field is named "" */
   for (; fields->key; fields++)
-    if (fields->key[0] == k[0] && strlen(fields->key) == n && memcmp(fields->key, k, n) == 0) return fields;
+    if (n > 0 && fields->key[0] == k[0] && strlen(fields->key) == n && memcmp(fields->key, k, n) == 0) return fields;
   return NULL;
 }
 

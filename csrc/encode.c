@@ -3,6 +3,7 @@
  * unreserved characters is escaped, including '+', '/', '%' and non-ASCII
  * bytes; a segment that is exactly "." or ".." is escaped whole). Bodies are JSON from a private lua-cjson instance (upvalue 1, its
  * encode function), so a user's cjson settings never change what is sent. */
+#include <ctype.h>
 #include <string.h>
 #include "codec.h"
 
@@ -10,6 +11,20 @@ static int unreserved(unsigned char c) {
   return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
          c == '-' || c == '.' || c == '_' || c == '~';
 }
+
+/* What escape_id does with each byte: 0 refuse (not printable ASCII: the
+ * long way), 1 keep (unreserved), 3 escape (%XX). */
+static const unsigned char ID_BYTE[256] = {
+  ['\x20'] = 3, ['!'] = 3, ['"'] = 3, ['#'] = 3, ['$'] = 3, ['%'] = 3, ['&'] = 3, ['\''] = 3, ['('] = 3, [')'] = 3,
+  ['*'] = 3, ['+'] = 3, [','] = 3, ['-'] = 1, ['.'] = 1, ['/'] = 3, ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1,
+  ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1, ['8'] = 1, ['9'] = 1, [':'] = 3, [';'] = 3, ['<'] = 3, ['='] = 3,
+  ['>'] = 3, ['?'] = 3, ['@'] = 3, ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1,
+  ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1, ['Q'] = 1,
+  ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1, ['Y'] = 1, ['Z'] = 1, ['['] = 3,
+  ['\\'] = 3, [']'] = 3, ['^'] = 3, ['_'] = 1, ['`'] = 3, ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1,
+  ['f'] = 1, ['g'] = 1, ['h'] = 1, ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1,
+  ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1,
+  ['z'] = 1, ['{'] = 3, ['|'] = 3, ['}'] = 3, ['~'] = 1};
 
 int cp_escape(lua_State *L) {
   static const char hex[] = "0123456789ABCDEF";
@@ -29,6 +44,44 @@ int cp_escape(lua_State *L) {
     }
   }
   luaL_pushresult(&b);
+  return 1;
+}
+
+/* core.escape_id(v, max) -> the escaped segment of an id that needs no
+ * further check: a string of 1..max bytes, each printable ASCII (0x20..0x7E),
+ * is valid UTF-8 without control or invisible characters, so
+ * commprefs.check.id passes it; else nil, and the caller checks v the long
+ * way (which raises) and escapes it with core.escape. The GET path's id
+ * check and escape in one call, same bytes as core.escape. */
+int cp_escape_id(lua_State *L) {
+  static const char hex[] = "0123456789ABCDEF";
+  size_t len, i, out = 0;
+  const unsigned char *s;
+  lua_Integer max = luaL_checkinteger(L, 2);
+  char buf[768], *d = buf;
+  int dots;
+  if (lua_type(L, 1) != LUA_TSTRING) return 0;
+  s = (const unsigned char *)lua_tolstring(L, 1, &len);
+  if (len == 0 || (lua_Integer)len > max || len > sizeof(buf) / 3) return 0;
+  for (i = 0; i < len; i++) {
+    unsigned char k = ID_BYTE[s[i]];
+    if (!k) return 0;
+    out += k;
+  }
+  dots = (len == 1 || len == 2) && s[0] == '.' && s[len - 1] == '.'; /* dot-segments: escaped whole */
+  if (out == len && !dots) { /* nothing to escape: the string itself */
+    lua_settop(L, 1);
+    return 1;
+  }
+  for (i = 0; i < len; i++) {
+    if (ID_BYTE[s[i]] == 1 && !dots) *d++ = (char)s[i];
+    else {
+      *d++ = '%';
+      *d++ = hex[s[i] >> 4];
+      *d++ = hex[s[i] & 15];
+    }
+  }
+  lua_pushlstring(L, buf, (size_t)(d - buf));
   return 1;
 }
 

@@ -34,6 +34,14 @@ typedef struct {
   struct curl_slist *hdr[2]; /* this slot's GET / POST header lists (wiped when replaced) */
   unsigned hdr_gen;        /* the token generation they were built from */
   char errbuf[CURL_ERROR_SIZE];
+  /* what the easy handle was last given (a setopt is skipped when unchanged) */
+  CURLU *url;              /* the attempt's URL, parsed here (NULL: given as text) */
+  int url_set;             /* the easy handle has url as its CURLOPT_CURLU */
+  char *origin;            /* "scheme://authority" of the last URL url parsed whole (NULL: none) */
+  size_t origin_len;
+  const struct curl_slist *set_hdr;
+  int set_post;
+  long set_timeout, set_connect;
 } cp_slot;
 
 typedef struct cp_transport {
@@ -54,6 +62,7 @@ typedef struct cp_transport {
   int closed, active;              /* active: inside perform() */
   int handle_signals;              /* perform stops on SIGINT/SIGTERM */
   int proxy_env;                   /* the user configured a proxy in the environment */
+  int single;                      /* inside perform_one: one request, its result returned as is */
 } cp_transport;
 
 /* Opens t over governor g (the caller keeps it alive and sets gov_ref) with
@@ -68,8 +77,9 @@ void cp_transport_close(cp_transport *t);
 int cp_transport_set_token(cp_transport *t, const char *token, double due_in_ms);
 /* Drops every pooled connection: 0, or -1 (inside perform, or out of memory). */
 int cp_transport_drop_connections(cp_transport *t);
-/* client:perform(source, on_done): see transport.c. */
-int cp_transport_perform(lua_State *L, cp_transport *t);
+/* client:perform(source, on_done[, deadline]), or with single,
+ * client:perform_one(request[, deadline]): see transport.c. */
+int cp_transport_perform(lua_State *L, cp_transport *t, int single);
 #include "signals.h"
 
 #endif

@@ -476,12 +476,13 @@ function Client:_perform_one(req, deadline)
     return self:_perform({ req }, nil, deadline)[1]
   end
   if self._metrics_dict and not self._metrics_watched then watch_metrics(self) end
-  if transport_choice.for_call(self._transport, self._ngx ~= nil, self._ca_file) == "ngx" then
+  -- (no cosocket transport: libcurl, as transport_choice.for_call says, without asking it)
+  if self._ngx ~= nil and transport_choice.for_call(self._transport, true, self._ca_file) == "ngx" then
     return self._ngx:perform_one(req, deadline, self._profile)
   end
   local curl = self._curl
   if not curl then return self:_perform({ req }, nil, deadline)[1] end -- exchange sets the token first
-  return curl:perform({ req }, nil, deadline)[1]
+  return (curl:perform_one(req, deadline))
 end
 
 -- The token requests carry from now on (commprefs.exchange, before each request).
@@ -553,7 +554,12 @@ end
 -- twice is an error, never an answer.
 -- seconds: the call's deadline when not the deadline option's.
 function Client:_request(method, path, q, body, about_id, seconds)
-  local req = { method = method, url = self._prefix .. path .. q, body = body }
+  return self:_request_url(method, self._prefix .. path .. q, body, about_id, seconds)
+end
+
+-- _request with the whole URL (made in one concatenation by the caller).
+function Client:_request_url(method, url, body, about_id, seconds)
+  local req = { method = method, url = url, body = body }
   local deadline = deadline_in(self, seconds or transport_choice.call_seconds(self._deadline, self._timeout))
   for attempt = 1, 2 do
     local env, err = outcome(req, self:_perform_one(req, deadline))
@@ -614,21 +620,26 @@ local O_BU = { business_unit_id = true }
 local O_BU_VERBOSE = { business_unit_id = true, verbose = true }
 local O_DEFS = { business_unit_id = true, include_translations = true }
 
+-- The escaped path segment of id, checked (raises). A printable-ASCII id
+-- (the usual e-mail address) passes every rule of check.id: core.escape_id
+-- checks that and escapes it in one call; anything else goes the long way.
+local escape_id = core.escape_id
 local function segment(fname, id)
-  return core.escape(check_id(fname, "id", id))
+  return escape_id(id, MAX_ID) or core.escape(check_id(fname, "id", id))
 end
 
 function Client:get_unsubscribe_all_status(id, opts)
   local seg = segment("get_unsubscribe_all_status", id)
   opts = check_opts("get_unsubscribe_all_status", opts, O_BU_VERBOSE)
-  return self:_request("GET", "statuses/" .. seg .. "/unsubscribe-all", query(self, opts, true, true), nil, id)
+  return self:_request_url("GET", self._prefix .. "statuses/" .. seg .. "/unsubscribe-all" .. query(self, opts, true, true),
+    nil, id)
 end
 
 -- The client port's read for lookups: id and opts checked; seconds: the
 -- lookup's deadline (nil: the deadline option's).
 function Client:_get_unsubscribe_all(id, opts, seconds)
-  return self:_request("GET", "statuses/" .. core.escape(id) .. "/unsubscribe-all", query(self, opts, true, true),
-    nil, id, seconds)
+  return self:_request_url("GET", self._prefix .. "statuses/" .. core.escape(id) .. "/unsubscribe-all"
+    .. query(self, opts, true, true), nil, id, seconds)
 end
 
 function Client:unsubscribe_all(id, opts)

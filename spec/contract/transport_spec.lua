@@ -242,6 +242,67 @@ io.write("status=", tostring(res[1].status), " kind=", tostring(res[1].kind), "\
     end)
   end)
 
+  describe("the single GET path (issue 19, item 2)", function()
+    it("perform_one gives perform's one result itself, with the User-Agent and the token sent", function()
+      local h = handle { user_agent = "ua-test/1" }
+      local one, stop = h:perform_one({ method = "GET", url = sim.url .. GET })
+      assert.is_nil(stop)
+      local res = h:perform({ { method = "GET", url = sim.url .. GET } })[1]
+      assert.equal(200, one.status)
+      assert.same(res.body and "string", type(one.body))
+      assert.equal(res.content_type, one.content_type)
+      assert.equal(1, one.attempts)
+      local log = sim.log()
+      assert.equal(2, #log)
+      for _, r in ipairs(log) do
+        assert.equal("ua-test/1", r.headers["user-agent"])
+        assert.equal("application/json", r.headers.accept)
+        assert.is_truthy(r.headers.authorization)
+      end
+      assert.has_error(function() h:perform_one("x") end)
+      h:close()
+    end)
+
+    it("core.escape_id escapes a printable-ASCII id as core.escape does, and leaves the rest to the checks", function()
+      for _, id in ipairs { "a@b.co", "a b+c/d%e~_.-", ".", "..", "...", "x" } do
+        assert.equal(core.escape(id), core.escape_id(id, 1024))
+      end
+      for _, id in ipairs { "", "a\tb", "a\127", "\195\169@b.co", 12, false } do
+        assert.is_nil(core.escape_id(id, 1024))
+      end
+      assert.is_nil(core.escape_id("abc", 2))
+    end)
+
+    it("core.any_folded finds as plain finds in s:lower() do", function()
+      local s = string.rep("x", 3000) .. "AbC-Token"
+      assert.is_true(core.any_folded(s, { "abc-token" }))
+      assert.is_true(core.any_folded(s, { "zz", "c-tok" }))
+      assert.is_false(core.any_folded(s, { "abc-tokens" }))
+      assert.is_false(core.any_folded("", { "a" }))
+    end)
+
+    it("core.decode reads what cjson reads, the same way", function()
+      local cases = {
+        { '{"a":1,"b":[1,2,{"c":null}],"d":"x","e":true,"f":false}', { a = 1, b = { 1, 2, {} }, d = "x", e = true, f = false } },
+        { ' { "numErrors" : 3 , "status":"COMPLETE" } ', { numErrors = 3, status = "COMPLETE" } },
+        { '{"s":"caf\\u00e9 \\"q\\""}', { s = 'caf\195\169 "q"' } },
+        { '{"x":1.5,"y":-0,"z":1e2,"w":1234567890123456789}', { x = 1.5, y = 0, z = 100, w = 1234567890123456789.0 } },
+        { '{"a":1,"a":2}', { a = 2 } },
+      }
+      for _, c in ipairs(cases) do assert.same(c[2], core.decode(c[1])) end
+      local keys = {}
+      for i = 1, 40 do keys[i] = string.format('"k%d":%d', i, i) end
+      local v = core.decode("{" .. table.concat(keys, ",") .. "}")
+      for i = 1, 40 do assert.equal(i, v["k" .. i]) end
+      if math.type then assert.equal("integer", math.type(core.decode('{"numErrors":3}', "envelope").numErrors)) end
+      for _, bad in ipairs { "", "{", '{"a":}', "[1,]", "01", '{"a":1}x', '"a\0b"', "nul" } do
+        local got, err = core.decode(bad)
+        assert.is_nil(got, bad)
+        assert.is_string(err)
+      end
+    end)
+  end)
+
   describe("signals (issue 10, defect 4)", function()
     -- A child that keeps signals (core.trap_signals, as the CLI's bulk jobs do) and
     -- reports how perform stopped; without the trap the signal does its usual action.
