@@ -567,7 +567,7 @@ function Client:_request_url(method, url, body, about_id, seconds)
     if not other then return env, err end
     self:_drop_connections()
     if attempt == 2 then
-      return nil, Error.new { kind = "decode", code = "desync", method = method, url = response.strip_userinfo(req.url),
+      return nil, Error.new { kind = "decode", code = "desync", method = method, url = response.error_url(req.url),
         message = "the answer named another id than the one asked (" .. other .. "), twice: not taken" }
     end
   end

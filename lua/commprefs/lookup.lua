@@ -316,7 +316,7 @@ end
 local function item_error(e, req)
   return Error.new { kind = "http", status = 400, category = e.category, message = e.message,
     sub_category = e.subCategory, context = e.context, method = req.method,
-    url = response.strip_userinfo(req.url) }
+    url = response.error_url(req.url) }
 end
 
 -- Delivers the transport result res of batch b ({groups, bu, req, ids, started}).
@@ -332,7 +332,7 @@ local function settle(L, b, res)
     elseif e then deliver(L, b, id, nil, item_error(e, req))
     else
       deliver(L, b, id, nil, Error.new { kind = "decode", method = req.method,
-        url = response.strip_userinfo(req.url), message = "the batch read did not mention this id" })
+        url = response.error_url(req.url), message = "the batch read did not mention this id" })
     end
   end)
 end

@@ -18,6 +18,13 @@ function M.strip_userinfo(url)
 end
 local strip_userinfo = M.strip_userinfo
 
+-- The url an Error carries: without userinfo, and redacted now, while the
+-- client's secrets are known (tostring redacts again, but after close() the
+-- client's token may no longer be: a URL that held it would then show it).
+function M.error_url(url)
+  return redact.text(strip_userinfo(url))
+end
+
 -- The first 120 bytes of a body, on one line, without any token.
 local function snippet(body)
   body = redact.text(body)
@@ -36,7 +43,7 @@ local function is_json(ctype)
 end
 
 local function error_base(req, res)
-  return { method = req.method, url = strip_userinfo(req.url), attempts = res.attempts,
+  return { method = req.method, url = M.error_url(req.url), attempts = res.attempts,
     status = res.status, retry_after = res.retry_after }
 end
 

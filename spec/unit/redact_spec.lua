@@ -181,6 +181,16 @@ describe("a server echoing a transform of the token (end to end)", function()
     assert.is_falsy(cjson.encode(err.context):find(unpadded(echo), 1, true))
   end)
 
+  it("an Error's url stays redacted after its client is closed and collected", function()
+    -- tostring redacts with the secrets known then: after close() the token may not be
+    -- (this case failed now and then: the url was kept as sent and shown later)
+    local form = forms(TOKEN).b64_bearer_unpadded
+    local err = call(500, "text/plain", "echo " .. form)
+    collectgarbage(); collectgarbage()
+    assert.is_falsy(tostring(err):find(form, 1, true), tostring(err))
+    assert.is_falsy(err.url:find(form, 1, true), err.url)
+  end)
+
   it("every other form, in a JSON and in a plain-text error body", function()
     for name, form in pairs(forms(TOKEN)) do
       local errs = { call(401, "application/json", cjson.encode { message = "echo " .. form }),
