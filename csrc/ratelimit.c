@@ -1,7 +1,7 @@
 /* ratelimit.c: owns client-side pacing under a rolling-window rate limit.
  * It keeps the send times of the last `max` requests: a new request may go
- * when fewer than `max` were sent in the last interval (plus half the margin
- * for the trip to the server), exactly the rule HubSpot's rolling window applies.
+ * when fewer than `max` were sent in the last interval (plus a margin for
+ * the trip to the server), exactly the rule HubSpot's rolling window applies.
  * On top of that bound it spaces attempts evenly (GCRA-like: one every
  * (interval + margin) / max once CP_PACE_BURST are in the window), so the
  * requests of a window are spread across it, never sent in a burst at its
@@ -12,20 +12,11 @@
 #define RL_MAX_CAP 100000
 
 double cp_rl_margin_ms(long interval_ms) {
-  return 15.0 + interval_ms / 100.0;
+  return 25.0 + interval_ms / 100.0;
 }
 
-/* The even spacing's margin: one send every (interval + this) / max. */
 static double margin_ms(const cp_ratelimit *rl) {
   return cp_rl_margin_ms(rl->interval_ms) + rl->skew_ms;
-}
-
-/* The hard bound's: at most max sends in any interval + this. Half the
- * spacing's base, so a send that went late is caught up within the window
- * (the spacing's schedule has room to go on) instead of pushing the send a
- * window later back, and every one after it. A learned skew counts whole. */
-static double bound_margin_ms(const cp_ratelimit *rl) {
-  return cp_rl_margin_ms(rl->interval_ms) / 2 + rl->skew_ms;
 }
 
 /* Grows a ring of doubles (oldest at *head) to cap entries, keeping its order. */
@@ -76,7 +67,7 @@ void cp_rl_free(cp_ratelimit *rl) {
 }
 
 static void rl_expire(cp_ratelimit *rl, double now) {
-  double horizon = now - rl->interval_ms - bound_margin_ms(rl);
+  double horizon = now - rl->interval_ms - margin_ms(rl);
   while (rl->count > 0 && rl->sent[rl->head] <= horizon) {
     rl->head = (rl->head + 1) % rl->cap;
     rl->count--;
@@ -94,7 +85,7 @@ double cp_rl_wait(cp_ratelimit *rl, double now) {
   if (rl->max > 0 && rl->count + rl->pending >= rl->max) {
     /* the oldest of the sends that must leave the window first */
     double oldest = rl->sent[(rl->head + rl->count + rl->pending - rl->max) % rl->cap];
-    double w = oldest + rl->interval_ms + bound_margin_ms(rl) - now;
+    double w = oldest + rl->interval_ms + margin_ms(rl) - now;
     if (w > wait) wait = w;
   }
   if (rl->max > 0 && rl->count + rl->pending >= CP_PACE_BURST && rl->next_at > 0) {
@@ -172,7 +163,7 @@ static double counting_delay(const cp_ratelimit *rl, double sent_at) {
 }
 
 void cp_rl_skewed(cp_ratelimit *rl, double now, double sent_at) {
-  double most = rl->interval_ms / 10.0, base = cp_rl_margin_ms(rl->interval_ms) / 2; /* the hard bound's */
+  double most = rl->interval_ms / 10.0, base = cp_rl_margin_ms(rl->interval_ms);
   double delay = counting_delay(rl, sent_at > 0 && sent_at <= now ? sent_at : now);
   double want = delay >= 0 ? delay + CP_SKEW_LITTLE_MS - base : 0; /* in one step */
   if (!(rl->skew_ms > 0 && now - rl->skewed_at < rl->interval_ms) && want < rl->skew_ms + CP_SKEW_LITTLE_MS)

@@ -12,8 +12,7 @@
  * plus CP_BUDGET_SLACK_MS, see redis.h), a 429's blocked-until time and when
  * the next grant is due ("due": grants are spaced evenly, ratelimit.c's rule:
  * once CP_PACE_BURST are in the window, one per (interval + margin) / max on
- * a schedule of its own, which catches up a late grant by up to one spacing;
- * the hard bound: at most max grants in any interval + half the margin).
+ * a schedule of its own, which catches up a late grant by up to one spacing).
  * Both expire. Only numbers are written: never the token. */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -72,13 +71,12 @@ static const char BUDGET_SCRIPT[] =
   "local blocked = tonumber(l[4])\n"
   "if blocked and blocked > now then return math.ceil(blocked - now) end\n"
   "interval, margin = interval or 10000, margin or 0\n"
-  "local bound = interval + margin / 2\n"
-  "redis.call('ZREMRANGEBYSCORE', w, '-inf', now - bound)\n"
+  "redis.call('ZREMRANGEBYSCORE', w, '-inf', now - interval - margin)\n"
   "if max then\n"
   "  local n = redis.call('ZCARD', w)\n"
   "  if n >= max then\n"
   "    local oldest = redis.call('ZRANGE', w, n - max, n - max, 'WITHSCORES')\n"
-  "    return math.max(1, math.ceil(tonumber(oldest[2]) + bound - now))\n"
+  "    return math.max(1, math.ceil(tonumber(oldest[2]) + interval + margin - now))\n"
   "  end\n"
   "  local due, spacing = tonumber(l[5]), (interval + margin) / max\n"
   "  local paced = n >= " BUDGET_STR(CP_PACE_BURST) " and due\n"

@@ -2,7 +2,7 @@
 -- (commprefs.pacer): every worker of an nginx paces through ONE rolling
 -- window kept in the dict, with atomic dict operations only. Every attempt
 -- takes a ticket n = incr(seq); ticket n may go once ticket n - max was sent
--- at least interval + half the margin ago (or never was: an unsent ticket is deleted,
+-- at least interval + margin ago (or never was: an unsent ticket is deleted,
 -- an expired one is gone). Each ticket key is written by its one owner
 -- (pending mark at start, send time at sent), so there is no
 -- read-modify-write; a ticket waits for a still-pending n - max, so any
@@ -125,10 +125,9 @@ function Dict:wait_for(n, now)
   if hold and hold > 0 then wait = hold * 1000 end
   local max, interval = self:limit()
   if max then
-    -- ratelimit.c's two rules: spaced by (interval + margin) / max, at most
-    -- max in any interval + half the margin (the hard bound)
-    local margin = margin_ms(interval)
-    local bound = interval + margin / 2
+    -- ratelimit.c's two rules: at most max in any interval + margin, spaced
+    -- by (interval + margin) / max
+    local bound = interval + margin_ms(interval)
     if n > max then
       local sent = self:sent_at(n - max)
       if sent and sent < 0 then
@@ -137,7 +136,7 @@ function Dict:wait_for(n, now)
         wait = math.max(wait, sent + bound - now)
       end
     end
-    wait = math.max(wait, self:spacing_wait(n, now, (interval + margin) / max, bound))
+    wait = math.max(wait, self:spacing_wait(n, now, bound / max, bound))
   end
   return wait > 0 and wait or 0
 end
