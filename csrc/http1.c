@@ -302,17 +302,20 @@ static int l_new(lua_State *L) {
   return 1;
 }
 
+/* nil, message, kind: what feed and take return after an error */
+static int push_feed_error(lua_State *L, const cp_http1 *r) {
+  lua_pushnil(L);
+  lua_pushstring(L, r->error);
+  lua_pushstring(L, r->error_kind);
+  return 3;
+}
+
 static int l_feed(lua_State *L) {
   cp_http1 *r = check_parser(L, 1);
   size_t len;
   const char *s = luaL_checklstring(L, 2, &len);
   int rc = cp_http1_feed(r, s, len);
-  if (rc == H1_ERROR) {
-    lua_pushnil(L);
-    lua_pushstring(L, r->error);
-    lua_pushstring(L, r->error_kind);
-    return 3;
-  }
+  if (rc == H1_ERROR) return push_feed_error(L, r);
   lua_pushboolean(L, rc == H1_DONE);
   return 1;
 }
@@ -393,12 +396,7 @@ static int l_take(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 2, &len);
   int rc = cp_http1_feed(r, s, len);
-  if (rc == H1_ERROR) {
-    lua_pushnil(L);
-    lua_pushstring(L, r->error);
-    lua_pushstring(L, r->error_kind);
-    return 3;
-  }
+  if (rc == H1_ERROR) return push_feed_error(L, r);
   if (rc == H1_MORE) {
     lua_pushboolean(L, 0);
     return 1;

@@ -255,6 +255,27 @@ local function last_outcome(res)
   return res.status and ("HTTP " .. res.status) or res.kind
 end
 
+-- Waits while the pacer says so (wait: what it said last), then starts the
+-- attempt (the backing's turn, the attempt's timeouts): timeout_ms,
+-- connect_ms; or nil, nil, stop, why.
+local function wait_and_start(pacer, gov, deadline, policy, wait, stop, why)
+  while wait and wait > 0 do
+    nap(wait)
+    wait, stop, why = pacer:wait(deadline)
+  end
+  if not stop then
+    local started, err = pacer:start()
+    if not started then stop, why = "budget", err end
+  end
+  if not stop then
+    local timeout_ms, connect_ms = gov:attempt_timeout(deadline, policy)
+    if timeout_ms then return timeout_ms, connect_ms end
+    pacer:unsent() -- started, never sent
+    stop = "deadline"
+  end
+  return nil, nil, stop, why
+end
+
 -- One request to its final result (and why perform must stop, or nil):
 -- attempts as the pacer lets them start, and the retries the governor
 -- decides, all within the call's deadline (the governor's clock; nil =
@@ -275,35 +296,13 @@ local function attempt(t, req, pacer, deadline, prof, new_call, attempts, last)
       new_call = false
       if wait then -- paced: wait as below
         ready_at = now_ms() -- for the pacing-wait metric
-        while wait and wait > 0 do
-          nap(wait)
-          wait, stop, why = pacer:wait(deadline)
-        end
-        if not stop then
-          local started, err = pacer:start()
-          if not started then stop, why = "budget", err end
-        end
-        if not stop then
-          timeout_ms, connect_ms = gov:attempt_timeout(deadline, prof.policy)
-          if not timeout_ms then pacer:unsent(); stop = "deadline" end -- started, never sent
-        end
+        timeout_ms, connect_ms, stop, why = wait_and_start(pacer, gov, deadline, prof.policy, wait, stop, why)
       end
     else
       if new_call then gov:new_call(); new_call = false end
       wait, stop, why = pacer:wait(deadline)
       ready_at = now_ms() -- for the pacing-wait metric
-      while wait and wait > 0 do
-        nap(wait)
-        wait, stop, why = pacer:wait(deadline)
-      end
-      if not stop then
-        local started, err = pacer:start()
-        if not started then stop, why = "budget", err end
-      end
-      if not stop then
-        timeout_ms, connect_ms = gov:attempt_timeout(deadline, prof.policy)
-        if not timeout_ms then pacer:unsent(); stop = "deadline" end -- started, never sent
-      end
+      timeout_ms, connect_ms, stop, why = wait_and_start(pacer, gov, deadline, prof.policy, wait, stop, why)
     end
     if stop then
       if stop == "deadline" then return gov:deadline_result(attempts, last_outcome(last)), stop end
