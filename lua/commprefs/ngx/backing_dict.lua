@@ -78,10 +78,12 @@ local PENDING_POLL_MS = 10 -- the ticket before is not on the wire yet: ask agai
 
 -- ms until ticket n may go by the even spacing (0 = now): while ticket
 -- n - BURST is in the window, one spacing after ticket n - 1 was sent, less
--- how late n - 1 went after n - 2's schedule (up to one spacing): the
--- schedule catches up a late send as ratelimit.c's does, instead of every
--- late send pushing all later ones back.
-function Dict:spacing_wait(n, now, spacing, bound)
+-- how late n - 1 went after its own turn (up to one spacing): the schedule
+-- catches up a late send as ratelimit.c's does, instead of every late send
+-- pushing all later ones back. n - 1's turn was one spacing after n - 2,
+-- or when the window's bound let it go if that was later: a send the bound
+-- held is not late, so a burst never repeats itself window after window.
+function Dict:spacing_wait(n, now, spacing, bound, max)
   if n <= BURST then return 0 end
   local dict, prefix = self.dict, self.ticket_prefix
   local first = dict:get(prefix .. (n - BURST))
@@ -91,8 +93,11 @@ function Dict:spacing_wait(n, now, spacing, bound)
   if prev < 0 then return math.min(spacing, PENDING_POLL_MS) end
   local due = prev + spacing
   local before = self:sent_at(n - 2)
-  if before and before >= 0 and before + 2 * spacing < due then -- n - 1 went late
-    due = math.max(prev, before + 2 * spacing)
+  if before and before >= 0 and before + 2 * spacing < due then -- n - 1 went after its spacing
+    local turn = before + spacing
+    local held = n - 1 > max and self:sent_at(n - 1 - max)
+    if held and held >= 0 and held + bound > turn then turn = held + bound end
+    due = math.min(due, math.max(prev, turn + spacing))
   end
   return due - now
 end
@@ -136,7 +141,7 @@ function Dict:wait_for(n, now)
         wait = math.max(wait, sent + bound - now)
       end
     end
-    wait = math.max(wait, self:spacing_wait(n, now, bound / max, bound))
+    wait = math.max(wait, self:spacing_wait(n, now, bound / max, bound, max))
   end
   return wait > 0 and wait or 0
 end
