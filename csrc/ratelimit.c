@@ -111,28 +111,16 @@ void cp_rl_record(cp_ratelimit *rl, double now) {
   rl->hcount++;
 }
 
-/* When the rolling-window rule let a start at this moment go: the send
- * max places before it (the (max - pending)-th newest) left the window
- * then; 0 when there is none. */
-static double window_due(const cp_ratelimit *rl) {
-  int back = rl->max - rl->pending;
-  if (rl->max <= 0 || back <= 0 || back > rl->hcount) return 0;
-  return rl->hist[(rl->hhead + rl->hcount - back) % rl->hcap] + rl->interval_ms + margin_ms(rl);
-}
-
 void cp_rl_start(cp_ratelimit *rl, double now) {
   double spacing = cp_rl_spacing_ms(rl), base = now;
   /* within a window's first few (the burst) the schedule starts from this
-   * start; after it, it advances from when this start was due (by the
-   * spacing, or by the rolling window when that held it), not from a late
-   * start: lateness up to one spacing is caught up by the next start. A
-   * start the window held is not late: the one after it keeps its spacing,
-   * so a burst never repeats itself window after window. */
-  if (rl->count + rl->pending >= CP_PACE_BURST) {
-    double due = rl->next_at, held = window_due(rl);
-    if (held > due) due = held;
-    base = due > now - spacing ? due : now - spacing;
-  }
+   * start; after it, it advances from where it was due, not from a late
+   * start: lateness is caught up by the next start, which never comes
+   * sooner than half a spacing after this one (a full catch-up would send
+   * two at once after every start the rolling window held, and so replay a
+   * burst at every window's edge) */
+  if (rl->count + rl->pending >= CP_PACE_BURST)
+    base = rl->next_at > now - spacing / 2 ? rl->next_at : now - spacing / 2;
   rl->pending++;
   rl->next_at = base + spacing;
 }

@@ -25,10 +25,10 @@ typedef struct {
  * every (interval + margin) / max, so a window's requests never leave in a
  * burst at its edge. The schedule runs on its own clock (a start that came
  * late does not push every later one back: up to one spacing of lateness is
- * caught up), so the bound is reached; a start the rolling window held is
- * not late (the next keeps its spacing), so a burst is spread out within a
- * window instead of repeating at every window's edge. The rolling-window
- * rule stays the hard bound. */
+ * caught up, the next start never sooner than half a spacing after the one
+ * before), so the bound is reached and a burst (a job's first few, several
+ * workers' first sends) is never replayed as one at every window's edge.
+ * The rolling-window rule stays the hard bound. */
 #define CP_PACE_BURST 4
 
 /* The margin (ms) added to the window for the trip to the server. */

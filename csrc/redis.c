@@ -12,8 +12,8 @@
  * plus CP_BUDGET_SLACK_MS, see redis.h), a 429's blocked-until time and when
  * the next grant is due ("due": grants are spaced evenly, ratelimit.c's rule:
  * once CP_PACE_BURST are in the window, one per (interval + margin) / max on
- * a schedule of its own, which catches up a late grant by up to one spacing;
- * a grant the rolling window held is not late).
+ * a schedule of its own, which catches up a late grant, never sooner than
+ * half a spacing after the grant before).
  * Both expire. Only numbers are written: never the token. */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -72,13 +72,6 @@ static const char BUDGET_SCRIPT[] =
   "local blocked = tonumber(l[4])\n"
   "if blocked and blocked > now then return math.ceil(blocked - now) end\n"
   "interval, margin = interval or 10000, margin or 0\n"
-  "local held = 0 -- when the rolling window let this grant go (a grant it held is not late)\n"
-  "if max then\n"
-  "  local all = redis.call('ZCARD', w)\n"
-  "  if all >= max then\n"
-  "    held = tonumber(redis.call('ZRANGE', w, all - max, all - max, 'WITHSCORES')[2]) + interval + margin\n"
-  "  end\n"
-  "end\n"
   "redis.call('ZREMRANGEBYSCORE', w, '-inf', now - interval - margin)\n"
   "if max then\n"
   "  local n = redis.call('ZCARD', w)\n"
@@ -89,7 +82,7 @@ static const char BUDGET_SCRIPT[] =
   "  local due, spacing = tonumber(l[5]), (interval + margin) / max\n"
   "  local paced = n >= " BUDGET_STR(CP_PACE_BURST) " and due\n"
   "  if paced and due > now then return math.max(1, math.ceil(due - now)) end\n"
-  "  redis.call('HSET', s, 'due', (paced and math.max(due, held, now - spacing) or now) + spacing)\n"
+  "  redis.call('HSET', s, 'due', (paced and math.max(due, now - spacing / 2) or now) + spacing)\n"
   "end\n"
   "redis.call('ZADD', w, now, redis.call('HINCRBY', s, 'seq', 1))\n"
   "redis.call('PEXPIRE', w, math.ceil(interval + margin) + 1000)\n"

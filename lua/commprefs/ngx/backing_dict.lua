@@ -78,12 +78,12 @@ local PENDING_POLL_MS = 10 -- the ticket before is not on the wire yet: ask agai
 
 -- ms until ticket n may go by the even spacing (0 = now): while ticket
 -- n - BURST is in the window, one spacing after ticket n - 1 was sent, less
--- how late n - 1 went after its own turn (up to one spacing): the schedule
--- catches up a late send as ratelimit.c's does, instead of every late send
--- pushing all later ones back. n - 1's turn was one spacing after n - 2,
--- or when the window's bound let it go if that was later: a send the bound
--- held is not late, so a burst never repeats itself window after window.
-function Dict:spacing_wait(n, now, spacing, bound, max)
+-- how late n - 1 went after n - 2's schedule, but never sooner than half a
+-- spacing after n - 1: the schedule catches up a late send as ratelimit.c's
+-- does, instead of every late send pushing all later ones back, and a send
+-- the window's bound held is not followed by another at once (which would
+-- replay a burst at every window's edge).
+function Dict:spacing_wait(n, now, spacing, bound)
   if n <= BURST then return 0 end
   local dict, prefix = self.dict, self.ticket_prefix
   local first = dict:get(prefix .. (n - BURST))
@@ -93,11 +93,8 @@ function Dict:spacing_wait(n, now, spacing, bound, max)
   if prev < 0 then return math.min(spacing, PENDING_POLL_MS) end
   local due = prev + spacing
   local before = self:sent_at(n - 2)
-  if before and before >= 0 and before + 2 * spacing < due then -- n - 1 went after its spacing
-    local turn = before + spacing
-    local held = n - 1 > max and self:sent_at(n - 1 - max)
-    if held and held >= 0 and held + bound > turn then turn = held + bound end
-    due = math.min(due, math.max(prev, turn + spacing))
+  if before and before >= 0 and before + 2 * spacing < due then -- n - 1 went late
+    due = math.max(prev + spacing / 2, before + 2 * spacing)
   end
   return due - now
 end
@@ -141,7 +138,7 @@ function Dict:wait_for(n, now)
         wait = math.max(wait, sent + bound - now)
       end
     end
-    wait = math.max(wait, self:spacing_wait(n, now, bound / max, bound, max))
+    wait = math.max(wait, self:spacing_wait(n, now, bound / max, bound))
   end
   return wait > 0 and wait or 0
 end
