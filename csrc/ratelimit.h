@@ -24,7 +24,7 @@ typedef struct {
  * window may start at once (a job's first requests); after that one starts
  * every (interval + margin) / max, so a window's requests never leave in a
  * burst at its edge. The schedule runs on its own clock (a start that came
- * late does not push every later one back: up to one spacing of lateness is
+ * late does not push every later one back: up to half a spacing of lateness is
  * caught up, the next start never sooner than half a spacing after the one
  * before), so the bound is reached and a burst (a job's first few, several
  * workers' first sends) is never replayed as one at every window's edge.

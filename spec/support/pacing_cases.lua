@@ -193,7 +193,7 @@ case { name = "a learned window spreads attempts across it: a burst of a few, th
   end }
 
 -- A caller late for its turn does not push the schedule back: the next
--- send goes when it was due (lateness up to one spacing is caught up).
+-- send goes when it was due (lateness up to half a spacing is caught up).
 case { name = "a send late for its turn is caught up by the next one: the schedule holds",
   code = [[
     local a = P.new {}
