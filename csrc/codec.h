@@ -14,5 +14,10 @@ int cp_encode(lua_State *L);      /* core.encode(v): JSON text (private cjson in
 
 /* decode.c */
 int cp_decode(lua_State *L);      /* core.decode(text): normalized value, or nil, message */
+/* core.decode(text, "envelope") in C: the JSON text at stack index text
+ * (absolute) decoded by cjson's decode at index fn (null: its null) and
+ * checked; pushes the value and returns 0, or pushes nothing and returns -1
+ * (whatever failed: the caller takes its usual path, which says why). */
+int cp_decode_envelope(lua_State *L, int fn, const void *null, int text);
 
 #endif

@@ -1,5 +1,6 @@
 /* core.c: owns the module commprefs.core: luaopen, the libcurl client
- * userdata (core.new: a transport over a governor; perform, governor, close)
+ * userdata (core.new: a transport over a governor; perform, perform_one,
+ * answer_one, governor, close)
  * and the registration of the other parts (governor, policy, limits, codecs with
  * their private lua-cjson instance, journal, http1, resp, redis). */
 #define _POSIX_C_SOURCE 200809L
@@ -53,13 +54,36 @@ static int core_new(lua_State *L) {
 }
 
 static int client_perform(lua_State *L) {
-  return cp_transport_perform(L, check_open(L), 0);
+  return cp_transport_perform(L, check_open(L), PERFORM_MANY, NULL);
 }
 
 /* client:perform_one(request[, deadline]) -> result, stop reason: perform of
  * the one request, without the array around it or around the results. */
 static int client_perform_one(lua_State *L) {
-  return cp_transport_perform(L, check_open(L), 1);
+  return cp_transport_perform(L, check_open(L), SINGLE_RESULT, NULL);
+}
+
+/* client:answer_one(method, url, body[, deadline]) -> envelope, body, escaped
+ * | nil, result: perform_one of that request (no table made for it), with a
+ * 2xx JSON answer decoded in the same call
+ * (upvalues: the private cjson's decode and null, as core.decode's). */
+static int client_answer_one(lua_State *L) {
+  cp_decoder dec;
+  dec.fn = lua_upvalueindex(1);
+  dec.null = lua_touserdata(L, lua_upvalueindex(2));
+  return cp_transport_perform(L, check_open(L), SINGLE_ANSWER, &dec);
+}
+
+/* Adds answer_one, a closure over the private cjson's decode and null (on
+ * the stack's top), to the client methods. */
+static void register_answer_one(lua_State *L) {
+  luaL_getmetatable(L, CLIENT_MT);
+  lua_getfield(L, -1, "__index");
+  lua_pushvalue(L, -4);
+  lua_pushvalue(L, -4);
+  lua_pushcclosure(L, client_answer_one, 2);
+  lua_setfield(L, -2, "answer_one");
+  lua_pop(L, 2);
 }
 
 /* client:set_token(token[, due_in_s]) -> true: later attempts send it; a
@@ -252,6 +276,7 @@ int luaopen_commprefs_core(lua_State *L) {
   lua_setfield(L, -3, "encode");
   lua_getfield(L, -1, "decode");
   lua_getfield(L, -2, "null");
+  register_answer_one(L);
   lua_pushcclosure(L, cp_decode, 2);
   lua_setfield(L, -3, "decode");
   lua_pop(L, 1);

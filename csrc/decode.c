@@ -97,6 +97,14 @@ static const field *find_field(const field *fields, const char *k, size_t n) {
 
 /* ------------------------------------------------------------------ helpers */
 
+/* Result of checking one value: OK, DROP it (lenient mode), or FAILED (message pushed). */
+enum { OK = 0, DROP = 1, FAILED = -1 };
+
+typedef struct checker {
+  int strict;       /* 1: a wrong type fails the decode; 0: the value is dropped */
+  const void *null; /* cjson's null (a light userdata) */
+} checker;
+
 /* Where a value sits, for messages: a chain of keys or indexes on the C stack. */
 typedef struct path {
   const struct path *up;
@@ -112,8 +120,8 @@ static void push_path(lua_State *L, const path *p) {
   lua_concat(L, 2);
 }
 
-static int is_null(lua_State *L, int i) {
-  return lua_type(L, i) == LUA_TLIGHTUSERDATA && lua_touserdata(L, i) == lua_touserdata(L, lua_upvalueindex(2));
+static int is_null(lua_State *L, const checker *c, int i) {
+  return lua_type(L, i) == LUA_TLIGHTUSERDATA && lua_touserdata(L, i) == c->null;
 }
 
 /* cjson gives arrays dense keys 1..n and objects string keys: a non-empty
@@ -141,14 +149,14 @@ static int fail_inexact(lua_State *L, const path *p) {
 }
 
 /* Removes JSON nulls from a table of unknown shape, recursively. */
-static int drop_nulls(lua_State *L, int t, int depth) {
+static int drop_nulls(lua_State *L, const checker *c, int t, int depth) {
   if (depth > MAX_DEPTH) { lua_pushliteral(L, "JSON nested too deeply"); return -1; }
   luaL_checkstack(L, 4, "JSON nested too deeply");
   lua_pushnil(L);
   while (lua_next(L, t) != 0) {
     if (lua_type(L, -1) == LUA_TTABLE) {
-      if (drop_nulls(L, lua_gettop(L), depth + 1) != 0) return -1;
-    } else if (is_null(L, -1)) {
+      if (drop_nulls(L, c, lua_gettop(L), depth + 1) != 0) return -1;
+    } else if (is_null(L, c, -1)) {
       lua_pushvalue(L, -2);
       lua_pushnil(L);
       lua_rawset(L, t); /* clearing a field is safe in lua_next */
@@ -160,12 +168,6 @@ static int drop_nulls(lua_State *L, int t, int depth) {
 
 /* ------------------------------------------------------------------ checking */
 
-/* Result of checking one value: OK, DROP it (lenient mode), or FAILED (message pushed). */
-enum { OK = 0, DROP = 1, FAILED = -1 };
-
-typedef struct checker {
-  int strict; /* 1: a wrong type fails the decode; 0: the value is dropped */
-} checker;
 
 static int check_fields(lua_State *L, const checker *c, int t, const field *fields, const path *p, int depth);
 static int check_items(lua_State *L, const checker *c, int a, const field *item_fields, int item_type,
@@ -210,7 +212,7 @@ static int check_value(lua_State *L, const checker *c, int v, int ty, const fiel
     /* fall through */
   case T_OBJECT:
     if (lt != LUA_TTABLE || lua_rawlen(L, v) > 0) return wrong(L, c, p, "object", v);
-    return sub ? check_fields(L, c, v, sub, p, depth + 1) : drop_nulls(L, v, depth + 1);
+    return sub ? check_fields(L, c, v, sub, p, depth + 1) : drop_nulls(L, c, v, depth + 1);
   case T_ARRAY:
     if (lt != LUA_TTABLE) return wrong(L, c, p, "array", v);
     return check_items(L, c, v, sub, T_OBJECT, p, depth + 1);
@@ -219,7 +221,7 @@ static int check_value(lua_State *L, const checker *c, int v, int ty, const fiel
     lua_pushnil(L);
     while (lua_next(L, v) != 0) {
       path here = {p, lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?", 0};
-      int r = is_null(L, -1) ? DROP
+      int r = is_null(L, c, -1) ? DROP
             : lua_type(L, -1) != LUA_TTABLE ? wrong(L, c, &here, "array", lua_gettop(L))
             : check_items(L, c, lua_gettop(L), NULL, T_STRING, &here, depth + 1);
       if (r == FAILED) return FAILED;
@@ -248,11 +250,11 @@ static int check_fields(lua_State *L, const checker *c, int t, const field *fiel
       const char *k = lua_tolstring(L, -2, &n);
       f = find_field(fields, k, n);
     }
-    if (is_null(L, v)) r = DROP;
+    if (is_null(L, c, v)) r = DROP;
     else if (f) {
       path here = {p, f->key, 0};
       r = check_value(L, c, v, f->type, f->sub, &here, depth);
-    } else if (lua_type(L, v) == LUA_TTABLE) r = drop_nulls(L, v, depth + 1);
+    } else if (lua_type(L, v) == LUA_TTABLE) r = drop_nulls(L, c, v, depth + 1);
     if (r == FAILED) return FAILED;
     /* store the dropped (nil) or normalized value: only an integer is replaced
      * (Lua 5.4: it became a Lua integer); tables are checked in place */
@@ -281,7 +283,7 @@ static int check_items(lua_State *L, const checker *c, int a, const field *item_
     path here = {p, NULL, i};
     int r;
     lua_rawgeti(L, a, (int)i);
-    r = is_null(L, -1) ? wrong(L, c, &here, item_type == T_STRING ? "string" : "object", lua_gettop(L))
+    r = is_null(L, c, -1) ? wrong(L, c, &here, item_type == T_STRING ? "string" : "object", lua_gettop(L))
                        : check_value(L, c, lua_gettop(L), item_type, item_fields, &here, depth);
     if (r == FAILED) return FAILED;
     if (r == DROP) { lua_pop(L, 1); continue; }
@@ -306,16 +308,15 @@ static int integer_key(const char *k, size_t n) {
 }
 
 /* Any JSON: nulls go, numbers under integer keys become exact integers or fail. */
-static int normalize(lua_State *L, int t, int depth) {
-  static const checker strict = {1};
+static int normalize(lua_State *L, const checker *strict, int t, int depth) {
   if (depth > MAX_DEPTH) { lua_pushliteral(L, "JSON nested too deeply"); return -1; }
   luaL_checkstack(L, 6, "JSON nested too deeply");
   lua_pushnil(L);
   while (lua_next(L, t) != 0) {
     int vt = lua_type(L, -1);
     if (vt == LUA_TTABLE) {
-      if (normalize(L, lua_gettop(L), depth + 1) != 0) return -1;
-    } else if (is_null(L, -1)) {
+      if (normalize(L, strict, lua_gettop(L), depth + 1) != 0) return -1;
+    } else if (is_null(L, strict, -1)) {
       lua_pushvalue(L, -2);
       lua_pushnil(L);
       lua_rawset(L, t);
@@ -324,7 +325,7 @@ static int normalize(lua_State *L, int t, int depth) {
       const char *k = lua_tolstring(L, -2, &n);
       if (integer_key(k, n)) {
         path here = {NULL, k, 0};
-        if (check_integer(L, &strict, lua_gettop(L), &here) != OK) return -1;
+        if (check_integer(L, strict, lua_gettop(L), &here) != OK) return -1;
         lua_pushvalue(L, -2);
         lua_pushvalue(L, -2);
         lua_rawset(L, t);
@@ -343,31 +344,54 @@ static int decode_failed(lua_State *L) { /* message on top */
   return 2;
 }
 
+/* The text at index text decoded by cjson's decode at index fn: the value
+ * pushed (0), or cjson's message, which names the position (-1). */
+static int parse(lua_State *L, int fn, int text) {
+  lua_pushvalue(L, fn);
+  lua_pushvalue(L, text);
+  return lua_pcall(L, 1, 1, 0) != 0 ? -1 : 0;
+}
+
+/* The value on top: an object checked against fields by c, or the message (-1). */
+static int check_object(lua_State *L, const checker *c, const field *fields) {
+  int v = lua_gettop(L);
+  if (lua_type(L, v) != LUA_TTABLE || lua_rawlen(L, v) > 0) {
+    lua_pushfstring(L, "a JSON object expected, got %s", json_type(L, v));
+    return -1;
+  }
+  if (check_fields(L, c, v, fields, NULL, 0) == FAILED) return -1;
+  lua_settop(L, v);
+  return 0;
+}
+
+int cp_decode_envelope(lua_State *L, int fn, const void *null, int text) {
+  checker strict;
+  int top = lua_gettop(L);
+  strict.strict = 1;
+  strict.null = null;
+  if (parse(L, fn, text) == 0 && check_object(L, &strict, ENVELOPE) == 0) return 0;
+  lua_settop(L, top);
+  return -1;
+}
+
 /* core.decode(text [, "envelope" | "error"]) -> value, or nil, message */
 int cp_decode(lua_State *L) {
   static const char *const modes[] = {"any", "envelope", "error", NULL};
-  static const checker strict = {1}, lenient = {0};
-  int mode, v, r;
+  checker c;
+  int mode, v;
   luaL_checkstring(L, 1);
   mode = luaL_checkoption(L, 2, "any", modes);
   lua_settop(L, 1);
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_pushvalue(L, 1);
-  if (lua_pcall(L, 1, 1, 0) != 0) return decode_failed(L); /* cjson's message names the position */
+  c.strict = mode != 2;
+  c.null = lua_touserdata(L, lua_upvalueindex(2));
+  if (parse(L, lua_upvalueindex(1), 1) != 0) return decode_failed(L);
   v = lua_gettop(L);
   if (mode == 0) {
-    if (is_null(L, v)) { lua_pop(L, 1); lua_pushnil(L); return 1; }
-    if (lua_istable(L, v) && normalize(L, v, 0) != 0) return decode_failed(L);
+    if (is_null(L, &c, v)) { lua_pop(L, 1); lua_pushnil(L); return 1; }
+    if (lua_istable(L, v) && normalize(L, &c, v, 0) != 0) return decode_failed(L);
     lua_settop(L, v);
     return 1;
   }
-  if (lua_type(L, v) != LUA_TTABLE || lua_rawlen(L, v) > 0) {
-    lua_pushfstring(L, "a JSON object expected, got %s", json_type(L, v));
-    return decode_failed(L);
-  }
-  r = mode == 1 ? check_fields(L, &strict, v, ENVELOPE, NULL, 0)
-                : check_fields(L, &lenient, v, ERROR_BODY, NULL, 0);
-  if (r == FAILED) return decode_failed(L);
-  lua_settop(L, v);
+  if (check_object(L, &c, mode == 1 ? ENVELOPE : ERROR_BODY) != 0) return decode_failed(L);
   return 1;
 }

@@ -21,7 +21,14 @@
  * belongs to Lua: URLs and bodies are copied.
  * client:perform_one(request[, deadline]) is perform({request}, nil,
  * deadline) returning its one result itself (then the stop reason): no
- * source, results or in-flight tables (the single GET path). */
+ * source, results or in-flight tables (the single GET path).
+ * client:answer_one(method, url, body[, deadline]) is perform_one of
+ * {method =, url =, body =} (no table made) whose 2xx answer
+ * with a JSON body (a JSON content type, or none) is decoded here, as
+ * core.decode(body, "envelope") would: it returns the envelope, the body
+ * and whether the body holds a backslash-u escape (for commprefs.response's
+ * redaction), and no result table is made; any other result (an answer that
+ * does not decode among them) is nil, result: perform_one's. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +38,7 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 #include "transport.h"
+#include "codec.h"
 #include "signals.h"
 #include "headers.h"
 #include "util.h"
@@ -38,7 +46,8 @@
 enum { SLOT_FREE, SLOT_WAITING, SLOT_RUNNING };
 
 #define CP_CURLU (LIBCURL_VERSION_NUM >= 0x073f00) /* CURLOPT_CURLU: 7.63.0 */
-enum { ARG_SELF = 1, ARG_SOURCE, ARG_ON_DONE, ST_RESULTS, ST_INFLIGHT };
+/* perform_loop's stack; answer_one's request is its url (ARG_SOURCE), ST_METHOD and ST_REQBODY */
+enum { ARG_SELF = 1, ARG_SOURCE, ARG_ON_DONE, ST_RESULTS, ST_INFLIGHT, ST_DECODE, ST_BODY, ST_METHOD, ST_REQBODY };
 
 
 /* ------------------------------------------------------------ easy handles */
@@ -467,11 +476,18 @@ static void start_attempt(lua_State *L, cp_transport *t, cp_slot *s, long timeou
   const char *method, *url, *body;
   struct curl_slist *headers;
   size_t body_len = 0;
-  if (t->single) lua_pushvalue(L, ST_INFLIGHT);
-  else lua_rawgeti(L, ST_INFLIGHT, i);
-  lua_getfield(L, -1, "method");
-  lua_getfield(L, -2, "url");
-  lua_getfield(L, -3, "body");
+  if (t->single == SINGLE_ANSWER) { /* as the fields of a request table below */
+    lua_pushnil(L);
+    lua_pushvalue(L, ST_METHOD);
+    lua_pushvalue(L, ARG_SOURCE);
+    lua_pushvalue(L, ST_REQBODY);
+  } else {
+    if (t->single) lua_pushvalue(L, ST_INFLIGHT);
+    else lua_rawgeti(L, ST_INFLIGHT, i);
+    lua_getfield(L, -1, "method");
+    lua_getfield(L, -2, "url");
+    lua_getfield(L, -3, "body");
+  }
   method = lua_tostring(L, -3);
   url = lua_tostring(L, -2);
   body = lua_tolstring(L, -1, &body_len);
@@ -615,9 +631,8 @@ static void cleanup_running(cp_transport *t) {
   t->in_use = t->high = 0;
 }
 
-/* Takes the next request from source into slot s; 0 when source is empty. */
-static int fill_slot(lua_State *L, cp_transport *t, cp_slot *s, source_state *src) {
-  int i = (int)(s - t->slots) + 1;
+/* The next request of source, checked, put in flight for slot number i; 0 when source is empty. */
+static int take_request(lua_State *L, cp_transport *t, source_state *src, int i) {
   if (t->single) {
     if (src->next == 1) lua_pushvalue(L, ARG_SOURCE);
     else lua_pushnil(L);
@@ -639,6 +654,20 @@ static int fill_slot(lua_State *L, cp_transport *t, cp_slot *s, source_state *sr
   lua_pop(L, 1);
   if (t->single) lua_replace(L, ST_INFLIGHT);
   else lua_rawseti(L, ST_INFLIGHT, i);
+  return 1;
+}
+
+/* Takes the next request from source into slot s; 0 when source is empty. */
+static int fill_slot(lua_State *L, cp_transport *t, cp_slot *s, source_state *src) {
+  int i = (int)(s - t->slots) + 1;
+  if (t->single == SINGLE_ANSWER) { /* its one request: the arguments (checked at the call) */
+    if (src->next != 1) {
+      src->exhausted = 1;
+      return 0;
+    }
+  } else if (!take_request(L, t, src, i)) {
+    return 0;
+  }
   s->index = src->next++;
   s->attempts = 0;
   s->not_before = 0;            /* may start at once */
@@ -723,6 +752,47 @@ static const char *last_outcome(lua_State *L, const cp_outcome *o) {
   return lua_pushfstring(L, "%s", o->kind ? o->kind : "no answer");
 }
 
+/* Whether a content type says JSON (commprefs.response's rule: it names
+ * "json" in any letter case; none is taken as JSON). */
+static int json_type(const char *ctype) {
+  const char *p;
+  if (!ctype) return 1;
+  for (p = ctype; *p; p++)
+    if ((*p == 'j' || *p == 'J') && strncasecmp(p, "json", 4) == 0) return 1;
+  return 0;
+}
+
+/* Whether the body holds a backslash followed by u anywhere (the bytes
+ * commprefs.response's plain find looks for: a backslash-u escape, or bytes that look so). */
+static int has_backslash_u(const char *b, size_t n) {
+  const char *end = b + n, *p = b;
+  while (p + 1 < end && (p = memchr(p, '\\', (size_t)(end - p - 1))) != NULL) {
+    if (p[1] == 'u') return 1;
+    p++;
+  }
+  return 0;
+}
+
+/* answer_one: the decoded envelope of a 2xx JSON answer pushed (1), with
+ * its body at ST_BODY; 0 (nothing pushed) when the answer is not one or
+ * does not decode: perform_one's result is made instead. */
+static int push_answer(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, const cp_outcome *o) {
+  char *ctype = NULL;
+  if (t->single != SINGLE_ANSWER || rc != CURLE_OK || o->status < 200 || o->status >= 300 || s->len == 0) return 0;
+  curl_easy_getinfo(s->easy, CURLINFO_CONTENT_TYPE, &ctype);
+  if (!json_type(ctype)) return 0;
+  lua_pushlstring(L, s->buf, s->len);
+  if (cp_decode_envelope(L, ST_DECODE, t->json_null, lua_gettop(L)) != 0) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_insert(L, -2);
+  lua_replace(L, ST_BODY);
+  t->answered = 1;
+  t->escaped = has_backslash_u(s->buf, s->len);
+  return 1;
+}
+
 static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, double deadline) {
   cp_outcome o;
   cp_decision d;
@@ -744,7 +814,7 @@ static void finish(lua_State *L, cp_transport *t, cp_slot *s, CURLcode rc, doubl
     s->not_before = s->ready_at = now + d.delay_ms;
     return;
   }
-  push_result(L, t, s, rc, &o);
+  if (!push_answer(L, t, s, rc, &o)) push_result(L, t, s, rc, &o);
   deliver(L, t, s);
 }
 
@@ -802,14 +872,23 @@ static int perform_loop(lua_State *L) {
   source_state src = {0, 1, NULL, NULL, 0};
   int running = 0;
   src.deadline = luaL_optnumber(L, ARG_ON_DONE + 1, 0);
-  lua_settop(L, ARG_ON_DONE);
+  lua_settop(L, ST_METHOD); /* ST_DECODE: answer_one's decode, then its method and body (else nil) */
+  lua_pushvalue(L, ST_METHOD);
+  lua_pushvalue(L, ST_BODY);
+  lua_replace(L, ST_METHOD);
   if (t->single) { /* ST_RESULTS: the result; ST_INFLIGHT: the request while in flight */
     lua_pushnil(L);
+    lua_replace(L, ST_RESULTS);
     lua_pushnil(L);
+    lua_replace(L, ST_INFLIGHT);
   } else {
-    lua_newtable(L); /* ST_RESULTS */
-    lua_createtable(L, t->nslots < 8 ? t->nslots : 8, 0); /* ST_INFLIGHT: grows as slots fill */
+    lua_newtable(L);
+    lua_replace(L, ST_RESULTS);
+    lua_createtable(L, t->nslots < 8 ? t->nslots : 8, 0); /* grows as slots fill */
+    lua_replace(L, ST_INFLIGHT);
   }
+  lua_pushnil(L);
+  lua_replace(L, ST_BODY);
   cp_gov_new_call(t->gov);
   for (;;) {
     CURLMsg *msg;
@@ -834,6 +913,17 @@ static int perform_loop(lua_State *L) {
     if (t->handle_signals) wake = signals_before_wait(g, wake);
     curl_multi_poll(t->multi, NULL, 0, wake < 1 ? 1 : (int)wake, NULL);
   }
+  if (t->answered) { /* answer_one's envelope, body, escaped */
+    lua_pushvalue(L, ST_RESULTS);
+    lua_pushvalue(L, ST_BODY);
+    lua_pushboolean(L, t->escaped);
+    return 3;
+  }
+  if (t->single == SINGLE_ANSWER) { /* answer_one's nil, result */
+    lua_pushnil(L);
+    lua_pushvalue(L, ST_RESULTS);
+    return 2;
+  }
   if (lua_isnil(L, ARG_ON_DONE)) lua_pushvalue(L, ST_RESULTS);
   else lua_pushnil(L);
   if (src.stop) lua_pushstring(L, src.stop);
@@ -844,10 +934,21 @@ static int perform_loop(lua_State *L) {
 /* Runs perform_loop protected: whatever it raises (a source or on_done
  * error, a request whose __index raises, out of memory), the client is put
  * back in order (nothing running, not busy) before the error goes on. */
-int cp_transport_perform(lua_State *L, cp_transport *t, int single) {
+int cp_transport_perform(lua_State *L, cp_transport *t, int single, const cp_decoder *dec) {
   signal_guard g;
-  int rc;
-  if (single) {
+  int rc, base;
+  if (single == SINGLE_ANSWER) { /* (method, url, body, deadline): url as the source, then method, body */
+    luaL_checkstring(L, 2);
+    luaL_checkstring(L, 3);
+    if (!lua_isnil(L, 4)) luaL_checkstring(L, 4);
+    lua_settop(L, 5);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 4);
+    lua_remove(L, 4);
+    lua_remove(L, 2);
+    lua_pushnil(L);
+    lua_insert(L, ARG_ON_DONE); /* self, url, nil, deadline, method, body */
+  } else if (single) {
     luaL_checktype(L, ARG_SOURCE, LUA_TTABLE);
     lua_settop(L, ARG_SOURCE + 1); /* the deadline */
     lua_pushnil(L);
@@ -858,23 +959,32 @@ int cp_transport_perform(lua_State *L, cp_transport *t, int single) {
     if (!lua_isnoneornil(L, ARG_ON_DONE)) luaL_checktype(L, ARG_ON_DONE, LUA_TFUNCTION);
   }
   if (t->active) luaL_error(L, "perform: the client is busy (called from its own callback)");
-  lua_settop(L, ARG_ON_DONE + 1); /* the deadline */
+  lua_settop(L, single == SINGLE_ANSWER ? ARG_ON_DONE + 3 : ARG_ON_DONE + 1); /* the deadline */
+  lua_settop(L, ARG_ON_DONE + 3); /* answer_one's method and body, else nil */
   cleanup_running(t);
   t->active = 1;
   t->single = single;
+  t->answered = 0;
+  t->json_null = dec ? dec->null : NULL;
   if (t->handle_signals) signals_begin(&g);
+  base = lua_gettop(L);
   lua_pushcfunction(L, perform_loop);
   lua_pushvalue(L, ARG_SELF);
   lua_pushvalue(L, ARG_SOURCE);
   lua_pushvalue(L, ARG_ON_DONE);
   lua_pushvalue(L, ARG_ON_DONE + 1); /* the deadline */
   lua_pushlightuserdata(L, &g);
-  rc = lua_pcall(L, 5, 2, 0);
+  if (dec) lua_pushvalue(L, dec->fn);
+  else lua_pushnil(L);
+  lua_pushvalue(L, ARG_ON_DONE + 2);
+  lua_pushvalue(L, ARG_ON_DONE + 3);
+  rc = lua_pcall(L, 8, LUA_MULTRET, 0);
   if (t->handle_signals) signals_restore(&g);
   t->active = 0;
   t->single = 0;
+  t->answered = 0;
   if (rc != 0) cleanup_running(t);
   if (t->handle_signals) signals_reraise(&g);
   if (rc != 0) return lua_error(L);
-  return 2;
+  return lua_gettop(L) - base;
 }

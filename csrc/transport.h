@@ -62,8 +62,20 @@ typedef struct cp_transport {
   int closed, active;              /* active: inside perform() */
   int handle_signals;              /* perform stops on SIGINT/SIGTERM */
   int proxy_env;                   /* the user configured a proxy in the environment */
-  int single;                      /* inside perform_one: one request, its result returned as is */
+  int single;                      /* inside perform_one (SINGLE_RESULT) or answer_one (SINGLE_ANSWER) */
+  const void *json_null;           /* answer_one: cjson's null (a light userdata's pointer) */
+  int answered;                    /* answer_one: the result is the decoded envelope of a 2xx answer */
+  int escaped;                     /* ... whose body holds a backslash-u escape */
 } cp_transport;
+
+/* cp_transport_perform's modes: perform, perform_one, answer_one. */
+enum { PERFORM_MANY = 0, SINGLE_RESULT = 1, SINGLE_ANSWER = 2 };
+
+/* answer_one's decoder: cjson's decode (a stack index, or an upvalue's) and its null. */
+typedef struct {
+  int fn;
+  const void *null;
+} cp_decoder;
 
 /* Opens t over governor g (the caller keeps it alive and sets gov_ref) with
  * the policy of config c: 0, or -1 with a message in err (nothing left allocated). */
@@ -77,9 +89,10 @@ void cp_transport_close(cp_transport *t);
 int cp_transport_set_token(cp_transport *t, const char *token, double due_in_ms);
 /* Drops every pooled connection: 0, or -1 (inside perform, or out of memory). */
 int cp_transport_drop_connections(cp_transport *t);
-/* client:perform(source, on_done[, deadline]), or with single,
- * client:perform_one(request[, deadline]): see transport.c. */
-int cp_transport_perform(lua_State *L, cp_transport *t, int single);
+/* client:perform(source, on_done[, deadline]) (mode PERFORM_MANY),
+ * client:perform_one(request[, deadline]) (SINGLE_RESULT) or
+ * client:answer_one(request[, deadline]) (SINGLE_ANSWER, with dec): see transport.c. */
+int cp_transport_perform(lua_State *L, cp_transport *t, int mode, const cp_decoder *dec);
 #include "signals.h"
 
 #endif

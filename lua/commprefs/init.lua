@@ -363,6 +363,8 @@ function M.new(opts)
   local creds = bundle and bundle.creds or credentials.new { token = token, oauth = opts.oauth, base_url = base_url,
     owner = holder, post_form = token_sender(config, transport, cosockets, opts.ca_file ~= nil) }
   client._creds, client._creds_key = creds, base_url .. "\0" .. creds.identity
+  -- a static token over libcurl alone: single requests may go straight to it (Client:_answer)
+  client._straight = not cosockets and not metrics_dict and not creds:renewable() and batch_mode ~= "never"
   if bundle then client._ngx = bundle.ngx
   elseif cosockets then -- the cosocket transport reads the token from the credentials per request
     local pacer = require("commprefs.pacer").new(gov, { shared_dict = opts.shared_dict, rate_limit = rl })
@@ -431,6 +433,7 @@ end
 
 -- The query of an operation: the client's business unit unless opts names one.
 local function query(self, opts, channel, verbose, translations)
+  if opts == NO_OPTS then return ops.query(channel, self.business_unit_id) end
   local bu = opts.business_unit_id
   if bu == nil then bu = self.business_unit_id end
   local v, tr = nil, nil
@@ -483,6 +486,22 @@ function Client:_perform_one(req, deadline)
   local curl = self._curl
   if not curl then return self:_perform({ req }, nil, deadline)[1] end -- exchange sets the token first
   return (curl:perform_one(req, deadline))
+end
+
+-- One request to its envelope, or nil, Error (commprefs.response). Where
+-- _perform_one would go straight to libcurl, the transport's answer_one
+-- sends it and decodes a 2xx answer in the same C call (no request or
+-- result table): the GET path.
+local cleaned = response.cleaned
+function Client:_answer(method, url, body, deadline)
+  local curl = self._curl
+  if not self._straight or curl == nil or self._closed or exchange.single_contact(self) then
+    local req = { method = method, url = url, body = body }
+    return outcome(req, self:_perform_one(req, deadline))
+  end
+  local env, text, escaped = curl:answer_one(method, url, body, deadline)
+  if env then return cleaned(env, text, escaped) end
+  return outcome({ method = method, url = url, body = body }, text) -- text: the result
 end
 
 -- The token requests carry from now on (commprefs.exchange, before each request).
@@ -559,15 +578,16 @@ end
 
 -- _request with the whole URL (made in one concatenation by the caller).
 function Client:_request_url(method, url, body, about_id, seconds)
-  local req = { method = method, url = url, body = body }
-  local deadline = deadline_in(self, seconds or transport_choice.call_seconds(self._deadline, self._timeout))
+  seconds = seconds or transport_choice.call_seconds(self._deadline, self._timeout)
+  local deadline = seconds and self._gov:deadline(seconds)
   for attempt = 1, 2 do
-    local env, err = outcome(req, self:_perform_one(req, deadline))
-    local other = env and about_id and ops.names_other(env, about_id)
+    local env, err = self:_answer(method, url, body, deadline)
+    local results = env and about_id and env.results -- (names_other: none named when there is no result)
+    local other = results and results[1] ~= nil and ops.names_other(env, about_id)
     if not other then return env, err end
     self:_drop_connections()
     if attempt == 2 then
-      return nil, Error.new { kind = "decode", code = "desync", method = method, url = response.error_url(req.url),
+      return nil, Error.new { kind = "decode", code = "desync", method = method, url = response.error_url(url),
         message = "the answer named another id than the one asked (" .. other .. "), twice: not taken" }
     end
   end
@@ -629,7 +649,7 @@ local function segment(fname, id)
 end
 
 function Client:get_unsubscribe_all_status(id, opts)
-  local seg = segment("get_unsubscribe_all_status", id)
+  local seg = escape_id(id, MAX_ID) or segment("get_unsubscribe_all_status", id)
   opts = check_opts("get_unsubscribe_all_status", opts, O_BU_VERBOSE)
   return self:_request_url("GET", self._prefix .. "statuses/" .. seg .. "/unsubscribe-all" .. query(self, opts, true, true),
     nil, id)

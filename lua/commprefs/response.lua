@@ -74,8 +74,15 @@ local function success(req, res)
     return decode_error(req, res, string.format("invalid answer (HTTP %d): %s: %s", status,
       redact.text(tostring(err)), snippet(body)))
   end
-  -- a token echoed verbatim, or possibly \u-escaped: clean the decoded strings too
-  if redact.found(body) or body:find("\\u", 1, true) then redact.value(v) end
+  return M.cleaned(v, body, body:find("\\u", 1, true) ~= nil)
+end
+
+-- Envelope v decoded from body, with any secret the body echoed removed: a
+-- token echoed verbatim, or possibly \u-escaped (escaped: body holds "\u"),
+-- is cleaned from the decoded strings too. (libcurl's answer_one decodes a
+-- 2xx answer in C and hands its envelope here.)
+function M.cleaned(v, body, escaped)
+  if escaped or redact.found(body) then redact.value(v) end
   return v
 end
 

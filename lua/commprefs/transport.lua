@@ -57,6 +57,7 @@ local REQUEST_PHASES = { rewrite = true, server_rewrite = true, access = true, c
 -- else nil (the governor's own rule: the deadline option, or none).
 function M.call_seconds(deadline, timeout)
   if deadline then return deadline end
+  if ngx == nil then return nil end -- plain Lua
   if type(ngx) == "table" and ngx.get_phase and REQUEST_PHASES[ngx.get_phase()] then return timeout end
   return nil
 end
