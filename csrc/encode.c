@@ -122,26 +122,73 @@ static int has_folded(const char *s, size_t n, const char *piece, size_t m) {
   return 0;
 }
 
-/* core.any_folded(s, pieces) -> whether s holds any of the lower-case
- * strings of the array pieces, ignoring ASCII letter case (as finding them
- * in s:lower(), without making that string: commprefs.redact's quick check). */
-int cp_any_folded(lua_State *L) {
-  size_t n, m;
-  const char *s = luaL_checklstring(L, 1, &n);
-  int i, count;
-  luaL_checktype(L, 2, LUA_TTABLE);
-  count = (int)lua_rawlen(L, 2);
+/* Whether s holds piece at some position (bytes as they are). */
+static int has_exact(const char *s, size_t n, const char *piece, size_t m) {
+  const char *at = s, *last;
+  if (m == 0) return 1;
+  if (m > n) return 0;
+  last = s + (n - m);
+  while (at <= last && (at = memchr(at, (unsigned char)piece[0], (size_t)(last - at) + 1)) != NULL) {
+    if (memcmp(at, piece, m) == 0) return 1;
+    at++;
+  }
+  return 0;
+}
+
+/* Whether s holds any string of the array at stack index t (folded: its
+ * strings are lower-case and s is read ignoring ASCII letter case). */
+static int holds_any(lua_State *L, int t, const char *s, size_t n, int folded) {
+  int i, count = (int)lua_rawlen(L, t);
   for (i = 1; i <= count; i++) {
+    size_t m;
     const char *piece;
-    lua_rawgeti(L, 2, i);
-    piece = lua_tolstring(L, -1, &m);
-    if (piece && has_folded(s, n, piece, m)) {
-      lua_pushboolean(L, 1);
-      return 1;
-    }
+    int hit;
+    lua_rawgeti(L, t, i);
+    piece = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &m) : NULL;
+    hit = piece && (folded ? has_folded(s, n, piece, m) : has_exact(s, n, piece, m));
+    lua_pop(L, 1);
+    if (hit) return 1;
+  }
+  return 0;
+}
+
+/* Whether text s passes the quick check of entry e (stack index e): one of
+ * its `pieces` as they are, or of its `folded_pieces` in any letter case. */
+static int entry_suspected(lua_State *L, int e, const char *s, size_t n) {
+  static const char *const fields[2] = {"pieces", "folded_pieces"};
+  int k, hit = 0;
+  for (k = 0; k < 2 && !hit; k++) {
+    lua_pushstring(L, fields[k]);
+    lua_rawget(L, e);
+    hit = lua_istable(L, -1) && holds_any(L, lua_gettop(L), s, n, k);
     lua_pop(L, 1);
   }
-  lua_pushboolean(L, 0);
+  return hit;
+}
+
+/* core.suspects(s, entries, n) -> the array of those of entries[1..n]
+ * (commprefs.redact's entries; holes skipped) whose quick check s passes,
+ * or nil: the whole quick check in one call, s never copied. */
+int cp_suspects(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  int i, count, found = 0;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  count = (int)luaL_checkinteger(L, 3);
+  lua_settop(L, 3);
+  lua_pushnil(L); /* 4: the result, made at the first hit */
+  for (i = 1; i <= count; i++) {
+    lua_rawgeti(L, 2, i);
+    if (lua_istable(L, 5) && entry_suspected(L, 5, s, n)) {
+      if (!found) {
+        lua_newtable(L);
+        lua_replace(L, 4);
+      }
+      lua_rawseti(L, 4, ++found);
+    } else {
+      lua_pop(L, 1);
+    }
+  }
   return 1;
 }
 

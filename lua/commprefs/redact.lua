@@ -18,11 +18,11 @@
 -- no piece is returned as it is, unchanged and not copied.
 local M = {}
 
--- core.any_folded: the quick check's case-blind find in C (nil without the core: s:lower())
-local any_folded
+-- core.suspects: the whole quick check in one C call (nil without the core: the same in Lua)
+local core_suspects
 do
   local ok, core = pcall(require, "commprefs.core")
-  any_folded = ok and type(core) == "table" and core.any_folded or nil
+  core_suspects = ok and type(core) == "table" and core.suspects or nil
 end
 
 local live = setmetatable({}, { __mode = "k" }) -- owner -> array of entries (see prepare)
@@ -156,6 +156,31 @@ end
 -- many clients hold it. Weak values: gone with the last owner's list.
 local prepared = setmetatable({}, { __mode = "v" })
 
+-- The quick check's index: every entry some live owner holds, once, in
+-- index[1..index_n] (weak values: an entry whose owners are all collected
+-- leaves a hole, as it leaves `live`). Appended to as secrets are
+-- remembered; made again from `live` after a secret is forgotten or an
+-- owner's secrets are replaced (index_stale), and when holes outnumber
+-- entries.
+local index, index_n, indexed, index_made = nil, 0, nil, 0
+local index_stale = true
+
+local function index_add(e)
+  if indexed[e] then return end
+  indexed[e] = true
+  index_n = index_n + 1
+  index[index_n] = e
+  if index_n > 64 and index_n > 2 * index_made then index_stale = true end -- compact the holes
+end
+
+local function make_index()
+  index, indexed, index_n = setmetatable({}, { __mode = "v" }), setmetatable({}, { __mode = "k" }), 0
+  for _, list in pairs(live) do
+    for _, e in ipairs(list) do index_add(e) end
+  end
+  index_made, index_stale = index_n, false
+end
+
 function M.remember_secret(owner, secret)
   if type(secret) ~= "string" or secret == "" then return end
   local list = live[owner]
@@ -172,11 +197,15 @@ function M.remember_secret(owner, secret)
     prepared[secret] = e
   end
   list[#list + 1] = e
+  if not index_stale then index_add(e) end
 end
 
 -- Remembers owner's token: owner's secrets become that one alone.
 function M.remember(owner, token)
-  live[owner] = nil
+  if live[owner] then
+    live[owner] = nil
+    index_stale = true
+  end
   M.remember_secret(owner, token)
 end
 
@@ -185,7 +214,10 @@ function M.forget_secret(owner, secret)
   local list = live[owner]
   if not list then return end
   for i = #list, 1, -1 do
-    if list[i].secret == secret then table.remove(list, i) end
+    if list[i].secret == secret then
+      table.remove(list, i)
+      index_stale = true
+    end
   end
 end
 
@@ -198,38 +230,33 @@ local function any_piece(s, pieces)
   return false
 end
 
--- The entries whose quick check s passes (s lower-cased as folded), or nil.
-local checked = {} -- the entries one suspects() call has looked at (emptied before it returns)
-
-local function suspects(s)
-  local found, folded, n = nil, nil, 0
-  for _, list in pairs(live) do
-    for _, e in ipairs(list) do
-      local seen = false
-      for i = 1, n do
-        if checked[i] == e then seen = true; break end
+-- core.suspects without the core: the entries of index whose quick check s
+-- passes (and s lower-cased, made for it), or nil.
+local function suspects_in_lua(s)
+  local found, folded = nil, nil
+  for i = 1, index_n do
+    local e = index[i]
+    if e then
+      local hit = any_piece(s, e.pieces)
+      if not hit then
+        folded = folded or s:lower()
+        hit = any_piece(folded, e.folded_pieces)
       end
-      if not seen then -- an entry several owners share is looked at once
-        n = n + 1
-        checked[n] = e
-        local hit = any_piece(s, e.pieces)
-        if not hit then
-          if any_folded then -- without making s:lower() (a copy of every answer body)
-            hit = any_folded(s, e.folded_pieces)
-          else
-            folded = folded or s:lower()
-            hit = any_piece(folded, e.folded_pieces)
-          end
-        end
-        if hit then
-          found = found or {}
-          found[#found + 1] = e
-        end
+      if hit then
+        found = found or {}
+        found[#found + 1] = e
       end
     end
   end
-  for i = 1, n do checked[i] = nil end
   return found, folded
+end
+
+-- The entries whose quick check s passes (and s lower-cased, when that was
+-- made for it), or nil.
+local function suspects(s)
+  if index_stale then make_index() end
+  if core_suspects then return core_suspects(s, index, index_n), nil end
+  return suspects_in_lua(s)
 end
 
 -- Appends to ranges every {i, j} where text holds form.

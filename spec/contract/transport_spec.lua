@@ -273,12 +273,17 @@ io.write("status=", tostring(res[1].status), " kind=", tostring(res[1].kind), "\
       assert.is_nil(core.escape_id("abc", 2))
     end)
 
-    it("core.any_folded finds as plain finds in s:lower() do", function()
-      local s = string.rep("x", 3000) .. "AbC-Token"
-      assert.is_true(core.any_folded(s, { "abc-token" }))
-      assert.is_true(core.any_folded(s, { "zz", "c-tok" }))
-      assert.is_false(core.any_folded(s, { "abc-tokens" }))
-      assert.is_false(core.any_folded("", { "a" }))
+    it("core.suspects finds as plain finds of pieces in s, and of folded pieces in s:lower(), do", function()
+      local s = string.rep("x", 3000) .. "AbC-Token and Exact"
+      local a = { pieces = { "nothere" }, folded_pieces = { "abc-token" } }
+      local b = { pieces = { "zz", "Exact" }, folded_pieces = {} }
+      local c = { pieces = { "exact" }, folded_pieces = { "abc-tokens" } } -- case counts for pieces
+      local entries = { a, b, c }
+      assert.same({ a, b }, core.suspects(s, entries, 3))
+      assert.same({ a }, core.suspects(s, entries, 1)) -- only entries[1..n]
+      assert.is_nil(core.suspects(s, { c }, 1))
+      assert.is_nil(core.suspects("", entries, 3))
+      assert.same({ b }, core.suspects(s, { nil, b }, 2)) -- a hole (a collected entry) is skipped
     end)
 
     it("core.decode reads what cjson reads, the same way", function()
