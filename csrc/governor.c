@@ -279,6 +279,20 @@ cp_governor *cp_check_governor(lua_State *L, int idx) {
   return g;
 }
 
+/* The governor a method was called on (argument 1): cp_check_governor's
+ * answer and errors, checked against the metatable each method holds as its
+ * first upvalue (cp_register_governor) instead of one in the registry. */
+static cp_governor *check_self(lua_State *L) {
+  cp_governor *g = NULL;
+  if (lua_type(L, 1) == LUA_TUSERDATA && lua_getmetatable(L, 1)) {
+    if (lua_rawequal(L, -1, lua_upvalueindex(1))) g = lua_touserdata(L, 1);
+    lua_pop(L, 1);
+  }
+  if (!g) g = luaL_checkudata(L, 1, GOV_MT);
+  if (g->closed) luaL_error(L, "commprefs: the client is closed");
+  return g;
+}
+
 /* The C Redis backing of redis_url/redis_key: 1, or 2 (nil, message) when
  * Redis cannot be reached or refuses us. A bad URL or key raises. */
 static int open_backing(lua_State *L, cp_governor *g, const cp_config *c, const char *fname) {
@@ -324,7 +338,7 @@ static int core_governor(lua_State *L) {
 }
 
 static int gov_new_call(lua_State *L) {
-  cp_gov_new_call(cp_check_governor(L, 1));
+  cp_gov_new_call(check_self(L));
   return 0;
 }
 
@@ -332,7 +346,7 @@ static int gov_new_call(lua_State *L) {
  * | nil, "deadline" */
 static int gov_next(lua_State *L) {
   const char *stop, *why;
-  double w = cp_gov_next(cp_check_governor(L, 1), cp_now_ms(), luaL_optnumber(L, 2, 0), &stop, &why);
+  double w = cp_gov_next(check_self(L), cp_now_ms(), luaL_optnumber(L, 2, 0), &stop, &why);
   if (!stop) {
     lua_pushnumber(L, w);
     return 1;
@@ -344,7 +358,7 @@ static int gov_next(lua_State *L) {
   return 3;
 }
 
-static int gov_begin(lua_State *L) { cp_gov_begin(cp_check_governor(L, 1)); return 0; }
+static int gov_begin(lua_State *L) { cp_gov_begin(check_self(L)); return 0; }
 
 /* g:try_start([deadline[, policy[, new_call]]]): g:next, g:begin and
  * g:attempt_timeout in one call, for a pacer without a shared backing (the
@@ -355,7 +369,7 @@ static int gov_begin(lua_State *L) { cp_gov_begin(cp_check_governor(L, 1)); retu
  *                                     for an attempt (begun, then unsent, as the
  *                                     separate calls would have it) */
 static int gov_try_start(lua_State *L) {
-  cp_governor *g = cp_check_governor(L, 1);
+  cp_governor *g = check_self(L);
   double deadline = luaL_optnumber(L, 2, 0);
   cp_policy *p = cp_opt_policy(L, 3, &g->policy);
   const char *stop, *why;
@@ -391,19 +405,20 @@ static int gov_try_start(lua_State *L) {
   lua_pushinteger(L, connect);
   return 2;
 }
-static int gov_on_wire(lua_State *L) { cp_gov_on_wire(cp_check_governor(L, 1), cp_now_ms()); return 0; }
-static int gov_resent(lua_State *L) { cp_gov_resent(cp_check_governor(L, 1), cp_now_ms()); return 0; }
-static int gov_paced(lua_State *L) { cp_gov_paced(cp_check_governor(L, 1), luaL_checknumber(L, 2)); return 0; }
-static int gov_unsent(lua_State *L) { cp_gov_unsent(cp_check_governor(L, 1)); return 0; }
+static int gov_on_wire(lua_State *L) { cp_gov_on_wire(check_self(L), cp_now_ms()); return 0; }
+static int gov_resent(lua_State *L) { cp_gov_resent(check_self(L), cp_now_ms()); return 0; }
+static int gov_paced(lua_State *L) { cp_gov_paced(check_self(L), luaL_checknumber(L, 2)); return 0; }
+static int gov_unsent(lua_State *L) { cp_gov_unsent(check_self(L)); return 0; }
 static int gov_abandon(lua_State *L) {
-  cp_gov_abandon(cp_check_governor(L, 1), lua_toboolean(L, 2));
+  cp_gov_abandon(check_self(L), lua_toboolean(L, 2));
   return 0;
 }
 
-/* The result fields g:finish reads, interned once: its upvalues (cp_register_governor). */
+/* The result fields g:finish reads, interned once: its upvalues after the
+ * metatable (cp_register_governor). */
 static const char *const FINISH_KEYS[] = {"status", "kind", "attempts", "retry_after", "rate_max",
                                           "rate_interval_ms", "daily_remaining"};
-enum { K_STATUS = 1, K_KIND, K_ATTEMPTS, K_RETRY_AFTER, K_RATE_MAX, K_RATE_INTERVAL, K_DAILY_REMAINING, K_N = K_DAILY_REMAINING };
+enum { K_STATUS = 2, K_KIND, K_ATTEMPTS, K_RETRY_AFTER, K_RATE_MAX, K_RATE_INTERVAL, K_DAILY_REMAINING, K_N = K_DAILY_REMAINING - 1 };
 
 /* Field k (an upvalue index of FINISH_KEYS) of the result table at idx (a
  * plain table made by a transport: read raw). */
@@ -411,8 +426,10 @@ static long field_long(lua_State *L, int idx, int k) {
   long v = -1;
   lua_pushvalue(L, lua_upvalueindex(k));
   lua_rawget(L, idx);
-  if (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) >= 0 && lua_tonumber(L, -1) < 1e15)
-    v = (long)lua_tonumber(L, -1);
+  if (lua_type(L, -1) == LUA_TNUMBER) {
+    lua_Number n = lua_tonumber(L, -1);
+    if (n >= 0 && n < 1e15) v = (long)n;
+  }
   lua_pop(L, 1);
   return v;
 }
@@ -442,7 +459,7 @@ static void read_outcome(lua_State *L, int idx, cp_outcome *o) {
  * policy: the calling client's (commprefs.core.policy), else the governor's own.
  * Sets result.daily_limit = true when HubSpot's daily limit is spent. */
 static int gov_finish(lua_State *L) {
-  cp_governor *g = cp_check_governor(L, 1);
+  cp_governor *g = check_self(L);
   cp_policy *p = cp_opt_policy(L, 6, &g->policy);
   cp_outcome o;
   cp_decision d;
@@ -479,7 +496,7 @@ static int gov_clock(lua_State *L) {
 /* g:deadline([seconds]) -> the absolute deadline of a call starting now
  * (seconds, else the deadline option), or nil when there is none */
 static int gov_deadline(lua_State *L) {
-  double d = cp_gov_deadline(cp_check_governor(L, 1), cp_now_ms(), luaL_optnumber(L, 2, 0));
+  double d = cp_gov_deadline(check_self(L), cp_now_ms(), luaL_optnumber(L, 2, 0));
   if (d <= 0) return 0;
   lua_pushnumber(L, d);
   return 1;
@@ -488,7 +505,7 @@ static int gov_deadline(lua_State *L) {
 /* g:attempt_timeout([deadline[, policy]]) -> timeout_ms, connect_timeout_ms | nil (no time
  * left); policy: the calling client's, else the governor's own. */
 static int gov_attempt_timeout(lua_State *L) {
-  cp_governor *g = cp_check_governor(L, 1);
+  cp_governor *g = check_self(L);
   long connect = 0;
   long total = cp_policy_attempt_timeout(cp_opt_policy(L, 3, &g->policy), cp_now_ms(), luaL_optnumber(L, 2, 0),
                                          &connect);
@@ -500,14 +517,14 @@ static int gov_attempt_timeout(lua_State *L) {
 
 /* g:deadline_result(attempts[, last]) -> the answer of a call whose deadline passed */
 static int gov_deadline_result(lua_State *L) {
-  cp_check_governor(L, 1);
+  check_self(L);
   cp_gov_push_deadline_result(L, (int)luaL_optinteger(L, 2, 0), luaL_optstring(L, 3, NULL));
   return 1;
 }
 
 /* g:start_wake() -> ms until the start rule lets one more attempt start, or nil */
 static int gov_start_wake(lua_State *L) {
-  double w = cp_gov_start_wake(cp_check_governor(L, 1), cp_now_ms());
+  double w = cp_gov_start_wake(check_self(L), cp_now_ms());
   if (w < 0) return 0;
   lua_pushnumber(L, w);
   return 1;
@@ -515,19 +532,19 @@ static int gov_start_wake(lua_State *L) {
 
 /* g:backed(): a shared budget (a Lua backing) paces this governor too: no start rule */
 static int gov_backed(lua_State *L) {
-  cp_check_governor(L, 1)->backed = 1;
+  check_self(L)->backed = 1;
   return 0;
 }
 
 static int gov_target(lua_State *L) {
-  lua_pushinteger(L, cp_gov_target(cp_check_governor(L, 1), CP_ADAPTIVE_SLOTS));
+  lua_pushinteger(L, cp_gov_target(check_self(L), CP_ADAPTIVE_SLOTS));
   return 1;
 }
 
 /* g:manual() -> max, interval_ms of the window set by hand, or nil */
 static int gov_manual(lua_State *L) {
   long max, interval;
-  if (!cp_gov_manual(cp_check_governor(L, 1), &max, &interval)) return 0;
+  if (!cp_gov_manual(check_self(L), &max, &interval)) return 0;
   lua_pushinteger(L, max);
   lua_pushinteger(L, interval);
   return 2;
@@ -536,7 +553,7 @@ static int gov_manual(lua_State *L) {
 /* g:settings([policy]) -> what a transport needs (never the token): the
  * governor's budget and the policy's (the governor's own when none is given) */
 static int gov_settings(lua_State *L) {
-  cp_governor *g = cp_check_governor(L, 1);
+  cp_governor *g = check_self(L);
   cp_policy *p = cp_opt_policy(L, 2, &g->policy);
   lua_createtable(L, 0, 9);
   cp_policy_settings(L, p);
@@ -621,11 +638,15 @@ void cp_register_governor(lua_State *L) {
   int i;
   cp_register_class(L, GOV_MT, methods, gov_gc, gov_tostring);
   cp_register_key(L, GOV_MT, &GOV_KEY);
-  /* finish: with its result keys as upvalues (field_long) */
+  /* every method with the metatable as its upvalue (check_self); finish
+   * with its result keys after it (field_long) */
   luaL_getmetatable(L, GOV_MT);
   lua_getfield(L, -1, "__index");
+  lua_pushvalue(L, -2);
+  luaL_setfuncs(L, methods, 1);
+  lua_pushvalue(L, -2);
   for (i = 0; i < K_N; i++) lua_pushstring(L, FINISH_KEYS[i]);
-  lua_pushcclosure(L, gov_finish, K_N);
+  lua_pushcclosure(L, gov_finish, 1 + K_N);
   lua_setfield(L, -2, "finish");
   lua_pop(L, 2);
   lua_pushcfunction(L, core_governor);
