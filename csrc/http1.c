@@ -362,6 +362,28 @@ static int l_result(lua_State *L) {
 }
 
 
+/* The result fields take() sets, interned once: its upvalues (cp_register_http1). */
+static const char *const TAKEN_KEYS[] = {"status", "body", "content_type", "location", "retry_after",
+                                         "rate_max", "rate_interval_ms", "daily_remaining"};
+enum { T_STATUS = 1, T_BODY, T_CONTENT_TYPE, T_LOCATION, T_RETRY_AFTER, T_RATE_MAX, T_RATE_INTERVAL,
+       T_DAILY_REMAINING, T_N = T_DAILY_REMAINING };
+
+/* Pushes result key k (an upvalue of take); its value follows, then lua_rawset(L, -3). */
+static void push_key(lua_State *L, int k) { lua_pushvalue(L, lua_upvalueindex(k)); }
+
+static void set_taken_long(lua_State *L, int k, long v) {
+  if (v < 0) return;
+  push_key(L, k);
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_rawset(L, -3);
+}
+
+static void set_taken_value(lua_State *L, const cp_http1 *r, int k, int which) {
+  push_key(L, k);
+  lua_pushlstring(L, r->value[which], r->value_len[which]);
+  lua_rawset(L, -3);
+}
+
 /* The result table of take(): status, body and the header fields present,
  * location only on a redirect (the transport's C2 contract). */
 static void push_taken(lua_State *L, const cp_http1 *r, const char *body, size_t body_len) {
@@ -370,19 +392,22 @@ static void push_taken(lua_State *L, const cp_http1 *r, const char *body, size_t
        daily = cp_http1_header_long(r, H1_DAILY_REMAINING);
   int loc = r->have[H1_LOCATION] && r->status >= 300 && r->status <= 399;
   lua_createtable(L, 0, 3 + r->have[H1_CONTENT_TYPE] + loc + (ra >= 0) + (rmax >= 0) + (rint >= 0) + (daily >= 0));
+  push_key(L, T_STATUS);
   lua_pushinteger(L, r->status);
-  lua_setfield(L, -2, "status");
+  lua_rawset(L, -3);
+  push_key(L, T_BODY);
   lua_pushlstring(L, body ? body : "", body_len);
-  lua_setfield(L, -2, "body");
-  set_value(L, r, "content_type", H1_CONTENT_TYPE);
-  if (loc) set_value(L, r, "location", H1_LOCATION);
+  lua_rawset(L, -3);
+  if (r->have[H1_CONTENT_TYPE]) set_taken_value(L, r, T_CONTENT_TYPE, H1_CONTENT_TYPE);
+  if (loc) set_taken_value(L, r, T_LOCATION, H1_LOCATION);
   if (ra >= 0) {
+    push_key(L, T_RETRY_AFTER);
     lua_pushinteger(L, (lua_Integer)ra);
-    lua_setfield(L, -2, "retry_after");
+    lua_rawset(L, -3);
   }
-  set_long(L, "rate_max", rmax);
-  set_long(L, "rate_interval_ms", rint);
-  set_long(L, "daily_remaining", daily);
+  set_taken_long(L, T_RATE_MAX, rmax);
+  set_taken_long(L, T_RATE_INTERVAL, rint);
+  set_taken_long(L, T_DAILY_REMAINING, daily);
 }
 
 /* parser:take(bytes) -> result, keepalive | false (more needed) | nil, message, kind:
@@ -427,9 +452,17 @@ static int l_tostring(lua_State *L) {
 
 void cp_register_http1(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"feed", l_feed}, {"result", l_result}, {"reset", l_reset}, {"take", l_take}, {"close", l_close}, {NULL, NULL}};
+    {"feed", l_feed}, {"result", l_result}, {"reset", l_reset}, {"close", l_close}, {NULL, NULL}};
+  int i;
   lua_pushcfunction(L, l_new);
   lua_setfield(L, -2, "http1_response");
   cp_register_class(L, HTTP1_MT, methods, l_close, l_tostring);
   cp_register_key(L, HTTP1_MT, &HTTP1_KEY);
+  /* take: with its result keys as upvalues (push_taken) */
+  luaL_getmetatable(L, HTTP1_MT);
+  lua_getfield(L, -1, "__index");
+  for (i = 0; i < T_N; i++) lua_pushstring(L, TAKEN_KEYS[i]);
+  lua_pushcclosure(L, l_take, T_N);
+  lua_setfield(L, -2, "take");
+  lua_pop(L, 2);
 }
