@@ -18,12 +18,8 @@
 -- no piece is returned as it is, unchanged and not copied.
 local M = {}
 
--- core.suspects: the whole quick check in one C call (nil without the core: the same in Lua)
-local core_suspects
-do
-  local ok, core = pcall(require, "commprefs.core")
-  core_suspects = ok and type(core) == "table" and core.suspects or nil
-end
+-- core.suspects: the whole quick check in one C call
+local core_suspects = require("commprefs.core").suspects
 
 local live = setmetatable({}, { __mode = "k" }) -- owner -> array of entries (see prepare)
 local MARK = "<redacted>"
@@ -223,40 +219,10 @@ end
 
 ------------------------------------------------------------------ matching
 
-local function any_piece(s, pieces)
-  for i = 1, #pieces do
-    if s:find(pieces[i], 1, true) then return true end
-  end
-  return false
-end
-
--- core.suspects without the core: the entries of index whose quick check s
--- passes (and s lower-cased, made for it), or nil.
-local function suspects_in_lua(s)
-  local found, folded = nil, nil
-  for i = 1, index_n do
-    local e = index[i]
-    if e then
-      local hit = any_piece(s, e.pieces)
-      if not hit then
-        folded = folded or s:lower()
-        hit = any_piece(folded, e.folded_pieces)
-      end
-      if hit then
-        found = found or {}
-        found[#found + 1] = e
-      end
-    end
-  end
-  return found, folded
-end
-
--- The entries whose quick check s passes (and s lower-cased, when that was
--- made for it), or nil.
+-- The entries whose quick check s passes, or nil.
 local function suspects(s)
   if index_stale then make_index() end
-  if core_suspects then return core_suspects(s, index, index_n), nil end
-  return suspects_in_lua(s)
+  return core_suspects(s, index, index_n)
 end
 
 -- Appends to ranges every {i, j} where text holds form.
@@ -323,16 +289,16 @@ end
 -- True when text s holds a live secret in any of the forms above.
 function M.found(s)
   if type(s) ~= "string" then return false end
-  local entries, folded = suspects(s)
-  return entries ~= nil and #ranges_of(s, folded or s:lower(), entries) > 0
+  local entries = suspects(s)
+  return entries ~= nil and #ranges_of(s, s:lower(), entries) > 0
 end
 
 -- s without any live secret (s itself when there is none).
 function M.text(s)
   if type(s) ~= "string" then return s end
-  local entries, folded = suspects(s)
+  local entries = suspects(s)
   if not entries then return s end
-  local ranges = ranges_of(s, folded or s:lower(), entries)
+  local ranges = ranges_of(s, s:lower(), entries)
   if #ranges == 0 then return s end
   return replace_ranges(s, ranges)
 end
