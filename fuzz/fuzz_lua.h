@@ -6,6 +6,10 @@
  * `require "cjson"` from /usr/lib/x86_64-linux-gnu/lua/5.4/cjson.so, which
  * lua5.4's default package.cpath already searches.
  *
+ * Every state's stand-in core also holds encode.c's pure pieces (escape,
+ * escape_id, has_control, suspects): the Lua modules a harness loads need
+ * them (commprefs.redact's quick check is core.suspects, with no Lua copy).
+ *
  * fuzz_abort_on_lua_error: a Lua error where the code promises none (a raise
  * on server input) is a finding: print it and abort(), so libFuzzer saves
  * the input as a crash. */
@@ -17,6 +21,7 @@
 #include <lua.h>
 #include <lualib.h>
 #include <lauxlib.h>
+#include "../csrc/encode.c"
 
 #ifndef COMMPREFS_ROOT
 #define COMMPREFS_ROOT "."
@@ -37,13 +42,21 @@ static void fuzz_run(lua_State *L, const char *chunk, int nargs, int nresults, c
 }
 
 /* A new state: standard libraries, this checkout's lua/ first on package.path,
- * an empty `commprefs.core` table left on the stack for the harness to fill
- * (it is package.loaded["commprefs.core"]). */
+ * a `commprefs.core` table with encode.c's pure pieces left on the stack for
+ * the harness to fill (it is package.loaded["commprefs.core"]). */
 static lua_State *fuzz_new_state(void) {
   lua_State *L = luaL_newstate();
   luaL_openlibs(L);
   fuzz_run(L, "package.path = '" COMMPREFS_ROOT "/lua/?.lua;' .. package.path", 0, 0, "setup");
   lua_newtable(L);
+  lua_pushcfunction(L, cp_escape);
+  lua_setfield(L, -2, "escape");
+  lua_pushcfunction(L, cp_escape_id);
+  lua_setfield(L, -2, "escape_id");
+  lua_pushcfunction(L, cp_has_control);
+  lua_setfield(L, -2, "has_control");
+  lua_pushcfunction(L, cp_suspects);
+  lua_setfield(L, -2, "suspects");
   lua_getglobal(L, "package");
   lua_getfield(L, -1, "loaded");
   lua_pushvalue(L, -3);
