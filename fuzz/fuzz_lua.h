@@ -48,15 +48,11 @@ static lua_State *fuzz_new_state(void) {
   lua_State *L = luaL_newstate();
   luaL_openlibs(L);
   fuzz_run(L, "package.path = '" COMMPREFS_ROOT "/lua/?.lua;' .. package.path", 0, 0, "setup");
+  static const luaL_Reg encode_pieces[] = {
+    {"escape", cp_escape}, {"escape_id", cp_escape_id}, {"has_control", cp_has_control},
+    {"suspects", cp_suspects}, {NULL, NULL}};
   lua_newtable(L);
-  lua_pushcfunction(L, cp_escape);
-  lua_setfield(L, -2, "escape");
-  lua_pushcfunction(L, cp_escape_id);
-  lua_setfield(L, -2, "escape_id");
-  lua_pushcfunction(L, cp_has_control);
-  lua_setfield(L, -2, "has_control");
-  lua_pushcfunction(L, cp_suspects);
-  lua_setfield(L, -2, "suspects");
+  luaL_setfuncs(L, encode_pieces, 0);
   lua_getglobal(L, "package");
   lua_getfield(L, -1, "loaded");
   lua_pushvalue(L, -3);
