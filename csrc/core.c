@@ -267,8 +267,8 @@ int luaopen_commprefs_core(lua_State *L) {
   cp_register_http1(L);
   cp_register_resp(L);
   cp_register_redis(L);
+  cp_register_policy(L);   /* before the governor: its methods hold the policy's metatable */
   cp_register_governor(L);
-  cp_register_policy(L);
   cp_register_limits(L);
   push_private_cjson(L);               /* module, cjson */
   lua_getfield(L, -1, "encode");

@@ -31,67 +31,72 @@ enum { T_STRING = 1, T_INTEGER, T_BOOLEAN, T_OBJECT, T_ARRAY, T_STRING_OR_OBJECT
  * object), for T_ARRAY the fields of its items (which are objects). */
 typedef struct field {
   const char *key;
+  size_t len; /* strlen(key): compared before the bytes */
   int type;
   const struct field *sub;
 } field;
 
+/* A field of a schema table (F) and its end (F_END). */
+#define F(key, type, sub) {key, sizeof(key) - 1, type, sub}
+#define F_END {NULL, 0, 0, NULL}
+
 /* components.schemas of communication-preferences-2026-03.openapi.json */
 static const field ERROR_DETAIL[] = {
-  {"message", T_STRING, NULL}, {"in", T_STRING, NULL}, {"code", T_STRING, NULL},
-  {"subCategory", T_STRING, NULL}, {"context", T_CONTEXT, NULL}, {NULL, 0, NULL}};
+  F("message", T_STRING, NULL), F("in", T_STRING, NULL), F("code", T_STRING, NULL),
+  F("subCategory", T_STRING, NULL), F("context", T_CONTEXT, NULL), F_END};
 
 static const field STANDARD_ERROR[] = {
-  {"status", T_STRING, NULL}, {"id", T_STRING, NULL}, {"category", T_STRING, NULL},
-  {"subCategory", T_STRING_OR_OBJECT, NULL}, {"message", T_STRING, NULL},
-  {"errors", T_ARRAY, ERROR_DETAIL}, {"context", T_CONTEXT, NULL}, {"links", T_OBJECT, NULL},
-  {NULL, 0, NULL}};
+  F("status", T_STRING, NULL), F("id", T_STRING, NULL), F("category", T_STRING, NULL),
+  F("subCategory", T_STRING_OR_OBJECT, NULL), F("message", T_STRING, NULL),
+  F("errors", T_ARRAY, ERROR_DETAIL), F("context", T_CONTEXT, NULL), F("links", T_OBJECT, NULL),
+  F_END};
 
 static const field TRANSLATION[] = { /* PublicSubscriptionTranslation */
-  {"subscriptionId", T_INTEGER, NULL}, {"languageCode", T_STRING, NULL}, {"name", T_STRING, NULL},
-  {"description", T_STRING, NULL}, {"createdAt", T_INTEGER, NULL}, {"updatedAt", T_INTEGER, NULL},
-  {NULL, 0, NULL}};
+  F("subscriptionId", T_INTEGER, NULL), F("languageCode", T_STRING, NULL), F("name", T_STRING, NULL),
+  F("description", T_STRING, NULL), F("createdAt", T_INTEGER, NULL), F("updatedAt", T_INTEGER, NULL),
+  F_END};
 
-#define STATUS_FIELDS                                                                            \
-  {"subscriberIdString", T_STRING, NULL}, {"subscriptionId", T_INTEGER, NULL},                   \
-  {"status", T_STRING, NULL}, {"source", T_STRING, NULL}, {"channel", T_STRING, NULL},           \
-  {"timestamp", T_STRING, NULL}, {"legalBasis", T_STRING, NULL},                                 \
-  {"legalBasisExplanation", T_STRING, NULL}, {"setStatusSuccessReason", T_STRING, NULL},         \
-  {"subscriptionName", T_STRING, NULL}, {"businessUnitId", T_INTEGER, NULL},                     \
-  {"wideStatusType", T_STRING, NULL}
+#define STATUS_FIELDS                                                                               \
+  F("subscriberIdString", T_STRING, NULL), F("subscriptionId", T_INTEGER, NULL),                    \
+  F("status", T_STRING, NULL), F("source", T_STRING, NULL), F("channel", T_STRING, NULL),           \
+  F("timestamp", T_STRING, NULL), F("legalBasis", T_STRING, NULL),                                  \
+  F("legalBasisExplanation", T_STRING, NULL), F("setStatusSuccessReason", T_STRING, NULL),          \
+  F("subscriptionName", T_STRING, NULL), F("businessUnitId", T_INTEGER, NULL),                      \
+F("wideStatusType", T_STRING, NULL)
 
-static const field STATUS[] = {STATUS_FIELDS, {NULL, 0, NULL}}; /* PublicStatus, PublicWideStatus */
+static const field STATUS[] = {STATUS_FIELDS, F_END}; /* PublicStatus, PublicWideStatus */
 
 /* One item of `results`: PublicStatus, PublicWideStatus, SubscriptionDefinition,
  * Public(Wide)StatusBulkResponse or PublicBulkOptOutFromAllResponse. */
 static const field RESULT[] = {
-  STATUS_FIELDS, {"statuses", T_ARRAY, STATUS}, {"wideStatuses", T_ARRAY, STATUS},
-  {"id", T_STRING, NULL}, {"name", T_STRING, NULL}, {"description", T_STRING, NULL},
-  {"purpose", T_STRING, NULL}, {"communicationMethod", T_STRING, NULL},
-  {"isActive", T_BOOLEAN, NULL}, {"isDefault", T_BOOLEAN, NULL}, {"isInternal", T_BOOLEAN, NULL},
-  {"createdAt", T_STRING, NULL}, {"updatedAt", T_STRING, NULL},
-  {"subscriptionTranslations", T_ARRAY, TRANSLATION}, {NULL, 0, NULL}};
+  STATUS_FIELDS, F("statuses", T_ARRAY, STATUS), F("wideStatuses", T_ARRAY, STATUS),
+  F("id", T_STRING, NULL), F("name", T_STRING, NULL), F("description", T_STRING, NULL),
+  F("purpose", T_STRING, NULL), F("communicationMethod", T_STRING, NULL),
+  F("isActive", T_BOOLEAN, NULL), F("isDefault", T_BOOLEAN, NULL), F("isInternal", T_BOOLEAN, NULL),
+  F("createdAt", T_STRING, NULL), F("updatedAt", T_STRING, NULL),
+  F("subscriptionTranslations", T_ARRAY, TRANSLATION), F_END};
 
 /* Every 2xx answer: the ActionResponse/BatchResponse envelopes and LinkGenerationResponse. */
 static const field ENVELOPE[] = {
-  {"status", T_STRING, NULL}, {"results", T_ARRAY, RESULT}, {"errors", T_ARRAY, STANDARD_ERROR},
-  {"numErrors", T_INTEGER, NULL}, {"links", T_OBJECT, NULL}, {"startedAt", T_STRING, NULL},
-  {"completedAt", T_STRING, NULL}, {"requestedAt", T_STRING, NULL},
-  {"subscriberIdString", T_STRING, NULL}, {"managePreferencesUrl", T_STRING, NULL},
-  {"unsubscribeAllUrl", T_STRING, NULL}, {"unsubscribeSingleUrl", T_STRING, NULL},
-  {NULL, 0, NULL}};
+  F("status", T_STRING, NULL), F("results", T_ARRAY, RESULT), F("errors", T_ARRAY, STANDARD_ERROR),
+  F("numErrors", T_INTEGER, NULL), F("links", T_OBJECT, NULL), F("startedAt", T_STRING, NULL),
+  F("completedAt", T_STRING, NULL), F("requestedAt", T_STRING, NULL),
+  F("subscriberIdString", T_STRING, NULL), F("managePreferencesUrl", T_STRING, NULL),
+  F("unsubscribeAllUrl", T_STRING, NULL), F("unsubscribeSingleUrl", T_STRING, NULL),
+  F_END};
 
 /* Error, StandardError, and the legacy errorType/policyName of HubSpot's 429s. */
 static const field ERROR_BODY[] = {
-  {"category", T_STRING, NULL}, {"errorType", T_STRING, NULL}, {"message", T_STRING, NULL},
-  {"correlationId", T_STRING, NULL}, {"subCategory", T_STRING_OR_OBJECT, NULL},
-  {"context", T_CONTEXT, NULL}, {"errors", T_ARRAY, ERROR_DETAIL}, {"links", T_OBJECT, NULL},
-  {"policyName", T_STRING, NULL}, {"status", T_STRING, NULL}, {"id", T_STRING, NULL},
-  {NULL, 0, NULL}};
+  F("category", T_STRING, NULL), F("errorType", T_STRING, NULL), F("message", T_STRING, NULL),
+  F("correlationId", T_STRING, NULL), F("subCategory", T_STRING_OR_OBJECT, NULL),
+  F("context", T_CONTEXT, NULL), F("errors", T_ARRAY, ERROR_DETAIL), F("links", T_OBJECT, NULL),
+  F("policyName", T_STRING, NULL), F("status", T_STRING, NULL), F("id", T_STRING, NULL),
+  F_END};
 
 static const field *find_field(const field *fields, const char *k, size_t n) {
   if (n == 0) return NULL; /* no field is named "" */
   for (; fields->key; fields++)
-    if (n > 0 && fields->key[0] == k[0] && strlen(fields->key) == n && memcmp(fields->key, k, n) == 0) return fields;
+    if (fields->len == n && fields->key[0] == k[0] && memcmp(fields->key, k, n) == 0) return fields;
   return NULL;
 }
 

@@ -293,6 +293,20 @@ static cp_governor *check_self(lua_State *L) {
   return g;
 }
 
+/* The policy argument idx of a method (the calling client's), or the
+ * governor's own when none is given: cp_opt_policy's answer and errors,
+ * checked against the policy metatable each method holds as its second
+ * upvalue (cp_register_governor) instead of one in the registry. */
+static cp_policy *opt_policy(lua_State *L, int idx, cp_governor *g) {
+  cp_policy *p = NULL;
+  if (lua_isnoneornil(L, idx)) return &g->policy;
+  if (lua_type(L, idx) == LUA_TUSERDATA && lua_getmetatable(L, idx)) {
+    if (lua_rawequal(L, -1, lua_upvalueindex(2))) p = lua_touserdata(L, idx);
+    lua_pop(L, 1);
+  }
+  return p && p->user_agent ? p : cp_check_policy(L, idx); /* a closed policy: its error */
+}
+
 /* The C Redis backing of redis_url/redis_key: 1, or 2 (nil, message) when
  * Redis cannot be reached or refuses us. A bad URL or key raises. */
 static int open_backing(lua_State *L, cp_governor *g, const cp_config *c, const char *fname) {
@@ -371,7 +385,7 @@ static int gov_begin(lua_State *L) { cp_gov_begin(check_self(L)); return 0; }
 static int gov_try_start(lua_State *L) {
   cp_governor *g = check_self(L);
   double deadline = luaL_optnumber(L, 2, 0);
-  cp_policy *p = cp_opt_policy(L, 3, &g->policy);
+  cp_policy *p = opt_policy(L, 3, g);
   const char *stop, *why;
   long connect = 0, total;
   double w;
@@ -415,10 +429,10 @@ static int gov_abandon(lua_State *L) {
 }
 
 /* The result fields g:finish reads, interned once: its upvalues after the
- * metatable (cp_register_governor). */
+ * two metatables (cp_register_governor). */
 static const char *const FINISH_KEYS[] = {"status", "kind", "attempts", "retry_after", "rate_max",
                                           "rate_interval_ms", "daily_remaining"};
-enum { K_STATUS = 2, K_KIND, K_ATTEMPTS, K_RETRY_AFTER, K_RATE_MAX, K_RATE_INTERVAL, K_DAILY_REMAINING, K_N = K_DAILY_REMAINING - 1 };
+enum { K_STATUS = 3, K_KIND, K_ATTEMPTS, K_RETRY_AFTER, K_RATE_MAX, K_RATE_INTERVAL, K_DAILY_REMAINING, K_N = K_DAILY_REMAINING - 2 };
 
 /* Field k (an upvalue index of FINISH_KEYS) of the result table at idx (a
  * plain table made by a transport: read raw). */
@@ -460,7 +474,7 @@ static void read_outcome(lua_State *L, int idx, cp_outcome *o) {
  * Sets result.daily_limit = true when HubSpot's daily limit is spent. */
 static int gov_finish(lua_State *L) {
   cp_governor *g = check_self(L);
-  cp_policy *p = cp_opt_policy(L, 6, &g->policy);
+  cp_policy *p = opt_policy(L, 6, g);
   cp_outcome o;
   cp_decision d;
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -507,7 +521,7 @@ static int gov_deadline(lua_State *L) {
 static int gov_attempt_timeout(lua_State *L) {
   cp_governor *g = check_self(L);
   long connect = 0;
-  long total = cp_policy_attempt_timeout(cp_opt_policy(L, 3, &g->policy), cp_now_ms(), luaL_optnumber(L, 2, 0),
+  long total = cp_policy_attempt_timeout(opt_policy(L, 3, g), cp_now_ms(), luaL_optnumber(L, 2, 0),
                                          &connect);
   if (total <= 0) return 0;
   lua_pushinteger(L, total);
@@ -554,7 +568,7 @@ static int gov_manual(lua_State *L) {
  * governor's budget and the policy's (the governor's own when none is given) */
 static int gov_settings(lua_State *L) {
   cp_governor *g = check_self(L);
-  cp_policy *p = cp_opt_policy(L, 2, &g->policy);
+  cp_policy *p = opt_policy(L, 2, g);
   lua_createtable(L, 0, 9);
   cp_policy_settings(L, p);
   if (g->max_concurrency) cp_set_integer(L, "max_concurrency", g->max_concurrency);
@@ -638,15 +652,19 @@ void cp_register_governor(lua_State *L) {
   int i;
   cp_register_class(L, GOV_MT, methods, gov_gc, gov_tostring);
   cp_register_key(L, GOV_MT, &GOV_KEY);
-  /* every method with the metatable as its upvalue (check_self); finish
-   * with its result keys after it (field_long) */
+  /* every method with the metatable (check_self) and the policy's
+   * (opt_policy: cp_register_policy first) as its upvalues; finish with its
+   * result keys after them (field_long) */
   luaL_getmetatable(L, GOV_MT);
   lua_getfield(L, -1, "__index");
   lua_pushvalue(L, -2);
-  luaL_setfuncs(L, methods, 1);
+  luaL_getmetatable(L, CP_POLICY_MT);
+  if (!lua_istable(L, -1)) luaL_error(L, "commprefs: the policy class must be registered before the governor");
+  luaL_setfuncs(L, methods, 2);
   lua_pushvalue(L, -2);
+  luaL_getmetatable(L, CP_POLICY_MT);
   for (i = 0; i < K_N; i++) lua_pushstring(L, FINISH_KEYS[i]);
-  lua_pushcclosure(L, gov_finish, 1 + K_N);
+  lua_pushcclosure(L, gov_finish, 2 + K_N);
   lua_setfield(L, -2, "finish");
   lua_pop(L, 2);
   lua_pushcfunction(L, core_governor);

@@ -17,7 +17,7 @@
 #include "policy.h"
 #include "util.h"
 
-#define POLICY_MT "commprefs.core.policy"
+#define POLICY_MT CP_POLICY_MT
 
 int cp_policy_init(cp_policy *p, const cp_config *c, const void *seed) {
   memset(p, 0, sizeof(*p));

@@ -12,6 +12,8 @@
 #include "ratelimit.h"
 #include "cp_limits.h"
 
+#define CP_POLICY_MT "commprefs.core.policy" /* the metatable of a policy userdata */
+
 typedef struct {
   int max_retries;
   double backoff_base_ms, backoff_max_ms, max_retry_after_ms;

@@ -140,10 +140,13 @@ end
 function M.names_other(env, id)
   local results = env.results
   if results == nil or results[1] == nil then return nil end -- nothing named (no id lower-cased)
-  local k = lower(id)
+  local k -- id lower-cased, made only when an answer names it otherwise (rarely)
   for _, r in ipairs(results) do
     local named = type(r) == "table" and r.subscriberIdString
-    if type(named) == "string" and named ~= id and lower(named) ~= k then return named end
+    if type(named) == "string" and named ~= id then
+      k = k or lower(id)
+      if lower(named) ~= k then return named end
+    end
   end
   return nil
 end

@@ -391,6 +391,29 @@ io.write("reason=", tostring(reason), " stopped=", tostring(res[#res].stopped), 
       assert.same({ 2, 3 }, { g:stats().throttled, g:stats().retries })
     end)
 
+    it("a call's policy decides its own retries and timeouts on a shared governor; a wrong or closed one raises", function()
+      local g = governor { max_retries = 2, timeout = 5 }
+      local none = core.policy({ max_retries = 0, timeout = 2, connect_timeout = 1 }, "spec")
+      assert.is_true((g:finish({ status = 503, attempts = 1 }))) -- the governor's own: 2 retries
+      assert.is_false((g:finish({ status = 503, attempts = 1 }, true, 1, nil, none))) -- the call's: none
+      assert.same({ 5000 }, { (g:attempt_timeout()) })
+      assert.same({ 2000, 1000 }, { g:attempt_timeout(nil, none) })
+      local total, connect = g:try_start(nil, none, true)
+      assert.same({ 2000, 1000 }, { total, connect })
+      g:unsent()
+      assert.equal(2000, g:settings(none).timeout_ms)
+      for _, bad in ipairs { {}, "policy", 1, g, io.stdout } do
+        assert.has_error(function() g:finish({ status = 503, attempts = 1 }, true, 1, nil, bad) end)
+        assert.has_error(function() g:attempt_timeout(nil, bad) end)
+        assert.has_error(function() g:try_start(nil, bad) end)
+        assert.has_error(function() g:settings(bad) end)
+      end
+      none:close()
+      assert.has_error(function() g:finish({ status = 503, attempts = 1 }, true, 1, nil, none) end, "commprefs: the policy is closed")
+      assert.has_error(function() g:attempt_timeout(nil, none) end, "commprefs: the policy is closed")
+      assert.has_error(function() g:settings(none) end, "commprefs: the policy is closed")
+    end)
+
     it("a new call while nothing is in flight forgets a spent daily limit, on both transports", function()
       local g = governor()
       g:begin(); g:on_wire()
