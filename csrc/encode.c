@@ -130,6 +130,8 @@ typedef struct {
   int n;                /* entries 1..n */
   int pieced;           /* how many entries have a non-empty piece */
   size_t start[257];
+  unsigned char one[256];   /* one[c]: a 1-byte piece matches byte c (the filter of a text's last byte) */
+  unsigned char pair[8192]; /* bit (c1 << 8 | c2): some piece's match may start with bytes c1, c2 */
 } cp_pidx;
 
 /* What a build counts before it allocates: bytes, slots per first byte. */
@@ -200,6 +202,26 @@ static void pidx_count_piece(void *ctx, int entry, int folded, const char *bytes
   c->bytes += len;
 }
 
+/* Records in p's filters that a match of piece (len bytes) may start with
+ * byte c: for a 1-byte piece, one[c] and the pair bits of c and every byte;
+ * else the pair bits of c and each byte the piece's second byte matches
+ * (both cases when folded). */
+static void pidx_mark_start(cp_pidx *p, int c, const unsigned char *piece, size_t len, int folded) {
+  int seconds[2], k, ns;
+  if (len == 1) {
+    p->one[c] = 1;
+    for (k = 0; k < 256; k++) p->pair[(c << 8 | k) >> 3] |= (unsigned char)(1u << (k & 7));
+    return;
+  }
+  seconds[0] = piece[1];
+  ns = 1;
+  if (folded && piece[1] >= 'a' && piece[1] <= 'z') seconds[ns++] = piece[1] - 32;
+  for (k = 0; k < ns; k++) {
+    unsigned bit = (unsigned)c << 8 | (unsigned)seconds[k];
+    p->pair[bit >> 3] |= (unsigned char)(1u << (bit & 7));
+  }
+}
+
 /* The filling walk's state: where the next bytes go, each bucket's next slot. */
 typedef struct {
   cp_pidx *p;
@@ -227,6 +249,7 @@ static void pidx_fill_piece(void *ctx, int entry, int folded, const char *bytes,
     slot->len = len;
     slot->entry = entry;
     slot->folded = folded;
+    pidx_mark_start(f->p, firsts[k], copy, len, folded);
   }
 }
 
@@ -241,6 +264,8 @@ static void pidx_free(cp_pidx *p) {
   p->base = p->hit = NULL;
   p->n = p->pieced = 0;
   memset(p->start, 0, sizeof(p->start));
+  memset(p->one, 0, sizeof(p->one));
+  memset(p->pair, 0, sizeof(p->pair));
 }
 
 static int pidx_gc(lua_State *L) {
@@ -321,22 +346,38 @@ static int piece_at(const unsigned char *s, const cp_piece *q) {
   return 1;
 }
 
-/* Marks in p->hit every entry with a piece s holds: one pass over s, each
- * byte's bucket tried there; stops when every entry with a piece is hit. */
-static void pidx_scan(cp_pidx *p, const unsigned char *s, size_t len) {
-  int left = p->pieced;
-  size_t i, k;
-  memcpy(p->hit, p->base, (size_t)p->n + 1);
-  for (i = 0; i < len && left > 0; i++) {
-    size_t room = len - i, end = p->start[s[i] + 1];
-    for (k = p->start[s[i]]; k < end; k++) {
-      const cp_piece *q = &p->slots[k];
-      if (q->len <= room && !p->hit[q->entry] && piece_at(s + i, q)) {
-        p->hit[q->entry] = 1;
-        left--;
-      }
+/* Whether pair bit (c1 << 8 | c2) is set: a match may start with c1, c2. */
+static int pair_set(const cp_pidx *p, unsigned bit) { return p->pair[bit >> 3] >> (bit & 7) & 1; }
+
+/* Tries at s[i] (room bytes left) every piece of the bucket of s[i] whose
+ * entry is not hit yet; returns how many entries it hit. */
+static int try_at(cp_pidx *p, const unsigned char *s, size_t room) {
+  size_t k, end = p->start[s[0] + 1];
+  int hits = 0;
+  for (k = p->start[s[0]]; k < end; k++) {
+    const cp_piece *q = &p->slots[k];
+    if (q->len <= room && !p->hit[q->entry] && piece_at(s, q)) {
+      p->hit[q->entry] = 1;
+      hits++;
     }
   }
+  return hits;
+}
+
+/* Marks in p->hit every entry with a piece s holds: one pass over s, the
+ * bucket of a byte tried only where the pair filter lets a match start
+ * (and at the last byte, where only a 1-byte piece fits, by one[]); stops
+ * when every entry with a piece is hit. */
+static void pidx_scan(cp_pidx *p, const unsigned char *s, size_t len) {
+  int left = p->pieced;
+  size_t i;
+  if (!p->hit) return; /* freed (closed): matches nothing */
+  memcpy(p->hit, p->base, (size_t)p->n + 1);
+  if (len == 0 || left == 0) return;
+  for (i = 0; i + 1 < len; i++) {
+    if (pair_set(p, (unsigned)s[i] << 8 | s[i + 1]) && (left -= try_at(p, s + i, len - i)) == 0) return;
+  }
+  if (p->one[s[len - 1]]) try_at(p, s + len - 1, 1);
 }
 
 /* core.suspects(s, pidx, index) -> the array, in entry order, of index[e]
