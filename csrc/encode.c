@@ -140,6 +140,7 @@ typedef struct {
   size_t per_byte[256];
 } pidx_count;
 
+/* c lower-cased if it is an ASCII letter. */
 static int lower_ascii(int c) { return c >= 'A' && c <= 'Z' ? c + 32 : c; }
 
 /* The first bytes of s that a match of piece p (len >= 1) can start with,
@@ -268,11 +269,13 @@ static void pidx_free(cp_pidx *p) {
   memset(p->pair, 0, sizeof(p->pair));
 }
 
+/* __gc and __close of an index: frees its blocks (it then matches nothing). */
 static int pidx_gc(lua_State *L) {
   pidx_free(luaL_checkudata(L, 1, PIDX_MT));
   return 0;
 }
 
+/* __tostring of an index: its entry and slot counts. */
 static int pidx_tostring(lua_State *L) {
   cp_pidx *p = luaL_checkudata(L, 1, PIDX_MT);
   lua_pushfstring(L, "commprefs.core.suspect_index (%d entries, %d slots)", p->n, (int)p->start[256]);
