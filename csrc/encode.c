@@ -132,11 +132,14 @@ typedef struct {
   size_t start[257];
   unsigned char one[256];   /* one[c]: a 1-byte piece matches byte c (the filter of a text's last byte) */
   unsigned char pair[8192]; /* bit (c1 << 8 | c2): some piece's match may start with bytes c1, c2 */
+  size_t min_len;           /* the shortest piece's length (0: no piece) */
+  unsigned char near[8192]; /* bit (c1 << 8 | c2): c1, c2 may sit at offsets o, o + 1 < min_len of a match */
 } cp_pidx;
 
 /* What a build counts before it allocates: bytes, slots per first byte. */
 typedef struct {
   size_t bytes;
+  size_t min_len; /* 0: no piece yet */
   size_t per_byte[256];
 } pidx_count;
 
@@ -201,6 +204,35 @@ static void pidx_count_piece(void *ctx, int entry, int folded, const char *bytes
   nf = piece_firsts((const unsigned char *)bytes, folded, firsts);
   for (k = 0; k < nf; k++) c->per_byte[firsts[k]]++;
   c->bytes += len;
+  if (c->min_len == 0 || len < c->min_len) c->min_len = len;
+}
+
+/* Sets bit (c1 << 8 | c2) of a 2-byte filter. */
+static void set_pair(unsigned char *bits, int c1, int c2) {
+  unsigned bit = (unsigned)c1 << 8 | (unsigned)c2;
+  bits[bit >> 3] |= (unsigned char)(1u << (bit & 7));
+}
+
+/* The text bytes that match byte b of a piece (folded: b and, for a
+ * lower-case letter, its upper case), into out; returns how many. */
+static int byte_matches(int b, int folded, int out[2]) {
+  out[0] = b;
+  if (folded && b >= 'a' && b <= 'z') {
+    out[1] = b - 32;
+    return 2;
+  }
+  return 1;
+}
+
+/* Records in p->near every pair of text bytes that a match of piece may
+ * hold at offsets o, o + 1 with o + 1 < p->min_len (for the stepped scan). */
+static void pidx_mark_near(cp_pidx *p, const unsigned char *piece, int folded) {
+  size_t o;
+  for (o = 0; o + 1 < p->min_len; o++) {
+    int a[2], b[2], na = byte_matches(piece[o], folded, a), nb = byte_matches(piece[o + 1], folded, b), x, y;
+    for (x = 0; x < na; x++)
+      for (y = 0; y < nb; y++) set_pair(p->near, a[x], b[y]);
+  }
 }
 
 /* Records in p's filters that a match of piece (len bytes) may start with
@@ -211,16 +243,11 @@ static void pidx_mark_start(cp_pidx *p, int c, const unsigned char *piece, size_
   int seconds[2], k, ns;
   if (len == 1) {
     p->one[c] = 1;
-    for (k = 0; k < 256; k++) p->pair[(c << 8 | k) >> 3] |= (unsigned char)(1u << (k & 7));
+    for (k = 0; k < 256; k++) set_pair(p->pair, c, k);
     return;
   }
-  seconds[0] = piece[1];
-  ns = 1;
-  if (folded && piece[1] >= 'a' && piece[1] <= 'z') seconds[ns++] = piece[1] - 32;
-  for (k = 0; k < ns; k++) {
-    unsigned bit = (unsigned)c << 8 | (unsigned)seconds[k];
-    p->pair[bit >> 3] |= (unsigned char)(1u << (bit & 7));
-  }
+  ns = byte_matches(piece[1], folded, seconds);
+  for (k = 0; k < ns; k++) set_pair(p->pair, c, seconds[k]);
 }
 
 /* The filling walk's state: where the next bytes go, each bucket's next slot. */
@@ -252,6 +279,7 @@ static void pidx_fill_piece(void *ctx, int entry, int folded, const char *bytes,
     slot->folded = folded;
     pidx_mark_start(f->p, firsts[k], copy, len, folded);
   }
+  if (f->p->min_len >= 3) pidx_mark_near(f->p, copy, folded);
 }
 
 /* Frees what the index holds; it then matches nothing (safe to call twice). */
@@ -267,6 +295,8 @@ static void pidx_free(cp_pidx *p) {
   memset(p->start, 0, sizeof(p->start));
   memset(p->one, 0, sizeof(p->one));
   memset(p->pair, 0, sizeof(p->pair));
+  memset(p->near, 0, sizeof(p->near));
+  p->min_len = 0;
 }
 
 /* __gc and __close of an index: frees its blocks (it then matches nothing). */
@@ -311,6 +341,7 @@ static void pidx_alloc(lua_State *L, cp_pidx *p, int n, const pidx_count *c) {
     luaL_error(L, "commprefs.core.suspect_index: out of memory");
   }
   p->n = n;
+  p->min_len = c->min_len;
 }
 
 /* core.suspect_index(index, n) -> the piece index of entries index[1..n]
@@ -367,20 +398,50 @@ static int try_at(cp_pidx *p, const unsigned char *s, size_t room) {
   return hits;
 }
 
-/* Marks in p->hit every entry with a piece s holds: one pass over s, the
- * bucket of a byte tried only where the pair filter lets a match start
- * (and at the last byte, where only a 1-byte piece fits, by one[]); stops
- * when every entry with a piece is hit. */
-static void pidx_scan(cp_pidx *p, const unsigned char *s, size_t len) {
-  int left = p->pieced;
+/* Tries every start i in [lo, hi] of s (len bytes) that the pair filter
+ * lets through; returns how many entries it hit. */
+static int try_starts(cp_pidx *p, const unsigned char *s, size_t len, size_t lo, size_t hi) {
+  int hits = 0;
   size_t i;
-  if (!p->hit) return; /* freed (closed): matches nothing */
-  memcpy(p->hit, p->base, (size_t)p->n + 1);
-  if (len == 0 || left == 0) return;
+  for (i = lo; i <= hi; i++)
+    if (pair_set(p, (unsigned)s[i] << 8 | s[i + 1])) hits += try_at(p, s + i, len - i);
+  return hits;
+}
+
+/* The scan when every piece is at least 3 bytes long (step = min_len - 1):
+ * a match starting at i holds a near pair at each of i .. i + step - 1, one
+ * of which is a multiple of step; so only at multiples j of step is the
+ * near filter read, and where it lets j through, the starts j - step + 1 .. j
+ * are tried. */
+static void scan_stepped(cp_pidx *p, const unsigned char *s, size_t len, int left) {
+  size_t step = p->min_len - 1, j;
+  for (j = 0; j + 1 < len; j += step) {
+    unsigned bit = (unsigned)s[j] << 8 | s[j + 1];
+    if (p->near[bit >> 3] >> (bit & 7) & 1) {
+      left -= try_starts(p, s, len, j < step ? 0 : j - step + 1, j);
+      if (left == 0) return;
+    }
+  }
+}
+
+/* The scan of any index: each start the pair filter lets through is tried
+ * (and the last byte, where only a 1-byte piece fits, by one[]). */
+static void scan_each(cp_pidx *p, const unsigned char *s, size_t len, int left) {
+  size_t i;
   for (i = 0; i + 1 < len; i++) {
     if (pair_set(p, (unsigned)s[i] << 8 | s[i + 1]) && (left -= try_at(p, s + i, len - i)) == 0) return;
   }
   if (p->one[s[len - 1]]) try_at(p, s + len - 1, 1);
+}
+
+/* Marks in p->hit every entry with a piece s holds, in one pass over s;
+ * stops when every entry with a piece is hit. */
+static void pidx_scan(cp_pidx *p, const unsigned char *s, size_t len) {
+  if (!p->hit) return; /* freed (closed): matches nothing */
+  memcpy(p->hit, p->base, (size_t)p->n + 1);
+  if (len == 0 || p->pieced == 0) return;
+  if (p->min_len >= 3) scan_stepped(p, s, len, p->pieced);
+  else scan_each(p, s, len, p->pieced);
 }
 
 /* core.suspects(s, pidx, index) -> the array, in entry order, of index[e]

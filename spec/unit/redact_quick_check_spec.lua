@@ -38,21 +38,23 @@ local function reference(s, index, n)
   return out[1] and out or nil
 end
 
--- A random piece: 1..6 bytes (mostly 3 or more) (folded ones lower-case, now and then not,
--- which then never matches), rarely empty (it holds for every text).
-local function random_piece(folded)
-  if math.random(200) == 1 then return "" end
-  local p = random_string(math.random(10) == 1 and math.random(2) or math.random(3, 6))
+-- A random piece: 1..6 bytes, mostly 3 or more, rarely empty (it holds
+-- for every text); long: 3..8 bytes. Folded ones lower-case, now and then
+-- not (which then never matches).
+local function random_piece(folded, long)
+  if not long and math.random(200) == 1 then return "" end
+  local len = long and math.random(3, 8) or math.random(10) == 1 and math.random(2) or math.random(3, 6)
+  local p = random_string(len)
   if folded and math.random(10) > 1 then p = p:lower() end
   return p
 end
 
-local function random_entries(n)
+local function random_entries(n, long)
   local index, all = {}, {}
   for e = 1, n do
     local entry = { pieces = {}, folded_pieces = {} }
-    for k = 1, math.random(0, 4) do entry.pieces[k] = random_piece(false) end
-    for k = 1, math.random(0, 4) do entry.folded_pieces[k] = random_piece(true) end
+    for k = 1, math.random(0, 4) do entry.pieces[k] = random_piece(false, long) end
+    for k = 1, math.random(0, 4) do entry.folded_pieces[k] = random_piece(true, long) end
     all[#all + 1] = entry
     if math.random(8) > 1 then index[e] = entry end -- else a hole
   end
@@ -80,12 +82,13 @@ local function random_text(all)
 end
 
 describe("commprefs.redact's quick check (core.suspects)", function()
-  it("gives what plain finds of the pieces give, over random texts and pieces", function()
-    math.randomseed(20261202)
+  -- 200 indexes of 1..30 entries, 20 texts each; long: every piece 3..8 bytes
+  local function check(seed, long)
+    math.randomseed(seed)
     local texts, hits = 0, 0
     for _ = 1, 200 do
       local n = math.random(3) == 1 and math.random(30) or math.random(4) -- mostly few, at times many
-      local index, all = random_entries(n)
+      local index, all = random_entries(n, long)
       local pidx = core.suspect_index(index, n)
       for _ = 1, 20 do
         if math.random(20) == 1 then index[math.random(n)] = nil end -- collected since the build
@@ -97,6 +100,14 @@ describe("commprefs.redact's quick check (core.suspects)", function()
     end
     assert.equal(4000, texts)
     assert.is_true(hits > 400 and hits < texts - 400, "hits " .. hits) -- both answers are common
+  end
+
+  it("gives what plain finds of the pieces give, over random texts and pieces", function()
+    check(20261202, false)
+  end)
+
+  it("does so too when every piece is 3 bytes or more (the stepped scan)", function()
+    check(4242, true)
   end)
 
   it("lets redact find its secrets, and passes a body without one", function()
