@@ -107,8 +107,10 @@ int cp_has_control(lua_State *L) {
 
 /* core.suspect_index(index, n) is commprefs.redact's quick check made once
  * whenever its index changes: a copy of every piece of entries 1..n, in
- * buckets by the byte a match starts with, so that core.suspects reads a
- * text once, with no Lua table access but the result. */
+ * buckets by the byte a match starts with, behind two 2-byte filters (the
+ * first two bytes of a match; any two bytes of its first min_len), so that
+ * core.suspects reads a text once, reading the filter at every
+ * (min_len - 1)-th byte only, with no Lua table access but the result. */
 #define PIDX_MT "commprefs.core.suspect_index"
 static const char PIDX_KEY = 0; /* the registry key of the metatable (cp_register_key) */
 
@@ -383,7 +385,7 @@ static int piece_at(const unsigned char *s, const cp_piece *q) {
 /* Whether pair bit (c1 << 8 | c2) is set: a match may start with c1, c2. */
 static int pair_set(const cp_pidx *p, unsigned bit) { return p->pair[bit >> 3] >> (bit & 7) & 1; }
 
-/* Tries at s[i] (room bytes left) every piece of the bucket of s[i] whose
+/* Tries at s (room bytes left) every piece of the bucket of s[0] whose
  * entry is not hit yet; returns how many entries it hit. */
 static int try_at(cp_pidx *p, const unsigned char *s, size_t room) {
   size_t k, end = p->start[s[0] + 1];
