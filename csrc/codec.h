@@ -7,7 +7,9 @@
 
 /* encode.c */
 int cp_escape(lua_State *L);      /* core.escape(s): one percent-encoded path segment */
-int cp_suspects(lua_State *L);     /* core.suspects(s, entries, n): commprefs.redact's quick check, see encode.c */
+/* core.suspect_index(index, n) and core.suspects(s, pidx, index), commprefs.redact's
+ * quick check (see encode.c), set in the table at the top of the stack */
+void cp_register_suspects(lua_State *L);
 int cp_escape_id(lua_State *L);   /* core.escape_id(v, max): escape of a printable-ASCII id, else nil */
 int cp_has_control(lua_State *L); /* core.has_control(s): true if s has a control byte */
 int cp_encode(lua_State *L);      /* core.encode(v): JSON text (private cjson instance) */

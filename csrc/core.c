@@ -251,7 +251,6 @@ static void push_private_cjson(lua_State *L) {
 int luaopen_commprefs_core(lua_State *L) {
   static const luaL_Reg plain[] = {
     {"new", core_new}, {"now", core_now}, {"escape", cp_escape}, {"escape_id", cp_escape_id}, {"has_control", cp_has_control},
-    {"suspects", cp_suspects},
     {"sane_window", core_sane_window}, {"window_margin_ms", core_window_margin_ms},
     {"retry_after", core_retry_after}, {"caught_signal", core_caught_signal},
     {"trap_signals", core_trap_signals}, {"error_type", core_error_type}, {NULL, NULL}};
@@ -263,6 +262,7 @@ int luaopen_commprefs_core(lua_State *L) {
   cp_register_class(L, CLIENT_MT, client_methods, client_gc, client_tostring);
   register_error_fallback(L);
   luaL_newlib(L, plain);
+  cp_register_suspects(L);
   cp_register_journal(L);
   cp_register_http1(L);
   cp_register_resp(L);

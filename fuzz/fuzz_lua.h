@@ -7,8 +7,10 @@
  * lua5.4's default package.cpath already searches.
  *
  * Every state's stand-in core also holds encode.c's pure pieces (escape,
- * escape_id, has_control, suspects): the Lua modules a harness loads need
- * them (commprefs.redact's quick check is core.suspects, with no Lua copy).
+ * escape_id, has_control, and suspect_index and suspects with the index's
+ * metatable, by cp_register_suspects as core.c does): the Lua modules a
+ * harness loads need them (commprefs.redact's quick check is
+ * core.suspects, with no Lua copy).
  *
  * fuzz_abort_on_lua_error: a Lua error where the code promises none (a raise
  * on server input) is a finding: print it and abort(), so libFuzzer saves
@@ -49,10 +51,10 @@ static lua_State *fuzz_new_state(void) {
   luaL_openlibs(L);
   fuzz_run(L, "package.path = '" COMMPREFS_ROOT "/lua/?.lua;' .. package.path", 0, 0, "setup");
   static const luaL_Reg encode_pieces[] = {
-    {"escape", cp_escape}, {"escape_id", cp_escape_id}, {"has_control", cp_has_control},
-    {"suspects", cp_suspects}, {NULL, NULL}};
+    {"escape", cp_escape}, {"escape_id", cp_escape_id}, {"has_control", cp_has_control}, {NULL, NULL}};
   lua_newtable(L);
   luaL_setfuncs(L, encode_pieces, 0);
+  cp_register_suspects(L);
   lua_getglobal(L, "package");
   lua_getfield(L, -1, "loaded");
   lua_pushvalue(L, -3);

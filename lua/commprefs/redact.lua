@@ -18,8 +18,9 @@
 -- no piece is returned as it is, unchanged and not copied.
 local M = {}
 
--- core.suspects: the whole quick check in one C call
-local core_suspects = require("commprefs.core").suspects
+-- core.suspects: the whole quick check in one C call, over core.suspect_index
+local core = require("commprefs.core")
+local core_suspects, core_suspect_index = core.suspects, core.suspect_index
 
 local live = setmetatable({}, { __mode = "k" }) -- owner -> array of entries (see prepare)
 local MARK = "<redacted>"
@@ -157,15 +158,19 @@ local prepared = setmetatable({}, { __mode = "v" })
 -- leaves a hole, as it leaves `live`). Appended to as secrets are
 -- remembered; made again from `live` after a secret is forgotten or an
 -- owner's secrets are replaced (index_stale), and when holes outnumber
--- entries.
+-- entries. pidx: core.suspect_index(index, index_n), a C copy of the
+-- entries' pieces, made again at the next check after the index changed
+-- (nil: stale).
 local index, index_n, indexed, index_made = nil, 0, nil, 0
 local index_stale = true
+local pidx = nil
 
 local function index_add(e)
   if indexed[e] then return end
   indexed[e] = true
   index_n = index_n + 1
   index[index_n] = e
+  pidx = nil
   if index_n > 64 and index_n > 2 * index_made then index_stale = true end -- compact the holes
 end
 
@@ -174,7 +179,7 @@ local function make_index()
   for _, list in pairs(live) do
     for _, e in ipairs(list) do index_add(e) end
   end
-  index_made, index_stale = index_n, false
+  index_made, index_stale, pidx = index_n, false, nil
 end
 
 function M.remember_secret(owner, secret)
@@ -222,7 +227,8 @@ end
 -- The entries whose quick check s passes, or nil.
 local function suspects(s)
   if index_stale then make_index() end
-  return core_suspects(s, index, index_n)
+  if not pidx then pidx = core_suspect_index(index, index_n) end
+  return core_suspects(s, pidx, index)
 end
 
 -- Appends to ranges every {i, j} where text holds form.

@@ -274,16 +274,69 @@ io.write("status=", tostring(res[1].status), " kind=", tostring(res[1].kind), "\
     end)
 
     it("core.suspects finds as plain finds of pieces in s, and of folded pieces in s:lower(), do", function()
+      local function suspects(s, entries, n)
+        return core.suspects(s, core.suspect_index(entries, n), entries)
+      end
       local s = string.rep("x", 3000) .. "AbC-Token and Exact"
       local a = { pieces = { "nothere" }, folded_pieces = { "abc-token" } }
       local b = { pieces = { "zz", "Exact" }, folded_pieces = {} }
       local c = { pieces = { "exact" }, folded_pieces = { "abc-tokens" } } -- case counts for pieces
       local entries = { a, b, c }
-      assert.same({ a, b }, core.suspects(s, entries, 3))
-      assert.same({ a }, core.suspects(s, entries, 1)) -- only entries[1..n]
-      assert.is_nil(core.suspects(s, { c }, 1))
-      assert.is_nil(core.suspects("", entries, 3))
-      assert.same({ b }, core.suspects(s, { nil, b }, 2)) -- a hole (a collected entry) is skipped
+      assert.same({ a, b }, suspects(s, entries, 3))
+      assert.same({ a }, suspects(s, entries, 1)) -- only entries[1..n]
+      assert.is_nil(suspects(s, { c }, 1))
+      assert.is_nil(suspects("", entries, 3))
+      assert.same({ b }, suspects(s, { nil, b }, 2)) -- a hole (a collected entry) is skipped
+      -- a hole made after the index was built: skipped too
+      local later = { a, b, c }
+      local pidx = core.suspect_index(later, 3)
+      later[1] = nil
+      assert.same({ b }, core.suspects(s, pidx, later))
+      -- pieces are copied: changing the lists afterwards changes nothing
+      local d = { pieces = { "Exact" } }
+      local held = { d }
+      pidx = core.suspect_index(held, 1)
+      d.pieces[1] = "nothere"
+      assert.same({ d }, core.suspects(s, pidx, held))
+      -- a piece at the very start and at the very end of s
+      local head, tail = { pieces = { "xxx" } }, { folded_pieces = { "exact" } }
+      assert.same({ head, tail }, suspects("xxx-middle-EXACT", { head, tail }, 2))
+      assert.same({ head }, suspects("xxx", { head, tail }, 2))
+      assert.same({ tail }, suspects("eXaCt", { head, tail }, 2))
+      -- an upper-case text against a folded piece; an exact piece differing only in case
+      local f, x = { folded_pieces = { "sim-to" } }, { pieces = { "sim-to" } }
+      assert.same({ f }, suspects('{"A":"SIM-TOKEN"}', { f, x }, 2))
+      assert.same({ f, x }, suspects('{"A":"sim-token"}', { f, x }, 2))
+      assert.is_nil(suspects('{"A":"Sim-Token"}', { x }, 1))
+      -- a text of 0 bytes; NUL bytes in text and pieces
+      assert.is_nil(suspects("", { f, x }, 2))
+      local z = { pieces = { "a\0b" }, folded_pieces = { "\0\0c" } }
+      assert.same({ z }, suspects("xx\0a\0b", { z }, 1))
+      assert.same({ z }, suspects("\0\0C", { z }, 1))
+      assert.is_nil(suspects("a\0c\0\0", { z }, 1))
+      -- an empty piece holds for every text, as string.find finds "" (redact makes none)
+      local empty = { pieces = { "" } }
+      assert.same({ empty }, suspects("", { empty }, 1))
+      -- non-string pieces and non-table lists or entries are skipped
+      assert.is_nil(suspects("12 true", { { pieces = { 12, true } }, 5, { pieces = "12" } }, 3))
+      -- 40 entries with many pieces: each found by its own pieces alone
+      local many, text = {}, {}
+      for i = 1, 40 do
+        local ps, fs = {}, {}
+        for k = 1, 12 do
+          ps[k] = ("E%02d-%02d"):format(i, k)
+          fs[k] = ("f%02d.%02d"):format(i, k)
+        end
+        many[i] = { pieces = ps, folded_pieces = fs }
+      end
+      pidx = core.suspect_index(many, 40)
+      assert.is_nil(core.suspects(("e01-01 F41.01 "):rep(20), pidx, many))
+      for i = 1, 40, 3 do text[#text + 1] = (i % 2 == 0 and "E%02d-12" or "F%02d.07"):format(i) end
+      local want = {}
+      for i = 1, 40, 3 do want[#want + 1] = many[i] end
+      assert.same(want, core.suspects(table.concat(text, " "), pidx, many))
+      assert.matches("^commprefs.core.suspect_index", tostring(pidx))
+      assert.has_error(function() core.suspects("x", {}, many) end)
     end)
 
     it("core.decode reads what cjson reads, the same way", function()
