@@ -131,6 +131,7 @@ typedef struct {
   unsigned char *hit;   /* hit[e] during one scan: entry e is suspected */
   int n;                /* entries 1..n */
   int pieced;           /* how many entries have a non-empty piece */
+  unsigned scans;       /* scans so far (a nested one reuses hit: see cp_suspects) */
   size_t start[257];
   unsigned char one[256];   /* one[c]: a 1-byte piece matches byte c (the filter of a text's last byte) */
   unsigned char pair[8192]; /* bit (c1 << 8 | c2): some piece's match may start with bytes c1, c2 */
@@ -358,8 +359,21 @@ static int cp_suspect_index(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   luaL_argcheck(L, n >= 0 && n < INT_MAX, 2, "entry count out of range");
   lua_settop(L, 1);
+  /* 2: a strong copy of index[1..n]. index has weak values, and any
+   * allocation (the userdata, a pushed string) may run the collector: an
+   * entry cleared between the counting and the filling walks would leave
+   * counted slots unfilled (garbage pointers, lengths, entry numbers). Both
+   * walks read the copy, so they see the same entries. */
+  lua_newtable(L);
+  {
+    int e;
+    for (e = 1; e <= (int)n; e++) {
+      lua_rawgeti(L, 1, e);
+      lua_rawseti(L, 2, e);
+    }
+  }
   memset(&count, 0, sizeof(count));
-  pidx_walk(L, 1, (int)n, pidx_count_piece, &count);
+  pidx_walk(L, 2, (int)n, pidx_count_piece, &count);
   p = cp_newuserdata(L, sizeof(cp_pidx));
   memset(p, 0, sizeof(*p));
   luaL_setmetatable(L, PIDX_MT);
@@ -367,7 +381,7 @@ static int cp_suspect_index(lua_State *L) {
   fill.p = p;
   fill.used = 0;
   memcpy(fill.next, p->start, sizeof(fill.next));
-  pidx_walk(L, 1, (int)n, pidx_fill_piece, &fill);
+  pidx_walk(L, 2, (int)n, pidx_fill_piece, &fill);
   p->pieced = pidx_count_pieced(p);
   return 1;
 }
@@ -439,6 +453,7 @@ static void scan_each(cp_pidx *p, const unsigned char *s, size_t len, int left) 
 /* Marks in p->hit every entry with a piece s holds, in one pass over s;
  * stops when every entry with a piece is hit. */
 static void pidx_scan(cp_pidx *p, const unsigned char *s, size_t len) {
+  p->scans++;
   if (!p->hit) return; /* freed (closed): matches nothing */
   memcpy(p->hit, p->base, (size_t)p->n + 1);
   if (len == 0 || p->pieced == 0) return;
@@ -468,8 +483,14 @@ static int cp_suspects(lua_State *L) {
       continue;
     }
     if (!found) {
+      /* The only allocation here: it may run the collector, whose
+       * finalizers may run core.suspects on this index (redact.text of an
+       * error, say), which reuses p->hit: then s is scanned again, or the
+       * entries after e would be read from the other text's scan. */
+      unsigned scans = p->scans;
       lua_newtable(L);
       lua_replace(L, 4);
+      if (p->scans != scans) pidx_scan(p, (const unsigned char *)s, len);
     }
     lua_rawseti(L, 4, ++found);
   }

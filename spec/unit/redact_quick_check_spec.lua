@@ -110,6 +110,39 @@ describe("commprefs.redact's quick check (core.suspects)", function()
     check(4242, true)
   end)
 
+  it("builds an index over entries the collector clears meanwhile (weak values)", function()
+    -- every entry is held by the weak index alone: the collector (run by the
+    -- build's own allocations) may clear some between the build's two walks
+    for round = 1, 300 do
+      local index = setmetatable({}, { __mode = "v" })
+      for e = 1, 50 do index[e] = { pieces = { "xyzxyz" .. e }, folded_pieces = { "qwerty" .. e } } end
+      local pidx = core.suspect_index(index, 50)
+      local s = "..xyzxyz1..QWERTY2.." .. round
+      assert.same(reference(s, index, 50), core.suspects(s, pidx, index))
+    end
+  end)
+
+  it("answers for its own text when a finalizer checks another text meanwhile", function()
+    -- the answer's table is the one allocation of core.suspects: the collector
+    -- may run there, and a finalizer may check a text on the same index
+    local index, text = {}, ""
+    for e = 1, 8 do
+      index[e] = { pieces = { ("k%d-piece"):format(e) }, folded_pieces = {} }
+      text = text .. ("k%d-piece "):format(e)
+    end
+    local pidx, nested = core.suspect_index(index, 8), 0
+    for _ = 1, 50000 do
+      for _ = 1, 3 do
+        local function check_other() nested = nested + 1; core.suspects("none", pidx, index) end
+        if newproxy then getmetatable(newproxy(true)).__gc = check_other -- LuaJIT: userdata only
+        else setmetatable({}, { __gc = check_other }) end
+      end
+      local got = core.suspects(text, pidx, index)
+      if #got ~= 8 then assert.same(index, got) end
+    end
+    assert.is_true(nested > 0)
+  end)
+
   it("lets redact find its secrets, and passes a body without one", function()
     math.randomseed(7)
     local secrets = { "sim-token", "pat-na1-Zf3e?>a1-7B2c-4d5e->>?-90aBcDeF1234", "qq" }
