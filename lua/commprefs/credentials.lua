@@ -113,10 +113,36 @@ function Creds:join(o)
   if o.on_refresh then self.listeners[o.on_refresh] = true end
 end
 
+-- Access tokens redaction keeps at once: the one in effect and the one
+-- before it (requests still in flight may carry it, and their answers may
+-- echo it). An older one is forgotten: by then it expired (a refresh comes
+-- at 85 % of expires_in, so two refreshes later its lifetime is over) or
+-- HubSpot refused it (a 401 renewed it), so it no longer opens anything,
+-- and a long-running app's secrets stay bounded (a month of 30-minute
+-- tokens kept all would make every answer's check 1,000 times dearer).
+local KEEP_TOKENS = 2
+
+-- Remembers access token tok for redaction, forgetting the ones older than
+-- KEEP_TOKENS (never the client secret or refresh token, if one equals it).
+function Creds:_remember_token(tok)
+  redact.remember_secret(self.owner, tok)
+  local v = self.vault()
+  local recent = v.recent_tokens or {}
+  v.recent_tokens = recent
+  for _, t in ipairs(recent) do
+    if t == tok then return end
+  end
+  recent[#recent + 1] = tok
+  while #recent > KEEP_TOKENS do
+    local old = table.remove(recent, 1)
+    if old ~= v.client_secret and old ~= v.refresh_token then redact.forget_secret(self.owner, old) end
+  end
+end
+
 -- A new access token is in effect (gen counts them: a request sent under an
 -- older one that gets a 401 needs no new refresh, only a resend).
 function Creds:_set(tok, expires_in)
-  redact.remember_secret(self.owner, tok)
+  self:_remember_token(tok)
   if tok ~= self.vault().token then
     self.vault().token = tok
     self.gen = self.gen + 1
@@ -168,7 +194,7 @@ function Creds:_ask()
   end
   local bad = M.bad_token(tok)
   if bad then
-    if type(tok) == "string" then redact.remember_secret(self.owner, tok) end
+    if type(tok) == "string" then self:_remember_token(tok) end
     return nil, auth_error { code = "token_function", message = "the token function gave a bad token (" .. bad .. ")" }
   end
   self:_set(tok)
@@ -198,7 +224,7 @@ function Creds:_fetch()
   if type(v) ~= "table" then v = {} end
   if res.status >= 200 and res.status < 300 then
     local tok, ttl = v.access_token, tonumber(v.expires_in)
-    if type(tok) == "string" then redact.remember_secret(self.owner, tok) end
+    if type(tok) == "string" then self:_remember_token(tok) end
     if type(v.refresh_token) == "string" then redact.remember_secret(self.owner, v.refresh_token) end
     if M.bad_token(tok) or not ttl or ttl <= 0 then
       return nil, Error.new { kind = "decode", method = "POST", url = url, status = res.status,
@@ -265,7 +291,7 @@ function Creds:_adopt(refused)
   local d, k = ngx.shared[self.dict_name], self:_keys()
   local tok, at = d:get(k.token), d:get(k.at)
   if tok and at and tok ~= refused and clock() < at then
-    redact.remember_secret(self.owner, tok)
+    self:_remember_token(tok)
     local rt = d:get(k.rt)
     if rt then redact.remember_secret(self.owner, rt); self.vault().refresh_token = rt end
     if tok ~= self.vault().token then self.vault().token, self.gen = tok, self.gen + 1 end

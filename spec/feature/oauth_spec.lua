@@ -188,6 +188,40 @@ describe("OAuth apps", function()
     assert.equals("grant_type=refresh_token&client_id=sim-client&client_secret=a%20b%26c%3Dd%2Be%25&refresh_token=sim-refresh",
       body.sent)
   end)
+
+  it("redacts the access token in effect and the one before it; older ones are forgotten (bounded over months)", function()
+    local redact = require "commprefs.redact"
+    local made = {}
+    math.randomseed(20261202)
+    local function token(i) -- distinct random tokens: no run of 12 characters in common (redact's fragments)
+      if not made[i] then
+        local t = {}
+        for k = 1, 48 do t[k] = string.char(97 + math.random(0, 25)) end
+        made[i] = "tok" .. i .. table.concat(t)
+      end
+      return made[i]
+    end
+    local owner, served = {}, 0
+    local creds = credentials.new { oauth = oauth { client_secret = "a-client-secret-kept", refresh_token = "a-refresh-token-kept" },
+      base_url = sim.url, owner = owner, post_form = function(url)
+        served = served + 1
+        return { url = url }, { status = 200, body = cjson.encode { access_token = token(served), expires_in = 1800 } }
+      end }
+    assert.equals(token(1), creds:current())
+    for i = 2, 50 do assert.equals(token(i), creds:renew(creds.gen)) end -- 49 renewals (a 401 each)
+    for i = 1, 48 do assert.is_false(redact.found("echo: " .. token(i)), "token " .. i) end
+    for i = 49, 50 do assert.is_true(redact.found("echo: " .. token(i)), "token " .. i) end
+    assert.equals("echo: <redacted>", redact.text("echo: " .. token(50)))
+    assert.is_true(redact.found("a-client-secret-kept"))
+    assert.is_true(redact.found("a-refresh-token-kept"))
+    -- a token function: the same bound
+    local asked = 0
+    local fn = credentials.new { token = function() asked = asked + 1; return token(100 + asked) end, owner = {} }
+    assert.equals(token(101), fn:current())
+    for i = 2, 10 do assert.equals(token(100 + i), fn:renew(fn.gen)) end
+    assert.is_false(redact.found(token(108)))
+    assert.is_true(redact.found(token(109)) and redact.found(token(110)))
+  end)
 end)
 
 describe("token = function", function()
