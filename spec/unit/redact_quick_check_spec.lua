@@ -131,7 +131,17 @@ describe("commprefs.redact's quick check (core.suspects)", function()
       text = text .. ("k%d-piece "):format(e)
     end
     local pidx, nested = core.suspect_index(index, 8), 0
-    for _ = 1, 50000 do
+    -- a collector that runs at almost every allocation, whatever mode and
+    -- pace earlier specs in this process left it in (restored after)
+    local mode = not rawget(_G, "jit") and collectgarbage("incremental") -- Lua 5.4: the mode before
+    collectgarbage("restart")
+    local pause, stepmul = collectgarbage("setpause", 100), collectgarbage("setstepmul", 400)
+    finally(function()
+      collectgarbage("setpause", pause)
+      collectgarbage("setstepmul", stepmul)
+      if mode then collectgarbage(mode) end
+    end)
+    for _ = 1, 2000 do
       for _ = 1, 3 do
         local function check_other() nested = nested + 1; core.suspects("none", pidx, index) end
         if newproxy then getmetatable(newproxy(true)).__gc = check_other -- LuaJIT: userdata only
