@@ -294,7 +294,7 @@ static cp_governor *check_self(lua_State *L) {
 }
 
 /* The policy argument idx of a method (the calling client's), or the
- * governor's own when none is given: cp_opt_policy's answer and errors,
+ * governor's own when none is given (raising as cp_check_policy does),
  * checked against the policy metatable each method holds as its second
  * upvalue (cp_register_governor) instead of one in the registry. */
 static cp_policy *opt_policy(lua_State *L, int idx, cp_governor *g) {

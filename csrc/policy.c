@@ -140,10 +140,6 @@ cp_policy *cp_check_policy(lua_State *L, int idx) {
   return p;
 }
 
-cp_policy *cp_opt_policy(lua_State *L, int idx, cp_policy *def) {
-  return lua_isnoneornil(L, idx) ? def : cp_check_policy(L, idx);
-}
-
 void cp_policy_settings(lua_State *L, const cp_policy *p) {
   cp_set_integer(L, "timeout_ms", p->timeout_ms);
   cp_set_integer(L, "connect_timeout_ms", p->connect_timeout_ms);

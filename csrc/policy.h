@@ -54,8 +54,6 @@ int cp_sane_window(long max, long interval_ms);
 void cp_register_policy(lua_State *L);
 /* The policy userdata at idx (raises when it is not one). */
 cp_policy *cp_check_policy(lua_State *L, int idx);
-/* The policy userdata at idx, or def when that argument is absent or nil. */
-cp_policy *cp_opt_policy(lua_State *L, int idx, cp_policy *def);
 /* Sets what a transport needs of p (never the token) in the table at the top of the stack. */
 void cp_policy_settings(lua_State *L, const cp_policy *p);
 
